@@ -1,0 +1,1 @@
+"""Shards (write, index, inspect), stateful streams, multi-source batching, synthetic data."""

@@ -1,0 +1,255 @@
+"""The recipe: typed sections, YAML loading (`yaml.safe_load`) and dotted overrides.
+
+A recipe is a YAML file with the sections below; `load_config(path, ["trainer.max_steps=200"])`
+returns a validated `Config`. Architecture- and method-specific options live in `params:`
+blocks that the chosen model / weighting validates with its own dataclass.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from manytask.schema import ConfigError, closest, load_dataclass, to_dict
+
+TaskType = Literal["binary", "multiclass", "multilabel", "regression", "forecast"]
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs/run"  # holds config.yaml, logs, metrics.jsonl, wandb/, ckpt/
+    seed: int = 0
+    resume: str = "auto"  # auto | never | path to a checkpoint directory
+
+
+@dataclass
+class SourceConfig:
+    """One dataset: shards plus manifest.json, providing input fields and task labels."""
+
+    name: str
+    train: str  # directory holding manifest.json, or a manifest.json path
+    val: str | None = None
+    inputs: list[str] = field(default_factory=list)  # fields fed to the model
+    labels: dict[str, str] = field(default_factory=dict)  # task name -> label field
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    batch_size: int = 256  # per rank, per step (before gradient accumulation)
+    num_workers: int = 0  # DataLoader workers per source per rank
+    shuffle_buffer: int = 8192  # samples shuffled together (a window of whole chunks)
+    skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
+    val_batch_size: int = 1024
+    val_max_batches: int = 0  # 0 = the whole validation split
+
+    def validate(self, file: str | None) -> None:
+        if not self.sources:
+            raise ConfigError(f"'data.sources' in {file}: at least one source is required")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"'data.sources' in {file}: source names must be unique, got {names}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"'data.batch_size' in {file}: expected a positive int, got {self.batch_size}")
+
+
+@dataclass
+class TaskConfig:
+    type: TaskType
+    out_dim: int = 0  # 0 = infer: classes for multiclass, labels for multilabel, horizon for forecast
+    loss_weight: float = 1.0  # used by the `static` weighting
+    metrics: list[str] = field(default_factory=list)  # empty = defaults for the task type
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mmoe"
+    params: dict[str, Any] = field(default_factory=dict)  # validated by the model's builder
+
+
+@dataclass
+class SamplerConfig:
+    strategy: Literal["uniform", "proportional", "temperature", "annealed", "manual"] = "proportional"
+    mode: Literal["single", "mixed"] = "mixed"  # one source per step, or batches mixed in proportion
+    temperature: float = 2.0  # temperature strategy: p ∝ min(n, size_cap)^(1/T)
+    size_cap: int = 2**31 - 1  # K in the temperature strategy
+    alpha_start: float = 1.0  # annealed: p ∝ n^alpha, alpha falls linearly ...
+    alpha_end: float = 0.1  # ... to this at max_steps
+    weights: dict[str, float] = field(default_factory=dict)  # manual: source -> weight
+
+
+@dataclass
+class WeightingConfig:
+    name: str = "equal"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    eval_every: int = 200
+    log_every: int = 10
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite: int = 100  # stop anyway after this many skipped steps
+
+
+@dataclass
+class EngineConfig:
+    name: Literal["auto", "single", "ddp", "deepspeed"] = "auto"  # auto: ddp under torchrun
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo otherwise
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed's own config, embedded
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; a checkpoint is also written at the end and on preemption
+    keep_last: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    project: str = "manytask"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: offline without a key
+    tags: list[str] = field(default_factory=list)
+    heatmap_every: int = 100  # gate-utilization heatmap image every N steps (0 = never)
+    progress: bool = True
+
+
+@dataclass
+class MonitorConfig:
+    """Negative-transfer monitoring: task affinity and gate health."""
+
+    affinity_every: int = 0  # steps between gradient-cosine affinity measurements (0 = off)
+    affinity_window: int = 5  # consecutive negative measurements before a conflict warning
+    collapse_threshold: float = 0.9  # one expert above this mean weight for every task
+    dead_threshold: float = 0.01  # an expert below this mean weight in every gate
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def validate(self, file: str | None) -> None:
+        if not self.tasks:
+            raise ConfigError(f"'tasks' in {file}: at least one task is required")
+        labelled = {t for s in self.data.sources for t in s.labels}
+        for task in self.tasks:
+            if task not in labelled:
+                raise ConfigError(
+                    f"'tasks.{task}' in {file}: no source labels this task "
+                    f"(add it to some data.sources[].labels)"
+                )
+        for src in self.data.sources:
+            for task in src.labels:
+                if task not in self.tasks:
+                    near = closest(task, self.tasks)
+                    fix = f"; did you mean '{near}'?" if near else ""
+                    raise ConfigError(
+                        f"'data.sources.{src.name}.labels.{task}' in {file}: unknown task{fix} "
+                        f"(tasks: {', '.join(self.tasks)})"
+                    )
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    """Set a dotted path inside nested dicts/lists; list items may be named by index or `name`."""
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, part, text)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {text!r}: '{'.'.join(path[:i])}' is not a section")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+
+
+def _list_index(node: list, part: str, text: str) -> int:
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    for idx, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return idx
+    raise ConfigError(f"override {text!r}: no list item '{part}' (use an index or an item's name)")
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply `key=value` overrides, validate, and return a Config.
+
+    Raises ConfigError (missing file, YAML error, unknown key with the closest valid key,
+    wrong type naming the expected type).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of sections at the top level")
+    data = copy.deepcopy(data)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value, text)
+    # Sources are a list in YAML; overrides may also name them: data.sources.demo.train=...
+    return load_dataclass(Config, data, file=str(path))
+
+
+def config_from_dict(data: dict[str, Any], file: str | None = None) -> Config:
+    """Validate an already-parsed recipe (e.g. the resolved config saved with a run)."""
+    return load_dataclass(Config, copy.deepcopy(data), file=file)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
