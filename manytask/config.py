@@ -159,13 +159,6 @@ class Config:
     def validate(self, file: str | None) -> None:
         if not self.tasks:
             raise ConfigError(f"'tasks' in {file}: at least one task is required")
-        labelled = {t for s in self.data.sources for t in s.labels}
-        for task in self.tasks:
-            if task not in labelled:
-                raise ConfigError(
-                    f"'tasks.{task}' in {file}: no source labels this task "
-                    f"(add it to some data.sources[].labels)"
-                )
         for src in self.data.sources:
             for task in src.labels:
                 if task not in self.tasks:
@@ -175,6 +168,13 @@ class Config:
                         f"'data.sources.{src.name}.labels.{task}' in {file}: unknown task{fix} "
                         f"(tasks: {', '.join(self.tasks)})"
                     )
+        labelled = {t for s in self.data.sources for t in s.labels}
+        for task in self.tasks:
+            if task not in labelled:
+                raise ConfigError(
+                    f"'tasks.{task}' in {file}: no source labels this task "
+                    f"(add it to some data.sources[].labels)"
+                )
 
     @property
     def task_names(self) -> list[str]:

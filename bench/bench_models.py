@@ -1,0 +1,154 @@
+"""MMoE training-step speed: batched experts vs the looped-experts way, and task scaling.
+
+Run: `.venv/bin/python -m bench.bench_models` (< 90 s on 2 CPU cores).
+
+1. One training step (forward, masked losses, backward, Adam step) of manytask's MMoE against a
+   reference written the way LibMTL / DeepCTR-Torch write it (an nn.ModuleList of experts run
+   in a Python loop and stacked, one gate and one tower module per task, mixture as
+   `(w[..., None] * e).sum(1)`), same sizes, same run, alternating repetitions; E = 4, 8, 16.
+2. The achieved FLOP/s of the batched step (matmul FLOPs of forward + backward counted by
+   torch's FlopCounterMode) as a fraction of one plain `torch.mm` of the expert layer's size
+   measured in the same run.
+3. Batched step time at T = 2, 16, 64 tasks with the same experts.
+Goals: batched >= 1.25x looped at E=8, >= 60% of the matmul FLOP/s, <= 2x from 2 to 64 tasks.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from manytask.config import ModelConfig
+from manytask.models import build_model
+from manytask.models.losses import task_losses
+from manytask.models.spec import FieldSpec, ModelSpec, TaskSpec
+
+BATCH, IN, HIDDEN, TOWER = 1024, 256, 256, [32]
+REPEATS, STEPS = 5, 3
+
+
+class LoopedMMoE(nn.Module):
+    """The reference: experts, gates and towers as ModuleLists run one by one."""
+
+    def __init__(self, in_dim: int, num_experts: int, hidden: int, tasks: dict[str, TaskSpec]):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU()) for _ in range(num_experts)
+        )
+        self.gates = nn.ModuleList(nn.Linear(in_dim, num_experts) for _ in tasks)
+        self.towers = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, TOWER[0]), nn.ReLU(), nn.Linear(TOWER[0], s.out_dim))
+            for s in tasks.values()
+        )
+
+    def forward(self, inputs: dict[str, torch.Tensor], source_id: torch.Tensor):
+        x = inputs["x"]
+        e = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, D]
+        outputs = {}
+        for name, gate, tower in zip(self.tasks, self.gates, self.towers):
+            w = torch.softmax(gate(x), dim=-1)  # [B, E]
+            outputs[name] = tower((w.unsqueeze(-1) * e).sum(1))
+        return outputs
+
+
+def make_spec(num_tasks: int) -> ModelSpec:
+    tasks = {f"task{t}": TaskSpec("binary", 1) for t in range(num_tasks)}
+    return ModelSpec(inputs={"x": FieldSpec("float32", (IN,))}, tasks=tasks, sources=["s"])
+
+
+def make_step(model: nn.Module, spec: ModelSpec, batched: bool):
+    """A closure running one training step on a fixed random batch."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {"x": torch.randn(BATCH, IN, generator=g)}
+    source_id = torch.zeros(BATCH, dtype=torch.long)
+    labels = {t: torch.randint(0, 2, (BATCH,), generator=g).float() for t in spec.tasks}
+    masks = {t: torch.rand(BATCH, generator=g) < 0.8 for t in spec.tasks}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        out = model(inputs, source_id)
+        outputs = out.outputs if batched else out
+        loss = sum(task_losses(outputs, labels, masks, spec.tasks).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_steps(step, n: int = STEPS) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n
+
+
+def interleaved(steps: dict[str, object]) -> dict[str, float]:
+    """Median step time of each closure, repetitions alternating so load changes hit all."""
+    for step in steps.values():
+        step()  # warm-up (allocator, Adam state)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(REPEATS):
+        for k, step in steps.items():
+            times[k].append(time_steps(step))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_flops_per_s(m: int, k: int, n: int) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(REPEATS):
+        best = min(best, time_steps(lambda: torch.mm(a, b), n=5))
+    return 2 * m * k * n / best
+
+
+def step_flops(step) -> float:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def mmoe(spec: ModelSpec, num_experts: int) -> nn.Module:
+    params = {"num_experts": num_experts, "expert_hidden": [HIDDEN], "tower_hidden": TOWER}
+    return build_model(ModelConfig("mmoe", params), spec)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    print(f"MMoE train step, batch {BATCH}, in {IN}, expert hidden {HIDDEN}, towers {TOWER}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'E':>3} {'looped ms':>10} {'batched ms':>11} {'speed-up':>9} {'GFLOP/s':>8} {'of mm':>6}")
+    spec = make_spec(2)
+    for E in (4, 8, 16):
+        batched = make_step(mmoe(spec, E), spec, batched=True)
+        looped = make_step(LoopedMMoE(IN, E, HIDDEN, spec.tasks), spec, batched=False)
+        t = interleaved({"looped": looped, "batched": batched})
+        peak = matmul_flops_per_s(BATCH, IN, E * HIDDEN)
+        achieved = step_flops(batched) / t["batched"]
+        print(f"{E:>3} {t['looped'] * 1e3:>10.1f} {t['batched'] * 1e3:>11.1f} "
+              f"{t['looped'] / t['batched']:>8.2f}x {achieved / 1e9:>8.1f} {achieved / peak:>6.0%}"
+              f"   (mm {BATCH}x{IN}x{E * HIDDEN}: {peak / 1e9:.1f} GFLOP/s)")
+
+    print(f"\nTask scaling, E=8 (same experts), towers {TOWER}")
+    steps = {}
+    for T in (2, 16, 64):
+        spec = make_spec(T)
+        steps[T] = make_step(mmoe(spec, 8), spec, batched=True)
+    t = interleaved(steps)
+    for T in steps:
+        print(f"T={T:>3}: {t[T] * 1e3:7.1f} ms/step  ({t[T] / t[2]:.2f}x of T=2)")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The `manytask` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from manytask.schema import ConfigError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from manytask.config import dump_config, load_config
+    from manytask.trainer import distributed as D
+    from manytask.trainer.loop import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"# resolved config ({args.recipe})\n{dump_config(cfg)}", flush=True)
+    train(cfg)
+    D.shutdown()
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from manytask.config import dump_config, load_config
+
+    print(dump_config(load_config(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from manytask.config import load_config
+    from manytask.launch.torchrun import launch
+
+    load_config(args.recipe, args.overrides)  # fail fast, before starting N processes
+    return launch(args)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from manytask.data_pipeline.prepare import prepare
+
+    prepare(args.name, args.out, force=args.force)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from manytask.trainer.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from manytask.launch.torchrun import add_arguments
+
+    parser = argparse.ArgumentParser(prog="manytask", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe in this process (or as one torchrun rank)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. trainer.max_steps=200")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("launch", help="train with N processes per node under torchrun")
+    add_arguments(p)
+    p.set_defaults(func=_launch)
+
+    p = sub.add_parser("config", help="validate a recipe and print it resolved")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_config)
+
+    p = sub.add_parser("data", help="prepare datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("prepare", help="write the shards a recipe reads (demo, synthetic, ...)")
+    q.add_argument("name")
+    q.add_argument("--out", default=None, help="output directory (default data/<name>)")
+    q.add_argument("--force", action="store_true", help="rewrite even if present")
+    q.set_defaults(func=_prepare)
+
+    from manytask.data_pipeline.shards_cli import add_shards_parser
+
+    add_shards_parser(sub)
+
+    p = sub.add_parser("report", help="write PNG plots of a run from its metrics.jsonl")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"manytask: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        if os.environ.get("MANYTASK_DEBUG"):
+            raise
+        print(f"manytask: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

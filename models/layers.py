@@ -1,0 +1,125 @@
+"""Building blocks shared by the architectures: plain MLPs and *stacked* layers.
+
+A stacked layer holds the weights of n same-shaped layers (n experts, or n task towers) in one
+tensor `[n, in, out]` and runs all of them in one batched matmul (`baddbmm`), so dozens of
+experts or towers cost one kernel instead of a Python loop. Member i of a stacked layer is
+`weight[i]`, `bias[i]`: that slice is what `task_parameters()` hands to the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Activation = Literal["relu", "gelu", "silu", "tanh"]
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def mlp(
+    in_dim: int,
+    dims: list[int],
+    activation: Activation = "relu",
+    last_activation: bool = True,
+    dropout: float = 0.0,
+) -> nn.Sequential:
+    """Linear layers of widths `dims` (`[B, in_dim]` -> `[B, dims[-1]]`; identity when empty).
+
+    Every layer is followed by the activation (and dropout) except the last one when
+    `last_activation` is False.
+    """
+    layers: list[nn.Module] = []
+    for i, out_dim in enumerate(dims):
+        layers.append(nn.Linear(in_dim, out_dim))
+        if last_activation or i < len(dims) - 1:
+            layers.append(ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        in_dim = out_dim
+    return nn.Sequential(*layers)
+
+
+def last_linear(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the last `nn.Linear`, `StackedLinear` or RNN registered in `module`
+    ([] when none): the "last shared layer" GradNorm measures gradient norms on."""
+    last: nn.Module | None = None
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, StackedLinear, nn.RNNBase)):
+            last = sub
+    return list(last.parameters()) if last is not None else []
+
+
+class StackedLinear(nn.Module):
+    """n independent linear layers in one tensor: weight `[n, in, out]`, bias `[n, out]`.
+
+    forward: `[B, in]` (the same input for every member) or `[n, B, in]` -> `[n, B, out]`,
+    one `baddbmm` either way. Initialised like n separate `nn.Linear` layers.
+    """
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.n, self.in_dim, self.out_dim = n, in_dim, out_dim
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(n, out_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_dim) if self.in_dim > 0 else 0.0
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # shared input: a stride-0 expand, no copy
+            x = x.unsqueeze(0).expand(self.n, -1, -1)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, in_dim={self.in_dim}, out_dim={self.out_dim}"
+
+
+class StackedMLP(nn.Module):
+    """n independent MLPs of identical shape, run as one batched op per layer.
+
+    forward: `[B, in_dim]` or `[n, B, in_dim]` -> `[n, B, dims[-1]]` (`[n, B, in_dim]` when
+    `dims` is empty). Activation after every layer, except the last when `last_activation`
+    is False.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        in_dim: int,
+        dims: list[int],
+        activation: Activation = "relu",
+        last_activation: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.n = n
+        self.layers = nn.ModuleList()
+        for out_dim in dims:
+            self.layers.append(StackedLinear(n, in_dim, out_dim))
+            in_dim = out_dim
+        self.out_dim = in_dim
+        self.activation = ACTIVATIONS[activation]()
+        self.last_activation = last_activation
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.layers and x.dim() == 2:
+            return x.unsqueeze(0).expand(self.n, -1, -1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.last_activation or i < len(self.layers) - 1:
+                x = self.activation(x)
+                if self.dropout > 0:
+                    x = F.dropout(x, self.dropout, self.training)
+        return x
+
+    def member_parameters(self, i: int) -> list[tuple[nn.Parameter, int]]:
+        """Member i's parameters as (stacked tensor, slice index along dim 0)."""
+        return [(p, i) for p in self.parameters()]

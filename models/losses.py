@@ -1,0 +1,76 @@
+"""Per-task losses over masked batches, and predictions for metrics.
+
+Every loss is the mean over the samples whose mask is True. With no valid sample the loss is
+an exact, finite 0 that still depends on the output (so DDP and DeepSpeed see a gradient,
+zero, for every parameter), and labels at masked positions are never read (a NaN there is
+harmless).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from manytask.models.spec import TaskSpec
+
+
+def _per_sample(spec: TaskSpec, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Unreduced loss per sample `[B]` (label already sanitised at masked positions)."""
+    out = output.float()
+    if spec.type == "binary":
+        return F.binary_cross_entropy_with_logits(
+            out.reshape(-1), label.reshape(-1).float(), reduction="none"
+        )
+    if spec.type == "multiclass":
+        return F.cross_entropy(out, label.reshape(-1).long(), reduction="none")
+    if spec.type == "multilabel":
+        bce = F.binary_cross_entropy_with_logits(out, label.reshape(out.shape).float(), reduction="none")
+        return bce.mean(1)
+    if spec.type in ("regression", "forecast"):
+        return (out - label.reshape(out.shape).float()).pow(2).mean(1)
+    raise ValueError(f"unknown task type {spec.type!r}")
+
+
+def task_loss(spec: TaskSpec, output: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean loss of one task.
+
+    output `[B, out_dim]` raw scores; label: binary `[B]`/`[B, 1]` 0/1 of any dtype,
+    multiclass int `[B]`, multilabel `[B, L]`, regression `[B]`/`[B, D]`, forecast `[B, H]`;
+    mask bool `[B]`. Returns a scalar (float32): BCE-with-logits, cross-entropy, BCE averaged
+    over labels, or MSE averaged over dims; 0 (in the graph) when the mask is all False.
+    """
+    mask = mask.reshape(-1).bool()
+    # Zero the labels the mask hides so that whatever they hold cannot reach the loss or its
+    # gradient (0 * NaN would be NaN).
+    keep = mask.view(-1, *([1] * (label.dim() - 1)))
+    label = torch.where(keep, label, torch.zeros((), dtype=label.dtype, device=label.device))
+    per = _per_sample(spec, output, label)
+    per = torch.where(mask, per, torch.zeros((), dtype=per.dtype, device=per.device))
+    # No host sync on mask.any(): with no valid sample this is 0 / 1 = 0, still in the graph.
+    return per.sum() / mask.sum().clamp_min(1).to(per.dtype)
+
+
+def task_losses(
+    outputs: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    specs: dict[str, TaskSpec],
+) -> dict[str, torch.Tensor]:
+    """{task: scalar masked loss} for every task in `specs` (every task is always present)."""
+    return {t: task_loss(s, outputs[t], labels[t], masks[t]) for t, s in specs.items()}
+
+
+def predictions(spec: TaskSpec, output: torch.Tensor) -> torch.Tensor:
+    """What metrics compare with labels: binary -> probability `[B]`; multiclass -> class
+    probabilities `[B, C]`; multilabel -> probabilities `[B, L]`; regression -> values `[B]`
+    when out_dim is 1, else `[B, D]`; forecast -> values `[B, H]`."""
+    out = output.detach().float()
+    if spec.type == "binary":
+        return torch.sigmoid(out.reshape(-1))
+    if spec.type == "multiclass":
+        return torch.softmax(out, dim=-1)
+    if spec.type == "multilabel":
+        return torch.sigmoid(out)
+    if spec.type == "regression" and out.shape[-1] == 1:
+        return out.reshape(-1)
+    return out

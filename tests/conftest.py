@@ -1,0 +1,61 @@
+"""Shared fixtures: small demo shards, recipes written to tmp, real torchrun launches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tests never reach the network: W&B offline, quiet, and DeepSpeed's JIT-built ops cached
+# beside the venv so only the first run on a machine pays for the build.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """The demo's synthetic data, small: 8k train samples in 4 shards, 2k val."""
+    from manytask.data_pipeline.synthetic import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo_data")
+    prepare_demo(out, n_train=8000, n_val=2000, shards=4, chunk_size=256)
+    return out
+
+
+def write_recipe(tmp_path: Path, data_dir: Path, **sections) -> Path:
+    """The demo recipe pointed at `data_dir`, small and fast, with `sections` merged in."""
+    recipe = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    recipe["run"]["dir"] = str(tmp_path / "run")
+    recipe["data"]["sources"][0]["train"] = str(data_dir / "train")
+    recipe["data"]["sources"][0]["val"] = str(data_dir / "val")
+    recipe["data"].update(batch_size=128, num_workers=0, shuffle_buffer=1024)
+    recipe["trainer"].update(max_steps=60, lr=0.01, warmup_steps=5, eval_every=60, log_every=10)
+    recipe["checkpoint"].update(every=1000)
+    recipe["logging"].update(heatmap_every=30, progress=False)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def torchrun(recipe: Path, *overrides: str, nproc: int = 2, timeout: float = 600, check: bool = True,
+             extra_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `manytask train` under a real torchrun with `nproc` CPU processes (gloo)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           *extra_args, "-m", "manytask.launch.cli", "train", str(recipe), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc

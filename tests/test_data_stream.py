@@ -1,0 +1,248 @@
+"""Streams and the multi-source loader: write shards, read, stop, resume, compare."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from manytask.config import config_from_dict
+from manytask.data_pipeline.loader import (
+    MultiSourceLoader,
+    label_specs,
+    model_inputs,
+    source_sizes,
+    task_out_dims,
+    val_batches,
+)
+from manytask.data_pipeline.manifest import load_manifest
+from manytask.data_pipeline.shard_writer import write_shards
+from manytask.data_pipeline.stream import ShardStream
+
+N_A, N_B = 600, 240  # source A: chunk layout; source B: sample layout
+B_OFFSET = 10_000  # B's sample ids start here so ids identify the source
+
+
+def make_data(root) -> None:
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal(N_A).astype(np.float32)
+    y[::9] = np.nan  # missing labels
+    write_shards(root / "a", {
+        "id": np.arange(N_A), "x": rng.standard_normal((N_A, 3)).astype(np.float32),
+        "y": y, "cls": rng.integers(0, 4, N_A),
+    }, samples_per_shard=100, chunk_size=16, layout="chunk")
+    write_shards(root / "b", {
+        "id": np.arange(N_B) + B_OFFSET, "x": rng.standard_normal((N_B, 3)).astype(np.float32),
+        "z": rng.standard_normal((N_B, 2)).astype(np.float32),
+        "t": rng.standard_normal(N_B).astype(np.float32),
+    }, samples_per_shard=40, layout="sample")
+    write_shards(root / "a_val", {
+        "id": np.arange(100) + 50_000, "x": np.zeros((100, 3), np.float32),
+        "y": np.ones(100, np.float32), "cls": np.ones(100, np.int64),
+    }, samples_per_shard=100, chunk_size=16)
+
+
+def make_cfg(root, num_workers=0, seed=0, **data):
+    return config_from_dict({
+        "run": {"seed": seed},
+        "data": {
+            "batch_size": 24, "shuffle_buffer": 40, "num_workers": num_workers, **data,
+            "sources": [
+                {"name": "a", "train": str(root / "a"), "val": str(root / "a_val"),
+                 "inputs": ["id", "x"], "labels": {"ta": "y", "tc": "cls"}},
+                {"name": "b", "train": str(root / "b"), "inputs": ["id", "x", "z"],
+                 "labels": {"tb": "t"}},
+            ],
+        },
+        "tasks": {"ta": {"type": "regression"}, "tc": {"type": "multiclass"},
+                  "tb": {"type": "regression"}},
+    })
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = tmp_path_factory.mktemp("streams")
+    make_data(path)
+    return path
+
+
+def counts_schedule(steps: int, seed: int = 1) -> list[list[int]]:
+    """Mixed steps, single-source steps and odd sizes that straddle block boundaries."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        kind = rng.integers(3)
+        a, b = int(rng.integers(1, 50)), int(rng.integers(1, 30))
+        out.append([a, b] if kind == 0 else [a, 0] if kind == 1 else [0, b])
+    return out
+
+
+def run(cfg, schedule, stops=(), tmp=None, rank=0, world=1):
+    """Read the schedule; at each step in `stops`, save state, rebuild everything, load."""
+    loader = MultiSourceLoader(cfg, rank, world)
+    seen = []
+    for step, counts in enumerate(schedule):
+        if step in stops:
+            path = os.path.join(tmp, f"state{step}.pt")
+            torch.save(loader.state_dict(), path)
+            loader.close()
+            loader = MultiSourceLoader(cfg, rank, world)
+            loader.load_state_dict(torch.load(path, weights_only=True))
+        batch = loader.next_batch(counts)
+        seen.append(batch)
+    loader.close()
+    return seen
+
+
+def ids(batches) -> list[int]:
+    return [int(i) for b in batches for i in b.inputs["id"]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact(root, tmp_path, workers):
+    torch.set_num_threads(1)
+    cfg = make_cfg(root, num_workers=workers)
+    schedule = counts_schedule(40)
+    assert sum(c[0] for c in schedule) > N_A  # crosses an epoch of source A
+    full = run(cfg, schedule)
+    resumed = run(cfg, schedule, stops=(7, 23), tmp=tmp_path)
+    assert ids(full) == ids(resumed)
+    for f, r in zip(full, resumed):
+        assert torch.equal(f.source_id, r.source_id)
+        for task in f.labels:
+            assert torch.equal(f.labels[task], r.labels[task])
+            assert torch.equal(f.masks[task], r.masks[task])
+    assert [len(b) for b in full] == [sum(c) for c in schedule]
+
+
+def test_workers_change_restarts_epoch_with_warning(root, tmp_path, caplog):
+    cfg = make_cfg(root)
+    loader = MultiSourceLoader(cfg)
+    for _ in range(30):
+        loader.next_batch([40, 10])  # 1200 samples of A: into epoch 1
+    state = loader.state_dict()
+    loader.close()
+    wide = MultiSourceLoader(cfg, rank=1, world_size=2)
+    with caplog.at_level(logging.WARNING):
+        wide.load_state_dict(state)
+    assert "Restarting epoch 1" in caplog.text
+    assert wide.epochs() == {"a": 1, "b": 1}
+    got = ids([wide.next_batch([50, 0])])
+    wide.close()
+    # Epoch 1 from its beginning under the new (rank 1 of 2) split.
+    stream = ShardStream(load_manifest(root / "a"), 1, 2, 0, 40, fields=["id"], block_size=24,
+                         salt=wide.loaders[0].stream.salt)
+    want = []
+    for block in stream.blocks(0, start=(1, 0, 0)):
+        want += block.data["id"].tolist()
+        if len(want) >= 50:
+            break
+    assert got == want[:50]
+
+
+def read_epoch(stream: ShardStream, worker: int, epoch: int) -> list[int]:
+    out = []
+    for block in stream.blocks(worker, start=(epoch, 0, 0)):
+        if block.before.epoch != epoch:
+            break
+        out += block.data["id"].tolist()
+    return out
+
+
+def test_splits_cover_epoch_once_and_shuffle_by_epoch(root):
+    m = load_manifest(root / "a")
+    streams = [ShardStream(m, r, 2, seed=3, shuffle_buffer=40, fields=["id"], splits_per_rank=3) for r in range(2)]
+    epoch0 = [read_epoch(s, w, 0) for s in streams for w in range(3)]
+    flat = [i for part in epoch0 for i in part]
+    assert sorted(flat) == list(range(N_A))  # no overlap, no loss over 2 ranks x 3 workers
+    again = read_epoch(ShardStream(m, 0, 2, seed=3, shuffle_buffer=40, fields=["id"], splits_per_rank=3), 0, 0)
+    assert again == epoch0[0]  # reproducible
+    assert read_epoch(streams[0], 0, 1) != epoch0[0]  # a new order each epoch
+    other_seed = ShardStream(m, 0, 2, seed=4, shuffle_buffer=40, fields=["id"], splits_per_rank=3)
+    assert read_epoch(other_seed, 0, 0) != epoch0[0]
+    no_shuffle = ShardStream(m, 0, 1, shuffle_buffer=0, fields=["id"])
+    ordered = read_epoch(no_shuffle, 0, 0)
+    assert sorted(ordered) == list(range(N_A)) and ordered != sorted(ordered)  # shard order only
+
+
+def test_window_shuffle_stays_local(root):
+    m = load_manifest(root / "a")
+    s = ShardStream(m, 0, 1, seed=0, shuffle_buffer=16, fields=["id"], block_size=16)
+    for block in s.blocks(0):  # window = one chunk: each block is one permuted chunk
+        ids_ = np.sort(block.data["id"])
+        assert ids_[-1] - ids_[0] == len(ids_) - 1
+        if block.after.epoch:
+            break
+
+
+def _rank_main(rank: int, root: str, out: str) -> None:
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    cfg = make_cfg(Path(root), num_workers=2)
+    loader = MultiSourceLoader(cfg, rank, 2)
+    sizes = [ld.stream.epoch_size(0, w) for ld in loader.loaders for w in range(2)]
+    need_a, need_b = sizes[0] + sizes[1], sizes[2] + sizes[3]
+    got = ids([loader.next_batch([min(need_a, 64), 0]) for _ in range(-(-need_a // 64))])[:need_a]
+    got += ids([loader.next_batch([0, min(need_b, 64)]) for _ in range(-(-need_b // 64))])[:need_b]
+    loader.close()
+    np.save(os.path.join(out, f"rank{rank}.npy"), np.array(got))
+
+
+@pytest.mark.slow
+def test_two_rank_processes_split_an_epoch(root, tmp_path):
+    # Two rank processes, each with 2 DataLoader workers. Forked (not spawned): a spawned
+    # child re-imports torch, which costs tens of seconds on a busy 2-core machine.
+    ctx = torch.multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, str(root), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npy") for r in range(2))
+    assert not set(r0) & set(r1)
+    want = set(range(N_A)) | set(range(B_OFFSET, B_OFFSET + N_B))
+    assert set(r0) | set(r1) == want and len(r0) + len(r1) == len(want)
+
+
+def test_masks_and_zero_fill(root):
+    cfg = make_cfg(root)
+    with MultiSourceLoader(cfg) as loader:
+        batch = loader.next_batch([60, 20])
+    assert set(batch.labels) == set(batch.masks) == {"ta", "tc", "tb"}
+    a, b = batch.source_id == 0, batch.source_id == 1
+    assert int(a.sum()) == 60 and int(b.sum()) == 20
+    assert not batch.masks["tb"][a].any() and not batch.masks["ta"][b].any()
+    assert torch.all(batch.labels["tb"][a] == 0) and torch.all(batch.labels["tc"][b] == 0)
+    nan_ids = batch.inputs["id"][a] % 9 == 0  # y[::9] is NaN
+    assert nan_ids.any()
+    assert torch.equal(batch.masks["ta"][a], ~nan_ids)
+    assert not torch.isnan(batch.labels["ta"]).any()
+    assert batch.masks["tc"][a].all() and batch.masks["tb"][b].all()
+    assert torch.all(batch.inputs["z"][a] == 0) and batch.inputs["z"].shape == (80, 2)
+    assert batch.labels["tc"].dtype == torch.int64 and batch.inputs["x"].dtype == torch.float32
+
+
+def test_specs_from_manifests(root):
+    cfg = make_cfg(root)
+    assert source_sizes(cfg) == [N_A, N_B]
+    inputs = model_inputs(cfg)
+    assert list(inputs) == ["id", "x", "z"] and inputs["z"].shape == (2,)
+    specs = label_specs(cfg)
+    assert specs["tc"].vocab == 4 and specs["ta"].shape == ()
+    assert task_out_dims(cfg) == {"ta": 1, "tc": 4, "tb": 1}
+
+
+def test_val_split_covers_every_sample_once(root):
+    cfg = make_cfg(root)
+    per_rank = [ids(val_batches(cfg, r, 2, batch_size=16)) for r in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(50_000, 50_100))
+    assert per_rank[0] == sorted(per_rank[0])  # manifest order, no shuffle
+    batches = list(val_batches(cfg, 0, 1, batch_size=30))
+    assert [len(b) for b in batches] == [30, 30, 30, 10]
+    assert list(val_batches(cfg, 0, 1, batch_size=30, max_batches=2)).__len__() == 2

@@ -1,0 +1,163 @@
+"""Every piece of rank logic in one place: process group, device, collectives, rank-0 output.
+
+Distributed mode is switched on by torchrun's environment (`RANK`, `WORLD_SIZE`), as in
+nanoGPT; the device is CUDA (bound to LOCAL_RANK, backend nccl) when a GPU is present and CPU
+(backend gloo) otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str = "auto", deepspeed: bool = False) -> DistInfo:
+    """Join the process group torchrun set up (no-op for a single process).
+
+    backend: "auto" picks nccl when CUDA is available and gloo otherwise.
+    deepspeed: initialise through `deepspeed.init_distributed` so DeepSpeed's own comm layer
+    is ready too.
+    """
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 and not deepspeed:
+        return DistInfo(device=pick_device(0))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(local_rank)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=int(os.environ.get("MANYTASK_DIST_TIMEOUT", 1800)))
+        if deepspeed:
+            import deepspeed as ds
+
+            ds.init_distributed(dist_backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
+    return DistInfo(rank, world, local_rank, device, backend)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place, returned); identity in a single process."""
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor, out of place; differentiable-free (use on detached values)."""
+    if not is_initialized():
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when `flag` is true on at least one: one collective."""
+    if not is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch from (seed, rank) — never from time or pid."""
+    random.seed(seed * 1000003 + rank)
+    np.random.seed((seed * 1000003 + rank) % 2**32)
+    torch.manual_seed(seed * 1000003 + rank)
+
+
+def rng_state() -> dict[str, Any]:
+    """This rank's RNG states as plain values / tensors (loadable with weights_only=True)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank0_print(info: DistInfo, *args: Any, **kwargs: Any) -> None:
+    if info.is_rank0:
+        print(*args, **kwargs, flush=True)

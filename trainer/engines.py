@@ -1,0 +1,255 @@
+"""Engines: how a model is wrapped, stepped and saved — single process, DDP or DeepSpeed.
+
+All three expose the same small surface to the loop: `model` (call it for the one routed
+forward), `module` (the bare model), `backward(loss)`, `step(absent_tasks)` (clip, optimizer
+and LR-schedule step, zero grads) and `state_dict()` / `load_state_dict()`.
+
+A task absent from a step (no labelled sample on any rank) must not drift: its zero gradient
+would still move its tower through weight decay and Adam momentum (pytorch issue 41101). The
+engine therefore leaves those parameters — or, for towers batched across tasks, those slices,
+with their optimizer state — exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from manytask.config import Config
+from manytask.trainer.distributed import DistInfo
+
+ENGINES = ("single", "ddp", "deepspeed")
+
+
+def resolve_engine_name(cfg: Config, info: DistInfo) -> str:
+    name = cfg.engine.name
+    if name == "auto":
+        return "ddp" if info.distributed else "single"
+    return name
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup to the peak LR, then cosine decay to `lr * min_lr_ratio` at max_steps."""
+    t = cfg.trainer
+    warmup, total, floor = t.warmup_steps, max(t.max_steps, 1), t.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.trainer
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def _task_slices(module: nn.Module, tasks: list[str]) -> list[tuple[nn.Parameter, int | None]]:
+    by_task = getattr(module, "task_parameters", lambda: {})()
+    return [ps for task in tasks for ps in by_task.get(task, [])]
+
+
+@dataclass
+class _Frozen:
+    """Snapshot of parameters/slices (and their optimizer state) to put back after a step."""
+
+    items: list[tuple[nn.Parameter, int | None, torch.Tensor, dict[str, torch.Tensor]]] = field(
+        default_factory=list
+    )
+
+    @classmethod
+    def take(cls, optimizer: torch.optim.Optimizer, slices) -> _Frozen:
+        frozen = cls()
+        for param, idx in slices:
+            if idx is None:
+                param.grad = None  # the optimizer skips it entirely: no decay, no momentum
+                continue
+            state = optimizer.state.get(param, {})
+            saved = {
+                k: v[idx].clone()
+                for k, v in state.items()
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape == param.shape
+            }
+            frozen.items.append((param, idx, param.data[idx].clone(), saved))
+        return frozen
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            for param, idx, value, saved in self.items:
+                param.data[idx] = value
+                for k, v in saved.items():
+                    optimizer.state[param][k][idx] = v
+
+
+class TorchEngine:
+    """Single-process or DDP training with a torch optimizer and LR schedule."""
+
+    def __init__(self, cfg: Config, model: nn.Module, info: DistInfo, ddp: bool):
+        self.cfg, self.info, self.kind = cfg, info, "ddp" if ddp else "single"
+        self.module = model.to(info.device)
+        self.model: nn.Module = self.module
+        if ddp:
+            device_ids = [info.device.index] if info.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
+        self.optimizer = make_optimizer(cfg, list(self.module.parameters()))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.grad_accum = cfg.trainer.grad_accum
+
+    @contextlib.contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        if self.kind == "ddp" and not last:
+            with self.model.no_sync():
+                yield
+        else:
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self, absent_tasks: list[str]) -> float:
+        """Clip, step optimizer and LR schedule, zero grads; returns the pre-clip grad norm."""
+        clip = self.cfg.trainer.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.module.parameters(), clip if clip > 0 else float("inf")
+        )
+        frozen = _Frozen.take(self.optimizer, _task_slices(self.module, absent_tasks))
+        self.optimizer.step()
+        frozen.restore(self.optimizer)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients (non-finite loss) without touching weights or schedule."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed (ZeRO 0–3); its config is embedded in the recipe under `engine.deepspeed`.
+
+    The recipe's trainer settings fill whatever the embedded config leaves out (micro batch,
+    accumulation, clipping, optimizer, bf16 on GPU), so one recipe runs on every engine.
+    DeepSpeed checkpoints (ZeRO shards) are written by DeepSpeed itself: see `save` / `load`.
+    """
+
+    def __init__(self, cfg: Config, model: nn.Module, info: DistInfo):
+        import deepspeed
+
+        self.cfg, self.info, self.kind = cfg, info, "deepspeed"
+        ds_config = deepspeed_config(cfg, info)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        )
+        self.module = self.model.module
+        self.grad_accum = cfg.trainer.grad_accum
+
+    @contextlib.contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        self._last = last
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        if not getattr(self, "_last", True):
+            # DeepSpeed counts micro-batches in step(); off the boundary it only advances.
+            self.model.step()
+
+    def step(self, absent_tasks: list[str]) -> float:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        # ZeRO flattens and partitions parameters, so "skip this tower" cannot be expressed as
+        # grad=None; put the absent towers' values back instead (optimizer moments of those
+        # towers still see a zero gradient).
+        saved = []
+        for param, idx in _task_slices(self.module, absent_tasks):
+            full = safe_get_full_fp32_param(param)
+            if full is not None:
+                saved.append((param, full.clone()))
+        self.model.step()
+        for param, value in saved:
+            safe_set_full_fp32_param(param, value)
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def skip_step(self) -> None:
+        self.model.zero_grad()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, directory: str, client_state: dict[str, Any]) -> None:
+        self.model.save_checkpoint(directory, tag="deepspeed", client_state=client_state)
+
+    def load(self, directory: str) -> dict[str, Any]:
+        _, client_state = self.model.load_checkpoint(directory, tag="deepspeed")
+        return client_state or {}
+
+
+def deepspeed_config(cfg: Config, info: DistInfo) -> dict[str, Any]:
+    t = cfg.trainer
+    ds = dict(cfg.engine.deepspeed)
+    ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
+    ds.setdefault("gradient_accumulation_steps", t.grad_accum)
+    ds.setdefault("gradient_clipping", t.grad_clip)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds.setdefault(
+        "optimizer",
+        {
+            "type": "AdamW" if t.optimizer == "adamw" else "Adam",
+            "params": {"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay},
+        },
+    )
+    if info.device.type == "cuda" and t.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+        ds.setdefault("bf16", {"enabled": True})
+    ds.setdefault("zero_optimization", {"stage": 0})
+    return ds
+
+
+def build_engine(cfg: Config, model: nn.Module, info: DistInfo) -> TorchEngine | DeepSpeedEngine:
+    name = resolve_engine_name(cfg, info)
+    if name == "deepspeed":
+        return DeepSpeedEngine(cfg, model, info)
+    if name == "ddp" and not info.distributed:
+        name = "single"  # a 1-process launch: DDP would only add overhead
+    return TorchEngine(cfg, model, info, ddp=name == "ddp")
+
+
+def autocast(cfg: Config, info: DistInfo):
+    """bf16 autocast on GPU (precision auto/bf16); a no-op context on CPU and for fp32."""
+    if info.device.type == "cuda" and cfg.trainer.precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

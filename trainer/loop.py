@@ -1,0 +1,339 @@
+"""The training job: build every part from the recipe, then run the step loop.
+
+`train(cfg)` is what `manytask train` and every torchrun rank call. The step itself
+(`train_step`) reads top to bottom: sampler picks how many samples of each source, one routed
+forward, masked per-task losses, one all-reduce of what all ranks must agree on, loss
+weighting, one backward, one optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from manytask.config import Config
+from manytask.data_pipeline.loader import MultiSourceLoader, source_sizes, val_batches
+from manytask.models import build_model
+from manytask.models.losses import task_losses
+from manytask.models.spec import TaskSpec
+from manytask.trainer import distributed as D
+from manytask.trainer.checkpoint import Checkpointer, check_compatible
+from manytask.trainer.engines import autocast, build_engine
+from manytask.trainer.evaluate import evaluate
+from manytask.trainer.logger import MetricsLogger
+from manytask.trainer.monitor import GateHealth, TaskAffinity, gate_means_from_metrics
+from manytask.trainer.preemption import PreemptionFlag
+from manytask.trainer.progress import Progress
+from manytask.trainer.run_dir import RunDir
+from manytask.trainer.specs import build_model_spec
+from manytask.trainer.task_sampler import TaskSampler
+from manytask.trainer.weightings import build_weighting
+from manytask.trainer.weightings.base import WeightingContext
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when `trainer.on_nonfinite: stop` and a step's loss is NaN or infinite."""
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # mean loss per task over all ranks (nan when absent everywhere)
+    counts: dict[str, int]  # labelled samples per task over all ranks
+    weights: dict[str, float]
+    total: float
+    skipped: bool
+    stop_requested: bool
+    out: Any = None  # last micro-batch's ModelOutput (gate statistics)
+
+
+@dataclass
+class Job:
+    cfg: Config
+    info: D.DistInfo
+    run: RunDir
+    specs: dict[str, TaskSpec]
+    data: MultiSourceLoader
+    sampler: TaskSampler
+    engine: Any
+    weighting: Any
+    weighting_opt: torch.optim.Optimizer | None
+    logger: MetricsLogger
+    ckpt: Checkpointer
+    preempt: PreemptionFlag
+    affinity: TaskAffinity
+    gate_health: GateHealth
+    step: int = 0
+    samples_per_task: dict[str, int] = field(default_factory=dict)
+    nonfinite_steps: int = 0
+    wandb_run_id: str | None = None
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.specs)
+
+
+def train_step(job: Job, step: int) -> StepResult:
+    cfg, info, engine, tasks = job.cfg, job.info, job.engine, job.tasks
+    counts_per_source = job.sampler.counts(step)
+    accum = cfg.trainer.grad_accum
+    loss_sum, count = torch.zeros(len(tasks), dtype=torch.float64), torch.zeros(len(tasks), dtype=torch.float64)
+    skipped, stop, weights, total = False, False, {}, torch.zeros(())
+    for micro in range(accum):
+        batch = job.data.next_batch(counts_per_source).to(info.device, non_blocking=True)
+        with engine.accumulating(last=micro == accum - 1):
+            with autocast(cfg, info):
+                out = engine.model(batch.inputs, batch.source_id)
+                losses = task_losses(out.outputs, batch.labels, batch.masks, job.specs)
+            # One all-reduce carries everything the ranks must agree on before backward:
+            # labelled counts and loss sums per task, a non-finite flag, a stop request.
+            n = torch.stack([batch.masks[t].sum() for t in tasks]).double().cpu()
+            sums = torch.stack([losses[t].detach() for t in tasks]).double().cpu() * n
+            finite = bool(torch.isfinite(sums).all())
+            agreed = D.all_reduce_sum(
+                torch.cat([n, torch.nan_to_num(sums, nan=0.0, posinf=0.0), torch.tensor([float(not finite), float(job.preempt.requested)])]).to(info.device)
+            ).cpu()
+            count += agreed[: len(tasks)]
+            loss_sum += agreed[len(tasks) : 2 * len(tasks)]
+            skipped |= bool(agreed[-2] > 0)
+            stop |= bool(agreed[-1] > 0)
+            if skipped:
+                continue  # every rank skips backward together: no DDP hang
+            ctx = WeightingContext(
+                step=step,
+                shared=out.shared,
+                shared_params=list(job.engine.module.last_shared_parameters()),
+                all_reduce_mean=D.all_reduce_mean,
+                present={t: bool(count[i] > 0) for i, t in enumerate(tasks)},
+            )
+            total, weights = job.weighting.combine(losses, ctx)
+            total = total + sum(out.aux_losses.values(), torch.zeros((), device=total.device))
+            engine.backward(total)
+    if skipped:
+        engine.skip_step()
+    else:
+        absent = [t for i, t in enumerate(tasks) if count[i] == 0]
+        sync_weighting_grads(job)
+        engine.step(absent)
+        if job.weighting_opt is not None:
+            job.weighting_opt.step()
+            job.weighting_opt.zero_grad(set_to_none=True)
+    mean = {t: float(loss_sum[i] / count[i]) if count[i] > 0 else math.nan for i, t in enumerate(tasks)}
+    return StepResult(
+        losses=mean,
+        counts={t: int(count[i]) for i, t in enumerate(tasks)},
+        weights=weights,
+        total=float(total.detach()) if not skipped else math.nan,
+        skipped=skipped,
+        stop_requested=stop,
+        out=out,
+    )
+
+
+def sync_weighting_grads(job: Job) -> None:
+    """Learnable loss weights live outside DDP/DeepSpeed: average their grads by hand."""
+    for p in job.weighting.parameters():
+        if p.grad is not None:
+            p.grad.copy_(D.all_reduce_mean(p.grad))
+
+
+def gate_metrics(out: Any) -> dict[str, float]:
+    """Gate utilization of this step averaged over all ranks (a collective on every rank)."""
+    if out is None or not out.gate_means:
+        return {}
+    keys = sorted(out.gate_means)
+    flat = torch.cat([torch.cat([out.gate_means[k].float().reshape(-1), out.gate_entropy[k].float().reshape(1)]) for k in keys])
+    flat = D.all_reduce_mean(flat.detach()).cpu()
+    metrics, offset = {}, 0
+    for k in keys:
+        experts = out.gate_means[k].numel()
+        for e in range(experts):
+            metrics[f"gates/{k}/expert_{e}"] = float(flat[offset + e])
+        metrics[f"gates/{k}/entropy"] = float(flat[offset + experts])
+        offset += experts + 1
+    return metrics
+
+
+# --------------------------------------------------------------------------- set-up
+def build_job(cfg: Config) -> Job:
+    info = D.init_distributed(cfg.engine.backend, deepspeed=cfg.engine.name == "deepspeed")
+    D.seed_everything(cfg.run.seed, info.rank)
+    run = RunDir(cfg, info)
+    specs, model_spec = build_model_spec(cfg)
+    model = build_model(cfg.model, model_spec)
+    weighting = build_weighting(cfg.weighting, cfg.tasks).to(info.device)
+    learnable = [p for p in weighting.parameters() if p.requires_grad]
+    weighting_opt = torch.optim.Adam(learnable, lr=cfg.trainer.lr) if learnable else None
+    engine = build_engine(cfg, model, info)
+    data = MultiSourceLoader(cfg, info.rank, info.world_size, cfg.run.seed)
+    sampler = TaskSampler(
+        [s.name for s in cfg.data.sources], source_sizes(cfg), cfg.sampler, cfg.run.seed,
+        cfg.trainer.max_steps, cfg.data.batch_size,
+    )
+    job = Job(
+        cfg=cfg, info=info, run=run, specs=specs, data=data, sampler=sampler, engine=engine,
+        weighting=weighting, weighting_opt=weighting_opt, logger=None,  # type: ignore[arg-type]
+        ckpt=Checkpointer(run.ckpt, info, cfg.checkpoint.keep_last), preempt=PreemptionFlag().install(),
+        affinity=TaskAffinity(cfg.monitor, list(specs)), gate_health=GateHealth(cfg.monitor),
+        samples_per_task={t: 0 for t in specs},
+    )
+    restore(job)
+    job.logger = MetricsLogger(run.path, cfg, info.is_rank0, resume_step=job.step, run_id=job.wandb_run_id)
+    job.wandb_run_id = job.logger.run_id
+    return job
+
+
+# --------------------------------------------------------------------------- state
+def common_state(job: Job) -> dict[str, Any]:
+    state = {
+        "step": job.step,
+        "tasks": job.tasks,
+        "config": job.cfg.to_dict(),
+        "sampler": job.sampler.state_dict(),
+        "weighting": job.weighting.state_dict(),
+        "samples_per_task": dict(job.samples_per_task),
+        "nonfinite_steps": job.nonfinite_steps,
+        "wandb_run_id": job.wandb_run_id,
+        "monitor": {"affinity": job.affinity.state_dict(), "gates": job.gate_health.state_dict()},
+    }
+    if job.weighting_opt is not None:
+        state["weighting_opt"] = job.weighting_opt.state_dict()
+    if job.engine.kind != "deepspeed":
+        state["engine"] = job.engine.state_dict()
+    return state
+
+
+def save(job: Job) -> None:
+    rank_state = {"stream": job.data.state_dict(), "rng": D.rng_state()}
+    path = job.ckpt.save(job.step, common_state(job), rank_state, engine=job.engine)
+    if path is not None:
+        job.run.say(f"checkpoint step {job.step} -> {path}")
+
+
+def restore(job: Job) -> None:
+    path = job.ckpt.resolve(job.cfg.run.resume)
+    if path is None:
+        return
+    loaded = job.ckpt.load(path)
+    common = loaded.common
+    check_compatible(common, job.tasks, job.engine.module.state_dict(), path)
+    if job.engine.kind == "deepspeed":
+        job.engine.load(str(path / "deepspeed"))
+    else:
+        job.engine.load_state_dict(common["engine"])
+    job.sampler.load_state_dict(common["sampler"])
+    job.weighting.load_state_dict(common["weighting"])
+    if job.weighting_opt is not None and "weighting_opt" in common:
+        job.weighting_opt.load_state_dict(common["weighting_opt"])
+    job.affinity.load_state_dict(common["monitor"]["affinity"])
+    job.gate_health.load_state_dict(common["monitor"]["gates"])
+    job.step = int(common["step"])
+    job.samples_per_task = dict(common["samples_per_task"])
+    job.nonfinite_steps = int(common["nonfinite_steps"])
+    job.wandb_run_id = common.get("wandb_run_id")
+    job.data.load_state_dict(loaded.rank_state["stream"])
+    if loaded.same_world:
+        D.load_rng_state(loaded.rank_state["rng"])
+    job.run.say(f"resumed from {path} at step {job.step}")
+
+
+# --------------------------------------------------------------------------- loop
+def run_eval(job: Job) -> dict[str, float]:
+    batches = val_batches(job.cfg, job.info.rank, job.info.world_size, job.cfg.data.val_batch_size)
+    return evaluate(job.engine.module, batches, job.specs, job.cfg, job.info.device)
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run (or resume) the recipe to `trainer.max_steps`; returns the final validation metrics."""
+    job = build_job(cfg)
+    t = cfg.trainer
+    try:
+        if job.step == 0:
+            job.logger.log(0, run_eval(job))
+        progress = Progress(job.info.is_rank0 and cfg.logging.progress, job.step, t.max_steps)
+        window_start, window_samples = time.perf_counter(), 0
+        val: dict[str, float] = {}
+        while job.step < t.max_steps:
+            result = train_step(job, job.step)
+            job.step += 1
+            window_samples += sum(job.sampler.counts(job.step - 1)) * t.grad_accum * job.info.world_size
+            for task, n in result.counts.items():
+                job.samples_per_task[task] += n
+            if result.skipped:
+                job.nonfinite_steps += 1
+                job.run.say(f"step {job.step}: non-finite loss, step skipped ({job.nonfinite_steps} so far)")
+                if t.on_nonfinite == "stop" or job.nonfinite_steps > t.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {job.step} (per-task losses {result.losses}); "
+                        f"set trainer.on_nonfinite: skip to skip such steps"
+                    )
+            metrics: dict[str, float] = {}
+            if job.step % t.log_every == 0 or job.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics.update(log_metrics(job, result, window_samples / max(elapsed, 1e-9)))
+                window_start, window_samples = time.perf_counter(), 0
+                progress.update(job.step, result.losses, metrics["perf/samples_per_s"])
+            metrics.update(job.affinity.maybe_measure(job, job.step))
+            if job.step % t.eval_every == 0 or job.step == t.max_steps:
+                val = run_eval(job)
+                metrics.update(val)
+            if metrics:
+                job.logger.log(job.step, metrics)
+            if job.cfg.logging.heatmap_every and job.step % job.cfg.logging.heatmap_every == 0:
+                log_gate_heatmap(job, metrics)
+            if result.stop_requested:
+                job.run.say(f"preemption signal: stopping at step {job.step}")
+                save(job)
+                return val
+            if job.step % cfg.checkpoint.every == 0 or job.step == t.max_steps:
+                save(job)
+        summarize(job, val)
+        return val
+    finally:
+        job.preempt.uninstall()
+        job.logger.finish()
+        job.data.close()
+
+
+def log_metrics(job: Job, result: StepResult, samples_per_s: float) -> dict[str, float]:
+    metrics = {f"train/{t}/loss": v for t, v in result.losses.items() if not math.isnan(v)}
+    metrics["train/loss"] = result.total
+    metrics.update({f"weights/{t}": float(w) for t, w in result.weights.items()})
+    metrics.update(job.sampler.metrics(job.step))
+    metrics.update({f"samples/{t}": float(n) for t, n in job.samples_per_task.items()})
+    metrics["perf/samples_per_s"] = samples_per_s
+    metrics["perf/lr"] = job.engine.lr
+    metrics["train/nonfinite_steps"] = float(job.nonfinite_steps)
+    metrics.update({f"data/{src}/skipped": float(n) for src, n in job.data.skipped().items()})
+    metrics.update({f"data/{src}/epoch": float(e) for src, e in job.data.epochs().items()})
+    gates = gate_metrics(result.out)
+    metrics.update(gates)
+    metrics.update(job.gate_health.check(job, gates))
+    return metrics
+
+
+def log_gate_heatmap(job: Job, metrics: dict[str, float]) -> None:
+    if not job.info.is_rank0 or not any(k.startswith("gates/") for k in metrics):
+        return
+    from manytask.trainer.plots import gate_heatmap
+
+    means = gate_means_from_metrics(metrics)
+    if means:
+        job.logger.log_image(job.step, "gates/heatmap", gate_heatmap(means, job.step))
+
+
+def summarize(job: Job, val: dict[str, float]) -> None:
+    lines = [f"finished {job.step} steps. validation:"]
+    for task in job.tasks:
+        parts = [f"{k.split('/')[-1]}={v:.4f}" for k, v in val.items() if k.startswith(f"val/{task}/")]
+        lines.append(f"  {task:<20} " + "  ".join(parts))
+    lines.append(f"run dir      {job.run.path}")
+    lines.append(f"metrics      {job.run.path / 'metrics.jsonl'}")
+    lines.append(f"checkpoints  {job.run.ckpt}")
+    if job.logger.wandb_dir:
+        lines.append(f"W&B run      {job.logger.wandb_dir}  (upload: wandb sync {job.logger.wandb_dir})")
+    job.run.say("\n".join(lines))
+    job.logger.summary({k: v for k, v in val.items()})

@@ -1,0 +1,33 @@
+"""The run directory: resolved config, train.log, metrics.jsonl, wandb/, ckpt/ (rank 0 writes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from manytask.config import Config, dump_config
+from manytask.trainer.distributed import DistInfo
+
+
+class RunDir:
+    def __init__(self, cfg: Config, info: DistInfo):
+        self.path = Path(cfg.run.dir)
+        self.info = info
+        if info.is_rank0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "config.yaml").write_text(dump_config(cfg))
+
+    @property
+    def ckpt(self) -> Path:
+        return self.path / "ckpt"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "train.log"
+
+    def say(self, text: str) -> None:
+        """Print on rank 0 and append to train.log."""
+        if not self.info.is_rank0:
+            return
+        print(text, flush=True)
+        with open(self.log_file, "a") as fh:
+            fh.write(text + "\n")

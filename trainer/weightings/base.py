@@ -1,0 +1,230 @@
+"""What every loss weighting receives and the helpers they share.
+
+A weighting is an `nn.Module` with
+
+    combine(losses, ctx) -> (total, weights)
+
+`losses` maps task -> scalar mean loss over this rank's labelled samples of that task. A task
+with no labelled sample on this rank is either left out or passed as a finite 0 that stays in
+the graph (models/losses.py); pass `ctx.local_counts` so that such a 0 is not mistaken for a
+measured loss when losses are averaged over ranks.
+`total` is the scalar the trainer backpropagates once; `weights` maps every task to the
+python float its loss was multiplied by (the trainer logs it as `weights/<task>`), 0.0 for a
+task absent on every rank.
+
+Weights must be identical on every rank, so a weighting derives them only from quantities that
+went through `ctx.all_reduce_mean`, and issues the same collectives on every rank whatever the
+local data: the adaptive methods make exactly one `all_reduce_mean` per `combine` (losses,
+gradient statistics and presence counts packed into one float64 tensor); `equal` and `static`
+make none. Their running state (EMAs, windows, initial losses) is updated only from present
+tasks with finite all-reduced values, so an absent task or a NaN step leaves it untouched.
+Every loss passed in stays in `total`, weight 0 included, so DDP and DeepSpeed see a (zero)
+gradient for every tower, and a non-finite loss always shows in `total` for the trainer to
+skip the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from manytask.config import TaskConfig
+from manytask.schema import ConfigError, closest
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """`all_reduce_mean` of a single process."""
+    return x
+
+
+@dataclass
+class WeightingContext:
+    """What the trainer knows at the moment it combines the losses.
+
+    step:            optimizer step (drives windows and schedules).
+    shared:          the model's shared representation, requires grad, [B, ...] (MGDA), or None.
+    shared_params:   parameters of the last shared layer (GradNorm).
+    all_reduce_mean: elementwise mean over ranks (may work in place; it gets a fresh
+                     tensor); identity in one process.
+    present:         task -> True if it has >= 1 labelled sample on ANY rank this step (agreed
+                     by the trainer). A task missing here: the adaptive methods decide from the
+                     all-reduced count; `equal`/`static` (no collective) from local `losses`.
+    local_counts:    task -> labelled samples on this rank, or None. Given, the per-task means
+                     over ranks are weighted by them (the exact global mean) and a rank with 0
+                     samples contributes nothing; None: every task in `losses` counts as held.
+    """
+
+    step: int = 0
+    shared: torch.Tensor | None = None
+    shared_params: list[torch.nn.Parameter] = field(default_factory=list)
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = identity
+    present: dict[str, bool] = field(default_factory=dict)
+    local_counts: dict[str, int] | None = None
+
+
+@dataclass
+class NoParams:
+    """A method without options: any key under `weighting.params` is a typo."""
+
+
+class Weighting(torch.nn.Module):
+    """Base class: the task names (recipe order) and the method's validated params."""
+
+    Params: type = NoParams  # each method's dataclass for `weighting.params`
+
+    def __init__(self, tasks: dict[str, TaskConfig], params: Any = None) -> None:
+        super().__init__()
+        if not tasks:
+            raise ConfigError("weighting: at least one task is required")
+        self.task_names = list(tasks)
+        self.task_configs = dict(tasks)
+        self.params = params if params is not None else self.Params()
+
+    def combine(
+        self, losses: dict[str, torch.Tensor], ctx: WeightingContext
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+def present_here(task: str, losses: dict[str, torch.Tensor], ctx: WeightingContext) -> bool:
+    """Whether `task` is trained this step, without a collective (see WeightingContext.present)."""
+    return bool(ctx.present.get(task, task in losses))
+
+
+def held(task: str, losses: dict[str, torch.Tensor], ctx: WeightingContext) -> float:
+    """How much this rank's loss of `task` counts in the mean over ranks (0 = not held here)."""
+    if task not in losses:
+        return 0.0
+    if ctx.local_counts is None:
+        return 1.0
+    return float(ctx.local_counts.get(task, 0))
+
+
+def device_of(losses: dict[str, torch.Tensor], ctx: WeightingContext, module: torch.nn.Module) -> torch.device:
+    """Where collectives and the total live: a loss's device, else the model's, else CPU.
+
+    Matters under NCCL, which only reduces CUDA tensors, even on a rank without any loss.
+    """
+    for loss in losses.values():
+        return loss.device
+    if ctx.shared is not None:
+        return ctx.shared.device
+    for p in [*ctx.shared_params, *module.parameters()]:
+        return p.device
+    return torch.device("cpu")
+
+
+def weighted_sum(
+    losses: dict[str, torch.Tensor], weights: dict[str, float], device: torch.device
+) -> torch.Tensor:
+    """Σ_i w_i L_i over this rank's losses (a zero scalar if none).
+
+    Zero weights are kept: the tower then still gets a (zero) gradient, which DDP expects.
+    """
+    total = torch.zeros((), device=device)
+    for task, loss in losses.items():
+        if task not in weights:
+            raise ValueError(f"loss for unknown task '{task}' (tasks: {', '.join(weights)})")
+        total = total + weights[task] * loss
+    return total
+
+
+@dataclass
+class Reduced:
+    """Per-task quantities averaged over the ranks that hold the task (same on every rank).
+
+    present: held by at least one rank (and not flagged absent in ctx.present).
+    loss:    mean loss over the ranks holding the task; None when not present. May be NaN/inf:
+             the weighting then leaves its state alone and the trainer skips the step.
+    extra:   name -> per-task list of further means (e.g. gradient norms), same convention.
+    held:    mean over ranks of `held()` per task (fraction of ranks, or mean sample count).
+    tensor:  `extra_tensor` averaged over all ranks (not masked), or None.
+    """
+
+    present: list[bool]
+    loss: list[float | None]
+    extra: dict[str, list[float | None]]
+    held: list[float]
+    tensor: torch.Tensor | None = None
+
+    @property
+    def finite(self) -> bool:
+        """Every present task's loss and extras are finite: safe to update running state."""
+        values = [self.loss, *self.extra.values()]
+        return all(v[i] is not None and math.isfinite(v[i]) for v in values for i, p in enumerate(self.present) if p)
+
+
+def reduce_losses(
+    tasks: list[str],
+    losses: dict[str, torch.Tensor],
+    ctx: WeightingContext,
+    device: torch.device,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra_tensor: torch.Tensor | None = None,
+) -> Reduced:
+    """One collective: every task's loss (and `extra` per-task scalars) averaged over ranks.
+
+    Each rank's value counts with its `held()` weight h: mean = sum(x * h) / sum(h), so a rank
+    without the task contributes nothing, and with `ctx.local_counts` the mean is the exact
+    mean over all labelled samples. `extra_tensor` (any shape) rides along in the same
+    collective and is averaged over all ranks, unweighted. Called identically on every rank.
+    """
+    extra = extra or {}
+    n = len(tasks)
+    h = [held(t, losses, ctx) for t in tasks]
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    weight = torch.tensor(h, dtype=torch.float64, device=device)
+    rows = [
+        torch.stack([src[t].detach().to(device, torch.float64).reshape(()) if h[i] > 0 else zero for i, t in enumerate(tasks)])
+        * weight
+        for src in [losses, *extra.values()]
+    ]
+    flat = [weight, *rows]
+    if extra_tensor is not None:
+        flat.append(extra_tensor.detach().to(device, torch.float64).reshape(-1))
+    reduced = ctx.all_reduce_mean(torch.cat(flat)).cpu()
+    tensor = None
+    if extra_tensor is not None:
+        tensor = reduced[n * (len(rows) + 1) :].reshape(extra_tensor.shape)
+    packed = reduced[: n * (len(rows) + 1)].tolist()
+    held_mean = packed[:n]
+    values = [packed[n * (k + 1) : n * (k + 2)] for k in range(len(rows))]
+
+    def mean(k: int, i: int) -> float | None:
+        return values[k][i] / held_mean[i] if held_mean[i] > 0 else None
+
+    # A task the trainer did not flag is decided by the all-reduced count, never by local data.
+    present = [bool(ctx.present.get(t, True)) and held_mean[i] > 0 for i, t in enumerate(tasks)]
+    loss = [mean(0, i) if present[i] else None for i in range(n)]
+    named = {name: [mean(k + 1, i) if present[i] else None for i in range(n)] for k, name in enumerate(extra)}
+    return Reduced(present=present, loss=loss, extra=named, held=held_mean, tensor=tensor)
+
+
+def softmax_weights(scores: list[float | None], temperature: float) -> list[float]:
+    """K · softmax(score / temperature) over the non-None scores (K of them), 0 elsewhere.
+
+    Summing to K keeps the total on the scale of `equal` (all weights 1), which it becomes as
+    the temperature grows.
+    """
+    idx = [i for i, s in enumerate(scores) if s is not None]
+    out = [0.0] * len(scores)
+    if not idx:
+        return out
+    z = torch.tensor([scores[i] for i in idx], dtype=torch.float64) / temperature
+    w = torch.softmax(z, dim=0) * len(idx)
+    for i, v in zip(idx, w.tolist()):
+        out[i] = v
+    return out
+
+
+def check_task_keys(mapping: dict[str, Any], tasks: list[str], key: str) -> None:
+    """ConfigError for a key of `mapping` that is not a task, naming the closest task."""
+    for name in mapping:
+        if name not in tasks:
+            near = closest(name, tasks)
+            fix = f"; did you mean '{key}.{near}'?" if near else ""
+            raise ConfigError(f"'{key}.{name}': unknown task{fix} (tasks: {', '.join(tasks)})")
