@@ -19,7 +19,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

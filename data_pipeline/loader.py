@@ -17,6 +17,8 @@ label holds NaN (any element) and when an integer label is negative; labels are 
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +44,9 @@ from manytask.schema import ConfigError
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+# Samples per block a worker sends: each block costs a fixed ~1 ms of queue and pickle work,
+# so blocks are at least this big even when batches are small.
+MIN_BLOCK = 4096
 
 
 # ---------------------------------------------------------------- manifests and specs
@@ -158,6 +163,19 @@ def task_out_dims(cfg: Config) -> dict[str, int]:
 # ---------------------------------------------------------------- one source
 
 
+def _worker_init(worker_id: int) -> None:
+    """Leave SIGTERM/SIGUSR1 to the trainer (SLURM signals every process of the job, and a
+    worker dying on it would crash the step the trainer wants to finish), and die with the
+    trainer: an orphaned worker would keep the dead rank's sockets open and stall its peers."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _identity(x: Any) -> Any:
     return x
 
@@ -173,9 +191,31 @@ class _BlockDataset(IterableDataset):
         worker = ((info.id if info else 0) + self.rotation) % self.stream.splits_per_rank
         drop = self.drop if worker == self.rotation else 0
         for block in self.stream.blocks(worker, self.starts[worker], drop):
-            # Tensors travel between processes through shared memory instead of a pickle copy.
-            block.data = {k: torch.from_numpy(v) for k, v in block.data.items()}
+            if info is not None:
+                block.data = _pack(block.data)
             yield block
+
+
+def _pack(data: dict[str, np.ndarray]) -> tuple[list, bytes]:
+    """Arrays -> (meta, one bytes payload) for the trip from a worker.
+
+    One pickled bytes object is far cheaper to send than torch's shared-memory tensors
+    (a file descriptor and an mmap per tensor) or pickled numpy arrays.
+    """
+    meta = [(k, v.dtype.str, v.shape) for k, v in data.items()]
+    return meta, b"".join(np.ascontiguousarray(v).data for v in data.values())
+
+
+def _unpack(packed: tuple[list, bytes]) -> dict[str, np.ndarray]:
+    """(meta, payload) -> field -> read-only array views of the payload."""
+    meta, payload = packed
+    out, offset = {}, 0
+    for name, dtype, shape in meta:
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        out[name] = np.frombuffer(payload, dt, count, offset).reshape(shape)
+        offset += count * dt.itemsize
+    return out
 
 
 class SourceLoader:
@@ -199,16 +239,20 @@ class SourceLoader:
         self._iter: Iterator[Block] | None = None
 
     def _start(self) -> None:
-        ds = _BlockDataset(self.stream, list(self._positions), self._drop, self._next)
+        ds = _BlockDataset(self.stream, list(self._positions), self._drop, 0)
+        if self.num_workers == 0:
+            # In-process, a DataLoader would only add its per-item profiler hooks.
+            self._iter = iter(ds)
+            return
         loader = DataLoader(
             ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-            prefetch_factor=2 if self.num_workers else None,
+            prefetch_factor=2, worker_init_fn=_worker_init,
         )
         self._iter = iter(loader)
 
-    def take(self, n: int) -> dict[str, torch.Tensor]:
-        """The next n samples: field -> tensor [n, ...]."""
-        parts: list[dict[str, torch.Tensor]] = []
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        """The next n samples: field -> writable array [n, ...] (safe for torch.from_numpy)."""
+        parts: list[dict[str, np.ndarray]] = []
         while n > 0:
             if self._head is None:
                 if self._iter is None:
@@ -219,22 +263,24 @@ class SourceLoader:
                         f"source '{self.stream.name}': got a block of worker {block.worker}, "
                         f"expected worker {self._next}"
                     )
+                if isinstance(block.data, tuple):
+                    block.data = _unpack(block.data)
                 self._head, self._used = block, 0
             head = self._head
             k = min(n, head.size - self._used)
             if k:
-                parts.append({f: t[self._used : self._used + k] for f, t in head.data.items()})
+                parts.append({f: a[self._used : self._used + k] for f, a in head.data.items()})
             self._used += k
             n -= k
             if self._used == head.size:  # fully consumed: the worker's position moves on
                 self._positions[head.worker] = head.after
                 self._next = (head.worker + 1) % self.splits
                 self._drop, self._head = 0, None
-        if len(parts) == 1:
-            return parts[0]
         if not parts:
-            return {f: torch.from_numpy(np.zeros((0, *i.shape), i.dtype)) for f, i in self.stream.fields.items()}
-        return {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
+            return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.stream.fields.items()}
+        if len(parts) == 1:
+            return {f: a if a.flags.writeable else a.copy() for f, a in parts[0].items()}
+        return {f: np.concatenate([p[f] for p in parts]) for f in parts[0]}
 
     @property
     def skipped(self) -> int:
@@ -254,6 +300,7 @@ class SourceLoader:
             "splits_per_rank": self.splits,
             "shards": len(m.shards),
             "samples": m.total_samples,
+            "block_size": self.stream.block_size,
             "positions": [list(p) for p in self._positions],
             "next_worker": self._next,
             "drop": drop,
@@ -272,6 +319,8 @@ class SourceLoader:
             and state["samples"] == self.stream.manifest.total_samples
         )
         if same:
+            # Block boundaries decide how workers interleave: keep the saved ones.
+            self.stream.block_size = int(state.get("block_size", self.stream.block_size))
             self._positions = positions
             self._next, self._drop = int(state["next_worker"]), int(state["drop"])
             self._skipped_base = int(state["skipped_base"])
@@ -317,8 +366,12 @@ class _BatchBuilder:
         src = self.cfg.data.sources[i]
         return list(dict.fromkeys([*src.inputs, *src.labels.values()]))
 
-    def __call__(self, parts: list[dict[str, torch.Tensor] | None]) -> Batch:
-        present = [(i, p, _rows(p)) for i, p in enumerate(parts) if p is not None and _rows(p) > 0]
+    def __call__(self, parts: list[dict[str, np.ndarray] | None]) -> Batch:
+        """parts[i]: field -> writable array [n_i, ...] of source i, or None."""
+        present = [
+            (i, {k: torch.from_numpy(v) for k, v in p.items()}, _rows(p))
+            for i, p in enumerate(parts) if p is not None and _rows(p) > 0
+        ]
         inputs = {}
         for name, spec in self.inputs.items():
             pieces = [p[name] if name in self.src_inputs[i] else _zeros(n, spec) for i, p, n in present]
@@ -342,7 +395,7 @@ class _BatchBuilder:
         return batch.pin_memory() if self.pin else batch
 
 
-def _rows(part: dict[str, torch.Tensor]) -> int:
+def _rows(part: dict[str, Any]) -> int:
     return int(next(iter(part.values())).shape[0]) if part else 0
 
 
@@ -373,7 +426,8 @@ class MultiSourceLoader:
 
     Construction checks every source's manifest against the recipe (ConfigError naming the
     source, manifest and field). Streams are seeded by (seed, source name, epoch, split,
-    window); `seed` defaults to `cfg.run.seed`. Use as a context manager or call `close()`.
+    window); `seed` defaults to `cfg.run.seed`. `block_size`: samples per worker block
+    (default max(batch_size, MIN_BLOCK)). Use as a context manager or call `close()`.
 
     State semantics: `state_dict()` records, per source and DataLoader worker, the samples the
     trainer has consumed, so a resumed loader yields exactly what an uninterrupted one would.
@@ -383,18 +437,22 @@ class MultiSourceLoader:
     rank should then load the same state (e.g. rank 0's) so all ranks agree on the epoch.
     """
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, seed: int | None = None):
+    def __init__(
+        self, cfg: Config, rank: int = 0, world_size: int = 1, seed: int | None = None,
+        block_size: int | None = None,
+    ):
         self.cfg = cfg
         sources = _check_sources(cfg)
         self.names = [s.name for s in cfg.data.sources]
         self._build = _BatchBuilder(cfg, sources)
         seed = cfg.run.seed if seed is None else seed
         d = cfg.data
+        block_size = block_size or max(d.batch_size, MIN_BLOCK)
         self.loaders = []
         for i, (src, m) in enumerate(zip(cfg.data.sources, sources.manifests)):
             stream = ShardStream(
                 m, rank, world_size, seed, d.shuffle_buffer, d.skip_corrupt, self._build.fields(i),
-                splits_per_rank=d.num_workers, block_size=d.batch_size,
+                splits_per_rank=d.num_workers, block_size=block_size,
                 salt=source_salt(src.name), name=src.name,
             )
             self.loaders.append(SourceLoader(stream, d.num_workers))
@@ -483,7 +541,7 @@ def val_batches(
         emitted = 0
         for arrays in _val_arrays(m, fields, rank, world_size, batch_size, cfg.data.skip_corrupt):
             parts: list[dict | None] = [None] * n_src
-            parts[i] = {k: torch.from_numpy(v) for k, v in arrays.items()}
+            parts[i] = arrays
             yield build(parts)
             emitted += 1
             if limit and emitted >= limit:

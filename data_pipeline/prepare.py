@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from manytask.data_pipeline.manifest import manifest_path
-from manytask.data_pipeline.synthetic import DATASETS
+from manytask.data_pipeline.real_data import DATASETS  # the synthetic registry + real data
 from manytask.schema import closest
 
 

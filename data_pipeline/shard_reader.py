@@ -1,8 +1,8 @@
 """Fast reading of one shard's tar members, grouped by key and decoded to numpy, with checks.
 
 Tar members follow the WebDataset convention `<key>.<field>.<ext>` (the key is the path up to
-the first dot of the base name). The shard is read in tarfile stream mode over
-`webdataset.gopen(url)`, so local paths, `pipe:` commands and http urls all work; `.npy`
+the first dot of the base name). The shard is read sequentially (tarfile stream mode)
+over `webdataset.gopen(url)`, so local paths, `pipe:` commands and http urls all work; `.npy`
 headers are parsed once per distinct header (numpy.lib.format) and payloads wrapped with
 `np.frombuffer`, which keeps the chunk layout at memcpy speed.
 
@@ -183,7 +183,12 @@ def read_shard(
         return
     index, key, raw = -1, None, {}
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
+        # A plain local .tar is read sequentially too, but payloads come straight from the file
+        # (one copy); tarfile's stream buffer would copy each payload twice more. Pipes, urls
+        # and compressed shards use tarfile's stream mode.
+        direct = url.endswith(".tar") and _seekable(stream)
+        tar = tarfile.open(fileobj=stream, mode="r:" if direct else "r|*")
+        source = stream if direct else tar.fileobj
         while True:
             info = tar.next()
             tar.members = []  # stream mode keeps every TarInfo otherwise
@@ -204,7 +209,9 @@ def read_shard(
             name = wanted.get(parts[1])
             if name is None or not wanted_member(index):
                 continue
-            data = tar.fileobj.read(info.size)  # direct read: skips extractfile's per-member objects
+            if direct:
+                stream.seek(info.offset_data)
+            data = source.read(info.size)  # skips extractfile's per-member file objects
             if len(data) != info.size:
                 raise tarfile.ReadError(f"unexpected end of data in {info.name}")
             raw[name] = data
@@ -233,6 +240,13 @@ def read_shard(
             f"tar ends after {index + 1} of the {expected} keys the manifest lists "
             f"(truncated or corrupt tar; {last})",
         )
+
+
+def _seekable(stream: Any) -> bool:
+    try:
+        return bool(stream.seekable()) and hasattr(stream, "fileno")
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _finish(index, key, raw, members, check, where, skip_corrupt):

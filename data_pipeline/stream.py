@@ -208,10 +208,9 @@ class ShardStream:
                         before = Position(epoch, index, skipped)
                         skipped += len(slots) - len(rows)
                         index = base + end
-                        if drop:
-                            rows, offset, drop = rows[drop:], drop, 0
-                        else:
-                            offset = 0
+                        offset = min(drop, len(rows))  # normally the first block only
+                        if offset:
+                            rows, drop = rows[offset:], drop - offset
                         data = {k: v[rows] for k, v in arrays.items()}
                         yield Block(worker, before, Position(epoch, index, skipped), offset, len(rows), data)
                         local = end

@@ -52,6 +52,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from manytask.config import load_config
+    from manytask.trainer.compare import compare
+
+    compare(load_config(args.recipe, args.overrides), runs_dir=args.runs_dir, reuse=args.reuse)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from manytask.launch.torchrun import add_arguments
 
@@ -83,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     from manytask.data_pipeline.shards_cli import add_shards_parser
 
     add_shards_parser(sub)
+
+    p = sub.add_parser(
+        "compare",
+        help="multi-task vs single-task baselines: per-task metrics and Δm (one process)",
+        description="Train the recipe's multi-task model and one `single_task` model per task "
+        "(same data, steps and encoder), then print each task's primary validation metric "
+        "(auc / accuracy / mse), its relative change and the average Δm (> 0: multi-task "
+        "better). The runs go one after another in this single process with the single-process "
+        "engine, so this is meant for small recipes. Writes <run.dir>/compare/{mtl,single_<task>}/, "
+        "compare.md and compare.csv, and a W&B table.",
+    )
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, applied to every run")
+    p.add_argument("--runs-dir", default=None, help="where the runs and tables go (default <run.dir>/compare)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse runs that finished with the same config (read their final val/ metrics "
+                   "from metrics.jsonl); resume unfinished ones instead of starting over")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("report", help="write PNG plots of a run from its metrics.jsonl")
     p.add_argument("run_dir")

@@ -102,7 +102,7 @@ class Conditioned(nn.Module):
         return params + (list(self.code.parameters()) if self.code is not None else [])
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
-        return last_linear(self.post) or last_linear(self.pre) or last_linear(self.encoder)
+        return last_linear(self.post) or last_linear(self.pre) or self.encoder.output_parameters()
 
     def task_parameters(self) -> dict[str, list[tuple[nn.Parameter, int | None]]]:
         return self.towers.task_parameters()

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from manytask.models.layers import Activation, mlp
+from manytask.models.layers import Activation, last_linear, mlp
 from manytask.models.spec import FieldSpec
 from manytask.schema import ConfigError, closest
 
@@ -81,15 +81,15 @@ class InputEncoder(nn.Module):
         dense_dim = sum(math.prod(inputs[n].shape) for n in self.dense_fields)
         self.dense = mlp(dense_dim, p.dense_hidden, p.activation) if self.dense_fields else None
         dense_out = (p.dense_hidden[-1] if p.dense_hidden else dense_dim) if self.dense_fields else 0
-        self.embeddings = nn.ModuleDict(
-            {n: nn.Embedding(inputs[n].vocab, p.embedding_dim) for n in self.categorical_fields}
+        # Lists parallel to the field-name lists, not ModuleDicts: field names such as "items"
+        # or "a.b" are not valid module attribute names.
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(inputs[n].vocab, p.embedding_dim) for n in self.categorical_fields
         )
         rnn_cls = nn.LSTM if p.rnn == "lstm" else nn.GRU
-        self.rnns = nn.ModuleDict(
-            {
-                n: rnn_cls(inputs[n].shape[1], p.rnn_hidden, p.rnn_layers, batch_first=True)
-                for n in self.sequence_fields
-            }
+        self.rnns = nn.ModuleList(
+            rnn_cls(inputs[n].shape[1], p.rnn_hidden, p.rnn_layers, batch_first=True)
+            for n in self.sequence_fields
         )
         self.pooling = p.pooling
         self.out_dim = (
@@ -98,19 +98,27 @@ class InputEncoder(nn.Module):
             + p.rnn_hidden * len(self.sequence_fields)
         )
 
+    def output_parameters(self) -> list[nn.Parameter]:
+        """The layers that produce the encoder's output (the dense MLP's last linear layer,
+        the embedding tables, the RNNs): its "last layer" when nothing shared follows it."""
+        params = last_linear(self.dense) if self.dense is not None else []
+        return params + list(self.embeddings.parameters()) + list(self.rnns.parameters())
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         parts: list[torch.Tensor] = []
         if self.dense is not None:
-            x = torch.cat([inputs[n].flatten(1).float() for n in self.dense_fields], dim=1)
+            x = torch.cat(  # [B] scalars and [B, ...] arrays alike -> [B, numel]
+                [inputs[n].reshape(inputs[n].shape[0], -1).float() for n in self.dense_fields], dim=1
+            )
             parts.append(self.dense(x))
-        for n, table in self.embeddings.items():
+        for n, table in zip(self.categorical_fields, self.embeddings):
             ids = inputs[n].long()
             if ids.dim() == 1:
                 parts.append(table(ids))
             else:  # [B, k] ids -> [B, k, D] -> pooled [B, D]
                 e = table(ids.flatten(1))
                 parts.append(e.sum(1) if self.pooling == "sum" else e.mean(1))
-        for n, rnn in self.rnns.items():
+        for n, rnn in zip(self.sequence_fields, self.rnns):
             _, state = rnn(inputs[n].float())  # [B, T, C] -> state [layers, B, H]
             h = state[0] if isinstance(state, tuple) else state
             parts.append(h[-1])

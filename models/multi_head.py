@@ -44,7 +44,7 @@ class MultiHead(nn.Module):
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The bottom's last linear layer (the encoder's when the bottom is empty)."""
-        return last_linear(self.bottom) or last_linear(self.encoder)
+        return last_linear(self.bottom) or self.encoder.output_parameters()
 
     def task_parameters(self) -> dict[str, list[tuple[nn.Parameter, int | None]]]:
         return self.towers.task_parameters()

@@ -56,7 +56,7 @@ class SingleTask(nn.Module):
         return [*self.encoder.parameters(), *self.trunk.parameters()]
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
-        return last_linear(self.trunk) or last_linear(self.encoder)
+        return last_linear(self.trunk) or self.encoder.output_parameters()
 
     def task_parameters(self) -> dict[str, list[tuple[nn.Parameter, int | None]]]:
         return {self.task: [(p, None) for p in self.head.parameters()]}

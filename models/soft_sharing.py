@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from manytask.models.encoders import EncoderParams, InputEncoder
-from manytask.models.layers import Activation, StackedMLP, last_linear
+from manytask.models.layers import Activation, StackedMLP
 from manytask.models.spec import ModelOutput, ModelSpec
 from manytask.models.towers import Towers
 from manytask.schema import ConfigError, load_dataclass
@@ -80,7 +80,7 @@ class SoftSharing(nn.Module):
         return list(self.encoder.parameters())
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
-        return last_linear(self.encoder)
+        return self.encoder.output_parameters()
 
     def task_parameters(self) -> dict[str, list[tuple[nn.Parameter, int | None]]]:
         """task -> its body and tower slices. Note: the penalty couples bodies, so an absent

@@ -78,7 +78,7 @@ class TimeSeries(nn.Module):
         return [*self.encoder.parameters(), *self.shared_mlp.parameters()]
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
-        return last_linear(self.shared_mlp) or last_linear(self.encoder)
+        return last_linear(self.shared_mlp) or self.encoder.output_parameters()
 
     def task_parameters(self) -> dict[str, list[tuple[nn.Parameter, int | None]]]:
         return self.towers.task_parameters()

@@ -21,6 +21,7 @@ from manytask.trainer.weightings import (
     build_weighting,
     min_norm_weights,
 )
+from manytask.trainer.weightings.base import reduce_losses
 
 
 @pytest.fixture(autouse=True)
@@ -76,12 +77,15 @@ def run_steps(
     weighting=None,
     model: Toy | None = None,
     start: int = 0,
+    zero_absent: bool = False,
 ) -> tuple[list[dict[str, float]], nn.Module, Toy]:
     """Train the toy for `steps` with one weighting; returns the weights of every step.
 
-    absent:  step -> tasks left out of this rank's losses (no labelled sample here).
-    present: step -> tasks present on some rank (the trainer's agreed flags); default all
-             tasks held here.
+    absent:      step -> tasks with no labelled sample on this rank: left out of the losses,
+                 or with `zero_absent` kept as an in-graph 0 (as models/losses.py does) and
+                 flagged by `ctx.local_counts`.
+    present:     step -> tasks present on some rank (the trainer's agreed flags); default all
+                 tasks held here.
     """
     torch.manual_seed(0)  # same initial model on every rank
     model = model or Toy()
@@ -90,10 +94,15 @@ def run_steps(
     history = []
     for step in range(start, start + steps):
         z, losses = toy_losses(model, gen)
-        for t in (absent or {}).get(step, ()):
-            del losses[t]
-        here = (present or {}).get(step, set(losses))
+        gone = (absent or {}).get(step, set())
+        for t in gone:
+            if zero_absent:
+                losses[t] = 0 * losses[t]
+            else:
+                del losses[t]
+        here = (present or {}).get(step, set(TASKS) - gone)
         ctx = WeightingContext(
+            local_counts={t: 0 if t in gone else 32 for t in TASKS} if zero_absent else None,
             step=step,
             shared=z,
             shared_params=list(model.trunk.parameters()),
@@ -144,8 +153,7 @@ def state_is_finite(weighting: nn.Module) -> bool:
 
 @pytest.mark.parametrize("method", list(WEIGHTINGS))
 def test_weights_are_finite_and_sum_as_documented(method: str) -> None:
-    # Step 3: c has no labelled sample anywhere. Step 5: c is missing from the losses dict
-    # and the trainer did not pass a present flag for it either.
+    # Steps 3 and 5: c has no labelled sample (on this, the only, rank).
     params = {"window": 2} if method == "dwa" else {}
     history, weighting, _ = run_steps(
         method, 8, params, absent={3: {"c"}, 5: {"c"}}, present={3: {"a", "b"}}
@@ -174,6 +182,20 @@ def test_non_finite_loss_does_not_corrupt_state(method: str) -> None:
     assert not torch.isfinite(total)  # the trainer sees it and skips the step
     after = dict(weighting.state_dict())
     assert str(after) == str(before) and state_is_finite(weighting)
+
+
+def test_losses_are_averaged_over_the_labelled_samples_of_all_ranks() -> None:
+    # Two simulated ranks: rank 1 holds 3 samples of "a" (mean loss 4), rank 0 holds 1 (mean
+    # loss 2) and passes "b" as the in-graph 0 of a task it has no sample of.
+    rank1 = {"a": torch.tensor(4.0), "b": torch.tensor(1.0), "c": torch.tensor(0.5)}
+    captured = []
+    ctx1 = WeightingContext(all_reduce_mean=lambda x: captured.append(x) or x, local_counts={"a": 3, "b": 2, "c": 1})
+    reduce_losses(list(TASKS), rank1, ctx1, torch.device("cpu"))
+    rank0 = {"a": torch.tensor(2.0), "b": torch.tensor(0.0), "c": torch.tensor(0.7)}
+    ctx0 = WeightingContext(all_reduce_mean=lambda x: (x + captured[0]) / 2, local_counts={"a": 1, "b": 0, "c": 1})
+    red = reduce_losses(list(TASKS), rank0, ctx0, torch.device("cpu"))
+    assert red.loss == pytest.approx([(2 + 3 * 4) / 4, 1.0, 0.6])
+    assert red.present == [True, True, True]
 
 
 def test_absent_task_leaves_its_state_alone() -> None:
@@ -333,13 +355,14 @@ def _rank_weights(rank: int, world: int, store: str) -> None:
         return y / world
 
     try:
-        for method in WEIGHTINGS:
+        for method, zero_absent in itertools.product(WEIGHTINGS, (False, True)):
             params = {"window": 2} if method == "dwa" else {}
             # Step 2: c only on rank 0. Step 4: c nowhere. Everything else on both ranks.
             absent = {2: {"c"} if rank == 1 else set(), 4: {"c"}}
             present = {2: set(TASKS), 4: {"a", "b"}}
             history, weighting, _ = run_steps(
-                method, 7, params, seed=rank, all_reduce_mean=all_reduce_mean, absent=absent, present=present
+                method, 7, params, seed=rank, all_reduce_mean=all_reduce_mean, absent=absent,
+                present=present, zero_absent=zero_absent,
             )
             mine = torch.tensor([[h[t] for t in TASKS] for h in history], dtype=torch.float64)
             everyone = [torch.empty_like(mine) for _ in range(world)]

@@ -135,17 +135,15 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- find / load
     def candidates(self) -> list[Path]:
-        """Complete-looking checkpoints, newest first (the `latest` pointer's target first)."""
+        """Checkpoint directories, newest first.
+
+        A complete directory newer than `latest` means the job died between the rename and
+        the pointer update: it is valid (COMPLETE is written before the rename), so the newest
+        valid directory wins and `latest` is a convenience for people and tools.
+        """
         if not self.root.is_dir():
             return []
-        found = sorted((p for p in self.root.glob("step_*") if p.is_dir()), reverse=True)
-        pointer = self.root / LATEST
-        if pointer.exists():
-            named = self.root / pointer.read_text().strip()
-            if named in found:
-                found.remove(named)
-                found.insert(0, named)
-        return found
+        return sorted((p for p in self.root.glob("step_*") if p.is_dir()), reverse=True)
 
     def resolve(self, resume: str) -> Path | None:
         """Which checkpoint to load, decided on rank 0 and agreed by all ranks.

@@ -63,13 +63,28 @@ def init_distributed(backend: str = "auto", deepspeed: bool = False) -> DistInfo
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=int(os.environ.get("MANYTASK_DIST_TIMEOUT", 1800)))
+        dist.init_process_group(backend=backend, timeout=timeout, store=_restart_safe_store(world, timeout),
+                                 rank=rank, world_size=world)
         if deepspeed:
             import deepspeed as ds
 
-            ds.init_distributed(dist_backend=backend, timeout=timeout)
-        else:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            ds.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group above
     return DistInfo(rank, world, local_rank, device, backend)
+
+
+def _restart_safe_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The rendezvous store, with a key prefix per torchrun restart round.
+
+    After `--max-restarts` restarts the workers, the agent's store still holds the previous
+    round's process-group keys; without a fresh prefix a new rank can read a dead rank's
+    address and fail to connect.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=False, timeout=timeout)
+    round_id = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"manytask/round_{round_id}", base)
 
 
 def shutdown() -> None:

@@ -196,9 +196,13 @@ class DeepSpeedEngine:
         for param, idx in _task_slices(self.module, absent_tasks):
             full = safe_get_full_fp32_param(param)
             if full is not None:
-                saved.append((param, full.clone()))
+                saved.append((param, idx, (full if idx is None else full[idx]).clone()))
         self.model.step()
-        for param, value in saved:
+        for param, idx, value in saved:
+            if idx is not None:  # a batched tower: only this task's slice goes back
+                full = safe_get_full_fp32_param(param).clone()
+                full[idx] = value
+                value = full
             safe_set_full_fp32_param(param, value)
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

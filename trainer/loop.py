@@ -25,7 +25,12 @@ from manytask.trainer.checkpoint import Checkpointer, check_compatible
 from manytask.trainer.engines import autocast, build_engine
 from manytask.trainer.evaluate import evaluate
 from manytask.trainer.logger import MetricsLogger
-from manytask.trainer.monitor import GateHealth, TaskAffinity, gate_means_from_metrics
+from manytask.trainer.monitor import (
+    GateHealth,
+    TaskAffinity,
+    gate_means_from_metrics,
+    log_affinity_heatmap,
+)
 from manytask.trainer.preemption import PreemptionFlag
 from manytask.trainer.progress import Progress
 from manytask.trainer.run_dir import RunDir
@@ -108,6 +113,7 @@ def train_step(job: Job, step: int) -> StepResult:
                 shared_params=list(job.engine.module.last_shared_parameters()),
                 all_reduce_mean=D.all_reduce_mean,
                 present={t: bool(count[i] > 0) for i, t in enumerate(tasks)},
+                local_counts={t: int(n[i]) for i, t in enumerate(tasks)},
             )
             total, weights = job.weighting.combine(losses, ctx)
             total = total + sum(out.aux_losses.values(), torch.zeros((), device=total.device))
@@ -284,6 +290,7 @@ def train(cfg: Config) -> dict[str, float]:
                 job.logger.log(job.step, metrics)
             if job.cfg.logging.heatmap_every and job.step % job.cfg.logging.heatmap_every == 0:
                 log_gate_heatmap(job, metrics)
+            log_affinity_heatmap(job, metrics)  # only at affinity measurement steps
             if result.stop_requested:
                 job.run.say(f"preemption signal: stopping at step {job.step}")
                 save(job)

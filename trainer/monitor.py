@@ -1,77 +1,149 @@
 """Negative-transfer monitoring during training: task affinity and gate health.
 
 Task affinity is the pairwise cosine similarity of per-task gradients on the shared
-parameters. It is measured on a fixed validation batch (so the training stream is untouched),
-in eval mode with the RNG state put back (so dropout draws are untouched), with gradients
-averaged over ranks (so every rank computes the same matrix).
+parameters (as in PCGrad / GradVac). It is measured on a fixed validation batch (so the
+training stream is untouched), in eval mode with every RNG put back (so dropout draws and
+anything seeded later are untouched), with `autograd.grad` (so no `.grad` buffer, DDP hook
+or optimizer state is touched), and with gradients summed over ranks (so every rank
+computes the same matrix and the same warnings). A run with affinity on trains bit-for-bit
+like one without.
+
+Read it with care: with a free head per task, heads can absorb a sign, so two tasks whose
+targets are anti-correlated need not conflict on the shared layers; a persistently
+negative cosine means the tasks pull the *shared* layers apart.
+
+Gate health turns the logged mean gate weights (`gates/<gate>/expert_<i>`) into two
+warnings: a collapsed gate (one expert takes nearly all the weight) and dead experts (no gate
+uses them).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from manytask.config import MonitorConfig
+from manytask.data_pipeline.batch import Batch
 from manytask.models.losses import task_losses
 from manytask.trainer import distributed as D
 
+Say = Callable[[str], None]
 
-def cosine_matrix(grads: list[torch.Tensor]) -> torch.Tensor:
-    """[T, T] cosine similarity of flattened per-task gradients (0 where a gradient is 0)."""
+
+# --------------------------------------------------------------------------- task affinity
+def cosine_matrix(grads: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """[T, T] cosine similarity of per-task gradients (`[T, P]` or T tensors, any shape).
+
+    Computed in float64; a row or column of a task whose gradient is all zero (no labelled
+    sample in the measured batch) is NaN: "unknown", not "unrelated".
+    """
     g = torch.stack([x.reshape(-1).double() for x in grads])
-    norms = g.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    unit = g / norms
-    return unit @ unit.T
+    norms = g.norm(dim=1, keepdim=True)
+    unit = g / norms.clamp_min(1e-300)
+    matrix = unit @ unit.T
+    missing = (norms.reshape(-1) == 0).nonzero().reshape(-1)
+    matrix[missing, :] = math.nan
+    matrix[:, missing] = math.nan
+    return matrix
 
 
-def task_gradients(model: torch.nn.Module, batch: Any, specs: dict, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """One gradient per task of its masked loss w.r.t. `params`, averaged over ranks."""
-    out = model(batch.inputs, batch.source_id)
-    losses = task_losses(out.outputs, batch.labels, batch.masks, specs)
-    grads = []
-    for task in specs:
-        g = torch.autograd.grad(losses[task], params, retain_graph=True, allow_unused=True)
-        flat = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params)])
-        grads.append(D.all_reduce_mean(flat))
-    return grads
+def task_gradients(
+    model: torch.nn.Module,
+    batches: Batch | Iterable[Batch],
+    specs: dict,
+    params: list[torch.nn.Parameter],
+) -> torch.Tensor:
+    """Per-task gradients of the summed masked loss w.r.t. `params`: `[T, P]` (float32).
+
+    Row t is Σ over batches and ranks of (labelled samples of t) × ∇ mean loss of t, i.e. the
+    gradient of task t's total loss over every rank's batches; a rank without batches or a
+    task without labels contributes zeros. One all-reduce for all tasks, so every rank must
+    call this (the same number of times). Uses `autograd.grad`: `.grad` stays untouched.
+    """
+    if isinstance(batches, Batch):
+        batches = [batches]
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros(len(specs), sum(p.numel() for p in params), device=device)
+    for batch in batches:
+        out = model(batch.inputs, batch.source_id)
+        losses = task_losses(out.outputs, batch.labels, batch.masks, specs)
+        for i, task in enumerate(specs):
+            n = int(batch.masks[task].sum())
+            if n == 0 or not params:
+                continue
+            g = torch.autograd.grad(losses[task], params, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params)])
+            total[i] += n * flat.float()
+    return D.all_reduce_sum(total)
+
+
+def affinity_matrix(metrics: dict[str, float], tasks: list[str]) -> np.ndarray:
+    """`[T, T]` matrix from `affinity/<a>/<b>` metric keys (diagonal 1, missing pairs NaN)."""
+    matrix = np.full((len(tasks), len(tasks)), np.nan)
+    np.fill_diagonal(matrix, 1.0)
+    for i, j in itertools.combinations(range(len(tasks)), 2):
+        value = metrics.get(f"affinity/{tasks[i]}/{tasks[j]}")
+        if value is not None:
+            matrix[i, j] = matrix[j, i] = value
+    return matrix
 
 
 class TaskAffinity:
+    """Every `monitor.affinity_every` steps: `affinity/<a>/<b>` gradient cosines for every task
+    pair, `affinity/conflicting_pairs`, and a warning when a pair has stayed negative for
+    `monitor.affinity_window` measurements in a row. State: the negative streak per pair."""
+
     def __init__(self, cfg: MonitorConfig, tasks: list[str]):
         self.cfg, self.tasks = cfg, tasks
         self.negative_run: dict[str, int] = {}
-        self._batch = None
+        self._batches: list[Batch] | None = None
+        self._off = False  # no validation split to measure on
 
     def maybe_measure(self, job: Any, step: int) -> dict[str, float]:
+        """Measure when `step` is a multiple of `affinity_every` (decided from the step alone,
+        so all ranks agree without a collective); {} otherwise."""
         every = self.cfg.affinity_every
         if not every or step % every or len(self.tasks) < 2:
             return {}
         return self.measure(job, step)
 
-    def measure(self, job: Any, step: int) -> dict[str, float]:
-        from manytask.data_pipeline.loader import val_batches
+    def fixed_batches(self, job: Any) -> list[Batch]:
+        """The first validation batch of every source (this rank's share), read once."""
+        if self._batches is None:
+            from manytask.data_pipeline.loader import val_batches
 
-        if self._batch is None:
-            batches = val_batches(job.cfg, job.info.rank, job.info.world_size, job.cfg.data.batch_size)
-            self._batch = next(iter(batches)).to(job.info.device)
-        model = job.engine.module
+            cfg, info = job.cfg, job.info
+            batches = val_batches(cfg, info.rank, info.world_size, cfg.data.batch_size, max_batches=1)
+            self._batches = [b.to(info.device) for b in batches]
+        return self._batches
+
+    def measure(self, job: Any, step: int) -> dict[str, float]:
+        if not any(src.val for src in job.cfg.data.sources):
+            # The same config on every rank, so all ranks turn it off together.
+            if not self._off:
+                job.run.say("monitor.affinity_every is set but no source has a `val` split: task affinity is off")
+            self._off = True
+            return {}
+        model = job.engine.module  # the bare model: no DDP / DeepSpeed hooks run
         params = [p for p in model.shared_parameters() if p.requires_grad]
-        rng = torch.get_rng_state()
+        rng = D.rng_state()
         was_training = model.training
         model.eval()
         try:
-            grads = task_gradients(model, self._batch, job.specs, params)
+            grads = task_gradients(model, self.fixed_batches(job), job.specs, params)
         finally:
             model.train(was_training)
-            torch.set_rng_state(rng)
-            model.zero_grad(set_to_none=True)
-        matrix = cosine_matrix(grads)
-        return self.record(matrix, step, job.run.say)
+            D.load_rng_state(rng)
+        return self.record(cosine_matrix(grads), step, job.run.say)
 
-    def record(self, matrix: torch.Tensor, step: int, say=print) -> dict[str, float]:
-        """Affinity scalars for one measurement; warns when a pair stays negative for a window."""
+    def record(self, matrix: torch.Tensor, step: int, say: Say = print) -> dict[str, float]:
+        """Affinity scalars of one measurement `[T, T]`; warns once when a pair's negative
+        streak reaches the window (a NaN pair, i.e. a task without labels, keeps its streak)."""
         metrics: dict[str, float] = {}
         conflicts = 0
         for i, j in itertools.combinations(range(len(self.tasks)), 2):
@@ -79,14 +151,16 @@ class TaskAffinity:
             value = float(matrix[i, j])
             metrics[f"affinity/{a}/{b}"] = value
             key = f"{a}/{b}"
-            self.negative_run[key] = self.negative_run.get(key, 0) + 1 if value < 0 else 0
-            if self.negative_run[key] >= self.cfg.affinity_window:
+            if not math.isnan(value):
+                self.negative_run[key] = self.negative_run.get(key, 0) + 1 if value < 0 else 0
+            streak = self.negative_run.get(key, 0)
+            if streak >= self.cfg.affinity_window:
                 conflicts += 1
-                if self.negative_run[key] == self.cfg.affinity_window:
+                if streak == self.cfg.affinity_window:
                     say(
                         f"step {step}: tasks '{a}' and '{b}' have had conflicting gradients "
-                        f"(cosine < 0) for {self.cfg.affinity_window} measurements in a row: "
-                        f"possible negative transfer"
+                        f"(cosine < 0, now {value:.2f}) for {streak} measurements in a row: "
+                        f"possible negative transfer (compare with `manytask compare`)"
                     )
         metrics["affinity/conflicting_pairs"] = float(conflicts)
         return metrics
@@ -98,6 +172,18 @@ class TaskAffinity:
         self.negative_run = dict(state["negative_run"])
 
 
+def log_affinity_heatmap(job: Any, metrics: dict[str, float]) -> None:
+    """The task × task heatmap image (`affinity/heatmap`) on rank 0, at measurement steps."""
+    if not job.info.is_rank0 or not any(k.startswith("affinity/") and k.count("/") == 2 for k in metrics):
+        return
+    from manytask.trainer.plots import affinity_heatmap
+
+    fig = affinity_heatmap(affinity_matrix(metrics, job.tasks), job.tasks)
+    fig.axes[0].set_title(f"task affinity (gradient cosine), step {job.step}")
+    job.logger.log_image(job.step, "affinity/heatmap", fig)
+
+
+# --------------------------------------------------------------------------- gate health
 def gate_means_from_metrics(metrics: dict[str, float]) -> dict[str, list[float]]:
     """{gate: [E]} from flat `gates/<gate>/expert_<i>` metric keys."""
     means: dict[str, dict[int, float]] = {}
@@ -108,47 +194,64 @@ def gate_means_from_metrics(metrics: dict[str, float]) -> dict[str, list[float]]
     return {g: [v[i] for i in sorted(v)] for g, v in means.items()}
 
 
-def gate_health(gates: dict[str, list[float]], cfg: MonitorConfig) -> tuple[bool, list[int]]:
-    """(collapsed, dead experts) for gate means {gate: [E]}.
+def gate_health(gates: dict[str, list[float]], cfg: MonitorConfig) -> tuple[list[str], list[str]]:
+    """(collapsed gates, dead experts) for batch-mean gate weights {gate: [E]}.
 
-    Collapsed: in every gate a single expert takes more than `collapse_threshold`.
-    Dead: an expert index whose weight is below `dead_threshold` in every gate (gates of the
-    widest width only, since e.g. PLE's task-specific gates see a different expert set).
+    Collapsed: a gate (of at least 2 experts) giving one expert more than
+    `collapse_threshold` of its weight, i.e. routing nearly every sample to that expert.
+    Dead: expert index e below `dead_threshold` in every gate that sees it. Gates are grouped
+    by their key's level suffix (`<task>/level<l>` for PLE, none for MMoE), since gates of
+    different levels choose among different experts; dead experts are named `expert_<e>` or
+    `level<l>/expert_<e>`.
     """
-    if not gates:
-        return False, []
-    collapsed = all(max(w) > cfg.collapse_threshold for w in gates.values())
-    width = max(len(w) for w in gates.values())
-    wide = [w for w in gates.values() if len(w) == width]
-    dead = [e for e in range(width) if all(w[e] < cfg.dead_threshold for w in wide)]
+    collapsed = [g for g, w in gates.items() if len(w) >= 2 and max(w) > cfg.collapse_threshold]
+    groups: dict[str, list[list[float]]] = {}
+    for gate, weights in gates.items():
+        level = gate.split("/", 1)[1] + "/" if "/" in gate else ""
+        groups.setdefault(level, []).append(weights)
+    dead = []
+    for level, members in groups.items():
+        width = max(len(w) for w in members)
+        for e in range(width):
+            seen = [w[e] for w in members if e < len(w)]
+            if all(v < cfg.dead_threshold for v in seen):
+                dead.append(f"{level}expert_{e}")
     return collapsed, dead
 
 
 class GateHealth:
+    """Checks the logged gate means at every log step: `gates/collapsed` (number of collapsed
+    gates) and `gates/dead_experts` (number of dead experts), warning when either set grows."""
+
     def __init__(self, cfg: MonitorConfig):
         self.cfg = cfg
-        self.was_collapsed = False
-        self.dead: list[int] = []
+        self.collapsed: list[str] = []
+        self.dead: list[str] = []
 
     def check(self, job: Any, gate_metrics: dict[str, float]) -> dict[str, float]:
         gates = gate_means_from_metrics(gate_metrics)
         if not gates:
             return {}
         collapsed, dead = gate_health(gates, self.cfg)
-        if collapsed and not self.was_collapsed:
+        new_collapsed = [g for g in collapsed if g not in self.collapsed]
+        if new_collapsed:
             job.run.say(
-                f"step {job.step}: gate collapse — one expert takes > {self.cfg.collapse_threshold:.0%} "
-                f"of the weight in every gate"
+                f"step {job.step}: gate collapse in {', '.join(new_collapsed)}: one expert takes "
+                f"> {self.cfg.collapse_threshold:.0%} of the gate's weight (monitor.collapse_threshold)"
             )
-        if dead and dead != self.dead:
+        new_dead = [e for e in dead if e not in self.dead]
+        if new_dead:
             job.run.say(
-                f"step {job.step}: dead experts {dead} (weight < {self.cfg.dead_threshold} in every gate)"
+                f"step {job.step}: dead experts {', '.join(new_dead)}: weight < "
+                f"{self.cfg.dead_threshold} in every gate (monitor.dead_threshold)"
             )
-        self.was_collapsed, self.dead = collapsed, dead
-        return {"gates/collapsed": float(collapsed), "gates/dead_experts": float(len(dead))}
+        self.collapsed, self.dead = collapsed, dead
+        return {"gates/collapsed": float(len(collapsed)), "gates/dead_experts": float(len(dead))}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"was_collapsed": self.was_collapsed, "dead": list(self.dead)}
+        return {"collapsed": list(self.collapsed), "dead": list(self.dead)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.was_collapsed, self.dead = bool(state["was_collapsed"]), list(state["dead"])
+        # Checkpoints written before the per-gate lists kept only a flag and expert indices.
+        self.collapsed = [str(g) for g in state.get("collapsed", [])]
+        self.dead = [str(e) if isinstance(e, str) else f"expert_{e}" for e in state.get("dead", [])]

@@ -65,10 +65,11 @@ class UncertaintyWeighting(Weighting):
         red = reduce_losses(self.task_names, losses, ctx, device)
         s = self.log_vars.to(device)
         w = torch.tensor(self.loss_scale, device=device) * torch.exp(-s)
-        weights = {t: float(w[i]) if red.present[i] else 0.0 for i, t in enumerate(self.task_names)}
+        values = w.detach().tolist()
+        weights = {t: values[i] if red.present[i] else 0.0 for i, t in enumerate(self.task_names)}
         total = weighted_sum(losses, weights, device)  # the model's part: w_i held constant
         for i in range(len(self.task_names)):
-            if red.present[i]:  # an absent task adds no term: s_i gets no gradient, nothing drifts
+            if red.present[i]:  # an absent task adds no term: its s_i gets a zero gradient
                 # (w_i - w_i.detach()) * L̄_i has value 0 and gives d/ds_i from the all-reduced
                 # loss L̄_i, the same on every rank.
                 total = total + (w[i] - w[i].detach()) * red.loss[i] + self.reg_scale * s[i]

@@ -1,0 +1,112 @@
+"""Stream throughput vs a plain reader of the same shards, per layout and worker count.
+
+    .venv/bin/python -m bench.bench_streams [--samples-chunk N] [--samples-sample N]
+
+Writes a temporary dataset in both layouts (x float32 [32], y float32, label int64), then
+measures samples/s of
+- `plain`: tarfile stream mode + `np.frombuffer` over every member (the `.npy` header parsed
+  once per distinct header, `.cls` with `int()`), no grouping, shuffling or batching — the
+  floor any reader of these bytes pays;
+- `stream`: `SourceLoader` over a `ShardStream` (shuffle_buffer 8192, blocks of 1024,
+  `take(256)`), with 0 and 2 DataLoader workers, worker start-up excluded.
+and prints the ratio stream / plain of the same layout (goal: >= 0.7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from manytask.data_pipeline.loader import SourceLoader
+from manytask.data_pipeline.manifest import Manifest
+from manytask.data_pipeline.shard_reader import NpyDecoder, split_member_name
+from manytask.data_pipeline.shard_writer import write_shards
+from manytask.data_pipeline.stream import ShardStream
+
+
+def make_data(root: Path, n: int, layout: str, shards: int) -> Manifest:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x": rng.standard_normal((n, 32)).astype(np.float32),
+        "y": rng.standard_normal(n).astype(np.float32),
+        "label": rng.integers(0, 10, n),
+    }
+    return write_shards(root / layout, arrays, samples_per_shard=-(-n // shards), chunk_size=1024, layout=layout)
+
+
+def plain_reader(m: Manifest) -> int:
+    """Samples read by the plain reader (one pass over every shard)."""
+    npy = NpyDecoder()
+    samples = 0
+    for i in range(len(m.shards)):
+        with tarfile.open(m.shard_url(i), mode="r|") as tar:
+            for info in tar:
+                buf = tar.extractfile(info).read()
+                suffix = split_member_name(info.name)[1]
+                if suffix.endswith(".npy"):
+                    arr = npy(buf)
+                    if suffix == "x.npy":
+                        samples += arr.shape[0] if m.layout == "chunk" else 1
+                else:
+                    int(buf)
+    return samples
+
+
+def stream_reader(m: Manifest, workers: int, total: int, batch: int = 256) -> tuple[int, float]:
+    """(samples, seconds) for `total` samples through SourceLoader, start-up excluded."""
+    stream = ShardStream(m, shuffle_buffer=8192, splits_per_rank=workers, block_size=1024, name="bench")
+    loader = SourceLoader(stream, num_workers=workers)
+    loader.take(batch)  # starts the workers
+    t0 = time.perf_counter()
+    got = 0
+    while got < total:
+        got += len(loader.take(batch)["x"])
+    seconds = time.perf_counter() - t0
+    loader.close()
+    return got, seconds
+
+
+def measure(fn, repeats: int) -> float:
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = fn()
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples-chunk", type=int, default=400_000)
+    ap.add_argument("--samples-sample", type=int, default=6_000)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout, n in (("chunk", args.samples_chunk), ("sample", args.samples_sample)):
+            t0 = time.perf_counter()
+            m = make_data(Path(tmp), n, layout, shards=8)
+            write_s = time.perf_counter() - t0
+            plain = measure(lambda m=m: plain_reader(m), args.repeats)
+            rows.append((layout, "plain reader", 0, plain, 1.0, write_s))
+            for workers in (0, 2):
+                total = n - 256
+                rate = max(
+                    (lambda r: r[0] / r[1])(stream_reader(m, workers, total)) for _ in range(args.repeats)
+                )
+                rows.append((layout, "ShardStream", workers, rate, rate / plain, None))
+    print(f"{'layout':<8} {'reader':<13} {'workers':>7} {'samples/s':>12} {'vs plain':>9}")
+    for layout, reader, workers, rate, ratio, _ in rows:
+        print(f"{layout:<8} {reader:<13} {workers:>7} {rate:>12,.0f} {ratio:>8.2f}x")
+    print("(write time: " + ", ".join(f"{r[0]} {r[5]:.1f}s" for r in rows if r[5] is not None) + ")")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Checkpoints are atomic and safe: a crash mid-save never breaks `latest`, a corrupt checkpoint
+is skipped with a warning, a mismatched one is refused by name, a failed save keeps the last."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from manytask.trainer.checkpoint import (
+    COMMON,
+    LATEST,
+    Checkpointer,
+    CheckpointError,
+    check_compatible,
+)
+from manytask.trainer.distributed import DistInfo
+
+
+def common(step: int) -> dict:
+    return {"step": step, "tasks": ["a", "b"], "engine": {"model": {"w": torch.full((2, 3), float(step))}}}
+
+
+def save(ck: Checkpointer, step: int):
+    return ck.save(step, common(step), {"stream": {"pos": step}, "rng": torch.get_rng_state()})
+
+
+def test_save_load_round_trip_and_keep_last(tmp_path):
+    ck = Checkpointer(tmp_path, DistInfo(), keep_last=2)
+    for step in (10, 20, 30):
+        save(ck, step)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000020", "step_00000030"]
+    assert (tmp_path / LATEST).read_text().strip() == "step_00000030"
+    loaded = ck.load(ck.resolve("auto"))
+    assert loaded.common["step"] == 30 and loaded.rank_state["stream"] == {"pos": 30}
+    assert torch.equal(loaded.common["engine"]["model"]["w"], torch.full((2, 3), 30.0))
+
+
+def test_interrupted_save_is_invisible(tmp_path):
+    ck = Checkpointer(tmp_path, DistInfo())
+    save(ck, 10)
+    # A save killed half-way leaves a temporary directory and, at worst, a step dir without
+    # its COMPLETE marker: neither is ever chosen.
+    (tmp_path / ".tmp-step_00000020").mkdir()
+    (tmp_path / ".tmp-step_00000020" / COMMON).write_bytes(b"partial")
+    half = tmp_path / "step_00000030"
+    half.mkdir()
+    torch.save(common(30), half / COMMON)
+    with pytest.warns(UserWarning, match="step_00000030.*incomplete"):
+        assert ck.resolve("auto").name == "step_00000010"
+
+
+def test_corrupt_latest_is_skipped_with_warning(tmp_path):
+    ck = Checkpointer(tmp_path, DistInfo())
+    save(ck, 10)
+    save(ck, 20)
+    (tmp_path / "step_00000020" / COMMON).write_bytes(b"\x80garbage")
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000020: corrupt common.pt"):
+        assert ck.resolve("auto").name == "step_00000010"
+
+
+def test_explicit_bad_path_and_never(tmp_path):
+    ck = Checkpointer(tmp_path, DistInfo())
+    save(ck, 10)
+    assert ck.resolve("never") is None
+    with pytest.raises(CheckpointError, match="cannot resume from .*nope: no such directory"):
+        ck.resolve(str(tmp_path / "nope"))
+    assert ck.resolve(str(tmp_path / "step_00000010")).name == "step_00000010"
+
+
+def test_mismatched_checkpoint_is_refused_naming_what_differs(tmp_path):
+    state = {"w": torch.zeros(2, 3)}
+    check_compatible(common(1), ["a", "b"], state, tmp_path)  # matches: no error
+    with pytest.raises(CheckpointError, match=r"tasks \['a', 'b'\], the recipe has \['a', 'c'\]"):
+        check_compatible(common(1), ["a", "c"], state, tmp_path)
+    with pytest.raises(CheckpointError, match=r"'w' has shape \(2, 3\), the recipe's model has \(4, 3\)"):
+        check_compatible(common(1), ["a", "b"], {"w": torch.zeros(4, 3)}, tmp_path)
+    with pytest.raises(CheckpointError, match=r"missing \['v'\]"):
+        check_compatible(common(1), ["a", "b"], {"w": torch.zeros(2, 3), "v": torch.zeros(1)}, tmp_path)
+
+
+def test_failed_save_warns_and_keeps_previous(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path, DistInfo())
+    save(ck, 10)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.warns(UserWarning, match="step 20 NOT saved .*No space left on device.*still the latest"):
+        assert save(ck, 20) is None
+    monkeypatch.undo()
+    assert (tmp_path / LATEST).read_text().strip() == "step_00000010"
+    assert not list(tmp_path.glob(".tmp-*")) and not (tmp_path / "step_00000020").exists()
+    assert ck.load(ck.resolve("auto")).common["step"] == 10
+
+
+def test_everything_loads_with_weights_only(tmp_path):
+    ck = Checkpointer(tmp_path, DistInfo())
+    save(ck, 5)
+    for f in (tmp_path / "step_00000005").glob("*.pt"):
+        torch.load(f, weights_only=True)
