@@ -16,9 +16,11 @@ label holds NaN (any element) and when an integer label is negative; labels are 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -180,6 +182,18 @@ def _identity(x: Any) -> Any:
     return x
 
 
+# Loaders still open at interpreter exit are closed first: multiprocessing's exit hook joins
+# every child, and a worker that ignores SIGTERM would otherwise hang a crashed trainer there.
+# (atexit runs hooks last-registered first; multiprocessing registered its hook on import.)
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN):
+        loader.close()
+
+
 class _BlockDataset(IterableDataset):
     """The blocks of one ShardStream; DataLoader worker k runs split (k + rotation) % splits."""
 
@@ -237,9 +251,10 @@ class SourceLoader:
         self._head: Block | None = None
         self._used = 0
         self._iter: Iterator[Block] | None = None
+        _OPEN.add(self)
 
     def _start(self) -> None:
-        ds = _BlockDataset(self.stream, list(self._positions), self._drop, 0)
+        ds = _BlockDataset(self.stream, list(self._positions), self._drop, self._next)
         if self.num_workers == 0:
             # In-process, a DataLoader would only add its per-item profiler hooks.
             self._iter = iter(ds)
@@ -345,7 +360,12 @@ class SourceLoader:
         it, self._iter = self._iter, None
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
+            workers = list(getattr(it, "_workers", []))
             shutdown()
+            for w in workers:  # they ignore SIGTERM (see _worker_init), so DataLoader's
+                if w.is_alive():  # terminate() fallback cannot stop a stuck one
+                    w.kill()
+                    w.join(timeout=5)
 
 
 # ---------------------------------------------------------------- batches

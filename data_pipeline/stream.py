@@ -177,8 +177,9 @@ class ShardStream:
         """Infinite blocks of split `worker` from position `start`.
 
         drop: samples at the start of the first block that were already consumed (they are
-        left out of it and reported as its `offset`). Blocks are dicts of fresh contiguous
-        numpy arrays [n, ...] (safe to hand to another process).
+        left out of it and reported as its `offset`; a drop longer than that block, possible
+        only after a block-size change, continues into the next). Block data are fresh
+        contiguous numpy arrays [n, ...] (safe to hand to another process).
         """
         epoch, index, skipped = start
         while True:

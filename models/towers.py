@@ -46,6 +46,8 @@ class Towers(nn.Module):
         if x.dim() == 2:
             return x
         idx = self.group_tasks[g]
+        if len(idx) == x.shape[0]:  # one group holds every task, in order
+            return x
         if idx == list(range(idx[0], idx[0] + len(idx))):  # a contiguous run: a view
             return x[idx[0] : idx[0] + len(idx)]
         return x.index_select(0, getattr(self, f"_index{g}"))
@@ -54,8 +56,9 @@ class Towers(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for g, group in enumerate(self.groups):
             y = group(self._group_input(x, g))  # [n, B, out]
-            for i, t in enumerate(self.group_tasks[g]):
-                out[self.task_names[t]] = y[i]
+            # unbind: one backward op for the whole group, not a zero-filled [n, B, out] per task
+            for t, y_t in zip(self.group_tasks[g], y.unbind(0)):
+                out[self.task_names[t]] = y_t
         return {name: out[name] for name in self.task_names}
 
     def task_parameters(self) -> dict[str, list[tuple[nn.Parameter, int | None]]]:

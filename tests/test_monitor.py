@@ -34,6 +34,10 @@ def train_pair(tmp: Path, data: Path, affinity_every: int) -> Path:
         trainer={"max_steps": STEPS, "eval_every": STEPS, "log_every": 1},
         monitor={"affinity_every": affinity_every, "affinity_window": 3},
         logging={"wandb": False, "heatmap_every": 10, "progress": False},
+        # gate_dropout: training draws random numbers, so a measurement that touched the RNG
+        # would show in the losses.
+        model={"name": "mmoe", "params": {"num_experts": 4, "expert_hidden": [64], "tower_hidden": [32],
+                                         "gate_dropout": 0.1}},
     )
     train(load_config(recipe))
     return tmp / "run"
@@ -41,8 +45,8 @@ def train_pair(tmp: Path, data: Path, affinity_every: int) -> Path:
 
 @pytest.fixture(scope="module")
 def pair_runs(tmp_path_factory) -> dict[str, Path]:
-    """The demo recipe (MMoE, 3 tasks) on the pair at correlation +1 (with and without the
-    affinity monitor) and −1."""
+    """The demo recipe (3 tasks, an MMoE with one-layer experts) on the pair at correlation +1
+    (with and without the affinity monitor) and −1."""
     root = tmp_path_factory.mktemp("pair")
     runs = {}
     for name, corr, every in [("pos", 1.0, 3), ("pos_off", 1.0, 0), ("neg", -1.0, 3)]:
@@ -54,17 +58,19 @@ def pair_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
-def affinities(run: Path) -> list[float]:
-    return [row[PAIR] for row in read_metrics(run) if PAIR in row]
+def affinities(run: Path, after: int = 0) -> list[float]:
+    """The logged regress_a/regress_b gradient cosines at steps > `after`."""
+    return [row[PAIR] for row in read_metrics(run) if PAIR in row and row["step"] > after]
 
 
 def test_affinity_sees_correlated_and_anticorrelated_tasks(pair_runs):
-    pos, neg = affinities(pair_runs["pos"]), affinities(pair_runs["neg"])
-    assert len(pos) == len(neg) == STEPS // 3
-    # Measured: +0.2..+0.6 at correlation +1, −0.1..−0.3 at −1 (seeds 0-2, 30-60 steps).
-    # The −1 side is weaker because each task's head can absorb a sign (see monitor.py).
+    assert len(affinities(pair_runs["pos"])) == len(affinities(pair_runs["neg"])) == STEPS // 3
+    # Once heads and experts have trained 15 steps. Measured over seeds 0-2 and 30-60 steps:
+    # +0.2..+0.6 at correlation +1, −0.1..−0.3 at −1; the −1 side is weaker because each
+    # task's head can absorb a sign (see monitor.py).
+    pos, neg = affinities(pair_runs["pos"], after=15), affinities(pair_runs["neg"], after=15)
     assert statistics.mean(pos) > 0.15 and min(pos) > 0
-    assert statistics.mean(neg) < -0.05
+    assert statistics.mean(neg) < -0.1 and max(neg) < 0
     log = (pair_runs["neg"] / "train.log").read_text()
     assert "tasks 'regress_a' and 'regress_b' have had conflicting gradients" in log
     assert "'regress_a' and 'regress_b'" not in (pair_runs["pos"] / "train.log").read_text()

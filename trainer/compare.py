@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from manytask.config import Config, ModelConfig, config_from_dict, dump_config
 from manytask.models import conditioned, mmoe, multi_head, ple, soft_sharing, timeseries
 from manytask.schema import load_dataclass
@@ -124,7 +126,13 @@ def single_task_config(cfg: Config, task: str, run_dir: Path) -> Config:
     data["data"]["sources"] = sources
     kept = {s["name"] for s in sources}
     data["sampler"]["weights"] = {k: v for k, v in data["sampler"]["weights"].items() if k in kept}
-    data["model"] = {"name": "single_task", "params": single_task_params(cfg.model)}
+    params = single_task_params(cfg.model)
+    encoder = params.get("encoder")
+    if isinstance(encoder, dict) and encoder.get("fields"):
+        # Fields only the dropped sources provide are no longer inputs.
+        inputs = {f for s in sources for f in s["inputs"]}
+        params["encoder"] = {**encoder, "fields": [f for f in encoder["fields"] if f in inputs]}
+    data["model"] = {"name": "single_task", "params": params}
     data["weighting"] = {"name": "equal", "params": {}}
     data["monitor"]["affinity_every"] = 0
     data["logging"]["tags"] = [*cfg.logging.tags, "compare", "single_task"]
@@ -132,11 +140,21 @@ def single_task_config(cfg: Config, task: str, run_dir: Path) -> Config:
 
 
 # --------------------------------------------------------------------------- running
+def same_config(cfg: Config) -> bool:
+    """Whether `cfg.run.dir` holds a run of this config (`logging` aside: it does not change
+    results, so turning W&B off does not invalidate a finished run)."""
+    saved = Path(cfg.run.dir) / "config.yaml"
+    if not saved.exists():
+        return False
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = yaml.safe_load(dump_config(cfg))
+    return {k: v for k, v in old.items() if k != "logging"} == {k: v for k, v in new.items() if k != "logging"}
+
+
 def finished_metrics(cfg: Config) -> dict[str, float] | None:
-    """The final `val/...` metrics of a run that finished with exactly this config, else None."""
+    """The final `val/...` metrics of a run that finished with this config, else None."""
     run_dir = Path(cfg.run.dir)
-    saved = run_dir / "config.yaml"
-    if not saved.exists() or saved.read_text() != dump_config(cfg) or not (run_dir / "metrics.jsonl").exists():
+    if not same_config(cfg) or not (run_dir / "metrics.jsonl").exists():
         return None
     rows = read_metrics(run_dir)
     last = rows[-1] if rows else {}
@@ -157,8 +175,7 @@ def run_or_reuse(cfg: Config, reuse: bool, say: Say = print) -> dict[str, float]
     if reuse and (done := finished_metrics(cfg)) is not None:
         say(f"compare: reusing finished run {run_dir}")
         return done
-    config_changed = (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() != dump_config(cfg)
-    if run_dir.exists() and (not reuse or config_changed):
+    if run_dir.exists() and (not reuse or not same_config(cfg)):
         shutil.rmtree(run_dir)  # a stale checkpoint must not be resumed into this run
     say(f"compare: training {run_dir}")
     train(cfg)

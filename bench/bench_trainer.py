@@ -1,0 +1,217 @@
+"""Trainer benchmarks, each a ratio against a baseline measured in the same run.
+
+Run: `.venv/bin/python -m bench.bench_trainer` (about 2–3 minutes on 2 CPU cores).
+
+1. Framework overhead: manytask's `train_step` vs a minimal hand-written PyTorch loop
+   (forward, summed masked losses, backward, clip, AdamW step) on the same model and the same
+   in-memory batches, one process. Goal: >= 0.95x.
+2. DDP scaling: `manytask train` under torchrun with 2 ranks x 1 thread vs 1 rank x 1 thread,
+   samples/s from metrics.jsonl (after warm-up). Goal: >= 1.45x (a bare DDP loop gets ~1.5x).
+3. Checkpoints: save and load time for the demo model and a ~100M-parameter model.
+4. Time to first step when resuming vs starting fresh (goal <= 2x).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def demo_data(tmp: Path) -> Path:
+    from manytask.data_pipeline.synthetic import prepare_demo
+
+    out = tmp / "data"
+    prepare_demo(out, n_train=40_000, n_val=2_000, shards=8, chunk_size=1024)
+    return out
+
+
+def recipe(tmp: Path, data: Path, name: str, **trainer) -> Path:
+    r = yaml.safe_load(DEMO.read_text())
+    r["run"]["dir"] = str(tmp / name)
+    r["data"]["sources"][0].update(train=str(data / "train"), val=str(data / "val"))
+    r["data"].update(num_workers=0, val_max_batches=1)
+    r["trainer"].update(eval_every=10**6, log_every=20, **trainer)
+    r["checkpoint"]["every"] = 10**6
+    r["logging"].update(wandb=False, progress=False, heatmap_every=0)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+# ---------------------------------------------------------------- 1. overhead
+class MemoryBatches:
+    """Stands in for MultiSourceLoader: the same precomputed batches, in order, forever."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def next_batch(self, counts):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+
+def overhead(tmp: Path, data: Path, steps: int = 150) -> tuple[float, float]:
+    from manytask.config import load_config
+    from manytask.models.losses import task_losses
+    from manytask.trainer.loop import build_job, train_step
+
+    torch.set_num_threads(2)
+    cfg = load_config(recipe(tmp, data, "overhead"), ["weighting.name=equal", "run.resume=never"])
+    job = build_job(cfg)
+    batches = [job.data.next_batch([cfg.data.batch_size]) for _ in range(16)]
+    job.data.close()
+    job.data = MemoryBatches(batches)
+
+    model = job.engine.module
+    hand_opt = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr)
+
+    def hand_step(b):
+        out = model(b.inputs, b.source_id)
+        losses = task_losses(out.outputs, b.labels, b.masks, job.specs)
+        loss = sum(losses.values())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+        hand_opt.step()
+        hand_opt.zero_grad(set_to_none=True)
+
+    def time_ours(n):
+        t = time.perf_counter()
+        for s in range(n):
+            train_step(job, s)
+        return n * cfg.data.batch_size / (time.perf_counter() - t)
+
+    def time_hand(n):
+        t = time.perf_counter()
+        for s in range(n):
+            hand_step(batches[s % len(batches)])
+        return n * cfg.data.batch_size / (time.perf_counter() - t)
+
+    time_ours(20), time_hand(20)  # warm-up
+    ours, hand = [], []
+    for _ in range(5):  # alternate so drift in machine load hits both alike
+        ours.append(time_ours(steps // 5))
+        hand.append(time_hand(steps // 5))
+    job.logger.finish()
+    return statistics.median(ours), statistics.median(hand)
+
+
+# ---------------------------------------------------------------- 2. DDP scaling
+def samples_per_s(run_dir: Path) -> float:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r][1:]  # skip warm-up
+    return statistics.median(rates)
+
+
+def scaling(tmp: Path, data: Path, steps: int = 300) -> tuple[float, float]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    one = recipe(tmp, data, "one", max_steps=steps)
+    two = recipe(tmp, data, "two", max_steps=steps)
+    subprocess.run([sys.executable, "-m", "manytask.launch.cli", "train", str(one)], env=env, check=True,
+                   capture_output=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    "-m", "manytask.launch.cli", "train", str(two)], env=env, check=True, capture_output=True,
+                   cwd=ROOT)
+    return samples_per_s(tmp / "one"), samples_per_s(tmp / "two")
+
+
+# ---------------------------------------------------------------- 3. checkpoints
+def checkpoint_times(tmp: Path, model: torch.nn.Module) -> tuple[float, float, int]:
+    from manytask.trainer.checkpoint import Checkpointer
+    from manytask.trainer.distributed import DistInfo
+
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():  # one step so the optimizer holds its full state
+        p.grad = torch.ones_like(p)
+    opt.step()
+    ck = Checkpointer(tmp / f"ck_{id(model)}", DistInfo(), keep_last=1)
+    state = {"engine": {"model": model.state_dict(), "optimizer": opt.state_dict()}, "tasks": []}
+    t = time.perf_counter()
+    path = ck.save(1, state, {"stream": {}})
+    save_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ck.load(path)
+    load_s = time.perf_counter() - t
+    size = sum(f.stat().st_size for f in path.iterdir())
+    return save_s, load_s, size
+
+
+def time_to_first_step(tmp: Path, data: Path) -> tuple[float, float]:
+    """Seconds from process start to the first logged training step, fresh vs resumed."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", WANDB_MODE="disabled")
+    path = recipe(tmp, data, "resume", max_steps=40)
+    r = yaml.safe_load(path.read_text())
+    r["trainer"]["log_every"] = 1
+    r["checkpoint"]["every"] = 20
+    path.write_text(yaml.safe_dump(r))
+
+    def first_step_seconds(max_steps: int, first: int) -> float:
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "manytask.launch.cli", "train", str(path),
+                                 f"trainer.max_steps={max_steps}"], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics = tmp / "resume" / "metrics.jsonl"
+        while True:
+            if metrics.exists() and any(json.loads(x)["step"] == first for x in metrics.read_text().splitlines()):
+                elapsed = time.perf_counter() - t
+                proc.wait()
+                return elapsed
+            if proc.poll() is not None and proc.returncode != 0:
+                raise RuntimeError("training run failed")
+            time.sleep(0.01)
+
+    fresh = first_step_seconds(20, 1)
+    resumed = first_step_seconds(40, 21)
+    return fresh, resumed
+
+
+def main() -> None:
+    print(__doc__.split("\n\n")[0])
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        data = demo_data(tmp)
+
+        ours, hand = overhead(tmp, data)
+        print(f"\n1. train_step vs hand-written loop (demo MMoE, batch 256, 2 threads)\n"
+              f"   manytask {ours:10,.0f} samples/s   hand-written {hand:10,.0f} samples/s   "
+              f"ratio {ours / hand:.2f}x  (goal >= 0.95x)")
+
+        one, two = scaling(tmp, data)
+        print(f"\n2. DDP scaling (1 thread per rank, num_workers 0)\n"
+              f"   1 rank {one:10,.0f} samples/s   2 ranks {two:10,.0f} samples/s   "
+              f"ratio {two / one:.2f}x  (goal >= 1.45x)")
+
+        print("\n3. checkpoint save / load (model + AdamW state)")
+        from manytask.config import load_config
+        from manytask.models import build_model
+        from manytask.trainer.specs import build_model_spec
+
+        cfg = load_config(recipe(tmp, data, "spec"))
+        demo_model = build_model(cfg.model, build_model_spec(cfg)[1])
+        n_demo = sum(p.numel() for p in demo_model.parameters())
+        big = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(24)])
+        n_big = sum(p.numel() for p in big.parameters())
+        for name, model, n in (("demo", demo_model, n_demo), ("~100M", big, n_big)):
+            save_s, load_s, size = checkpoint_times(tmp, model)
+            print(f"   {name:>10} {n / 1e6:7.2f}M params  {size / 2**20:8.1f} MiB   "
+                  f"save {save_s:6.2f}s ({size / 2**20 / save_s:6.0f} MiB/s)   load {load_s:6.2f}s")
+
+        fresh, resumed = time_to_first_step(tmp, data)
+        print(f"\n4. time to first step: fresh {fresh:.1f}s   resumed {resumed:.1f}s   "
+              f"ratio {resumed / fresh:.2f}x  (goal <= 2x)")
+
+
+if __name__ == "__main__":
+    main()
