@@ -212,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in STUDIES] + ["synthetic_correlation"]
     parser.add_argument("--only", nargs="*", default=None, help=f"some of: {', '.join(names)}")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; the recipes' models are small enough that more threads "
+                             "mostly wait on each other (10x slower on a busy 2-core machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")
     wanted = set(args.only or names)
     start = time.perf_counter()

@@ -426,7 +426,10 @@ def _zeros(n: int, spec: FieldSpec) -> torch.Tensor:
 def _cat(pieces: list[torch.Tensor], spec: FieldSpec) -> torch.Tensor:
     if not pieces:
         return _zeros(0, spec)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    # Always a fresh allocation, never a view into a block: a view's offset (and so its
+    # alignment) depends on where a resumed stream's first block starts, which changes SIMD
+    # reduction order and the last bit of a loss. One memcpy keeps resumed runs bitwise equal.
+    return torch.cat(pieces)
 
 
 def _clean_label(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,7 +94,7 @@ def read_ts(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 def italy_power_arrays(values: np.ndarray, labels: np.ndarray, horizon: int) -> dict[str, np.ndarray]:
     """Days `[n, 24]` -> series `[n, 24-H, 1]` (the input), forecast `[n, H]` (the last H hours),
-    season int64 `[n]`: 0 = October-March (UCR class 1), 1 = April-September (class 2)."""
+    season int64 `[n]`: UCR class 1 -> 0, class 2 -> 1 (October-March vs April-September)."""
     if not 0 < horizon < values.shape[1]:
         raise ValueError(f"horizon must be in [1, {values.shape[1] - 1}], got {horizon}")
     cut = values.shape[1] - horizon

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe in this process (or as one torchrun rank)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. trainer.max_steps=200")
+    # The DeepSpeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("launch", help="train with N processes per node under torchrun")

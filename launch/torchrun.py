@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 
@@ -37,7 +36,12 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
 
 
 def launch(args: argparse.Namespace) -> int:
+    """Replace this process with torchrun, so SIGTERM from SLURM/Kubernetes reaches torchrun's
+    agent (which forwards it to every rank) instead of ending a wrapper."""
     env = dict(os.environ)
     # One BLAS/OpenMP thread per rank unless the user chose otherwise: N ranks on N cores.
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(torchrun_command(args), env=env)
+    cmd = torchrun_command(args)
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, env)
+    return 1  # not reached

@@ -56,8 +56,8 @@ def last_linear(module: nn.Module) -> list[nn.Parameter]:
 class StackedLinear(nn.Module):
     """n independent linear layers in one tensor: weight `[n, in, out]`, bias `[n, out]`.
 
-    forward: `[B, in]` (the same input for every member) or `[n, B, in]` -> `[n, B, out]`,
-    one `baddbmm` either way. Initialised like n separate `nn.Linear` layers.
+    forward: `[B, in]` (the same input for every member: one GEMM) or `[n, B, in]` (one
+    `baddbmm`) -> `[n, B, out]`. Initialised like n separate `nn.Linear` layers.
     """
 
     def __init__(self, n: int, in_dim: int, out_dim: int):
@@ -73,8 +73,15 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # shared input: a stride-0 expand, no copy
-            x = x.unsqueeze(0).expand(self.n, -1, -1)
+        if x.dim() == 2:
+            # One input for all members: a single [B, in] @ [in, n*out] GEMM (the weight copy
+            # is small next to it). Unlike a baddbmm over an expanded input, the backward never
+            # materialises an [n, B, in] input gradient. Returns a [n, B, out] view of a
+            # contiguous [B, n, out], which is the layout `gates.mix` reads.
+            n, in_dim, out_dim = self.weight.shape
+            w = self.weight.permute(1, 0, 2).reshape(in_dim, n * out_dim)
+            y = torch.addmm(self.bias.reshape(1, n * out_dim), x, w)
+            return y.view(x.shape[0], n, out_dim).transpose(0, 1)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
     def extra_repr(self) -> str:

@@ -61,9 +61,15 @@ class GroupedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 4:  # [B, in] or [G, B, in] -> broadcast over the K (and G) expert dims
-            x = x.unsqueeze(-3) if x.dim() == 3 else x
-        return torch.matmul(x, self.weight) + self.bias.unsqueeze(2)
+        G, K, in_dim, out = self.weight.shape
+        bias = self.bias.unsqueeze(2)  # [G, K, 1, out]
+        if x.dim() == 2:  # [B, in] @ [in, G*K*out]: one GEMM
+            y = x @ self.weight.permute(2, 0, 1, 3).reshape(in_dim, G * K * out)
+            return y.view(-1, G, K, out).permute(1, 2, 0, 3) + bias
+        if x.dim() == 3:  # [G, B, in] @ [G, in, K*out]: one bmm, the input is not repeated K times
+            y = torch.bmm(x, self.weight.permute(0, 2, 1, 3).reshape(G, in_dim, K * out))
+            return y.view(G, -1, K, out).permute(0, 2, 1, 3) + bias
+        return torch.matmul(x, self.weight) + bias  # [G, K, B, in]: batched over G*K
 
 
 class ExtractionLevel(nn.Module):

@@ -40,7 +40,7 @@ def write_recipe(tmp_path: Path, data_dir: Path, **sections) -> Path:
     recipe["checkpoint"].update(every=1000)
     recipe["logging"].update(heatmap_every=30, progress=False)
     for section, values in sections.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and section != "tasks":  # tasks are replaced, not merged
             recipe.setdefault(section, {}).update(values)
         else:
             recipe[section] = values
@@ -59,3 +59,43 @@ def torchrun(recipe: Path, *overrides: str, nproc: int = 2, timeout: float = 600
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+REFERENCE_STEPS = 30
+
+
+def small_recipe(tmp_path: Path, shards: Path, name: str, **sections) -> Path:
+    """A tiny MMoE on the demo data, 30 steps, every step logged, checkpoints every 10."""
+    base = dict(
+        data={"batch_size": 64, "num_workers": 2, "shuffle_buffer": 512},
+        model={"name": "mmoe", "params": {"num_experts": 3, "expert_hidden": [16], "tower_hidden": [8]}},
+        trainer={"max_steps": REFERENCE_STEPS, "log_every": 1, "eval_every": 1000, "warmup_steps": 3},
+        checkpoint={"every": 10, "keep_last": 2},
+        logging={"wandb": False, "progress": False, "heatmap_every": 0},
+    )
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    folder = tmp_path / name
+    folder.mkdir()
+    return write_recipe(folder, shards, **base)
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory, demo_shards) -> Path:
+    """One uninterrupted 2-rank DDP run (2 DataLoader workers per rank, W&B offline) that the
+    learning, logging and resume tests all read: its run directory."""
+    tmp = tmp_path_factory.mktemp("ddp_reference")
+    torchrun(small_recipe(tmp, demo_shards, "ref", logging={"wandb": True, "heatmap_every": 10}))
+    return tmp / "ref" / "run"
+
+
+DEEPSPEED = {"engine": {"name": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 2}}},
+             "data": {"num_workers": 0}}
+
+
+@pytest.fixture(scope="session")
+def deepspeed_reference(tmp_path_factory, demo_shards) -> Path:
+    """One uninterrupted 2-rank DeepSpeed ZeRO-2 run: its run directory."""
+    tmp = tmp_path_factory.mktemp("ds_reference")
+    torchrun(small_recipe(tmp, demo_shards, "ref", **DEEPSPEED))
+    return tmp / "ref" / "run"

@@ -121,6 +121,9 @@ def test_ple_grouped_experts_match_looped_reference():
             for k in range(2):
                 xi = x if x.dim() == 2 else x[g] if x.dim() == 3 else x[g, k]
                 torch.testing.assert_close(y[g, k], xi @ layer.weight[g, k] + layer.bias[g, k])
+        x = x.clone().requires_grad_()
+        call = lambda x, w, b: torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,))  # noqa: E731
+        assert torch.autograd.gradcheck(call, (x, layer.weight, layer.bias))
 
 
 # -- gates --------------------------------------------------------------------------------

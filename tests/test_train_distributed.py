@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import torchrun, write_recipe
 
 from manytask.trainer.wandb_offline import read_history
 
@@ -25,30 +24,26 @@ def assert_every_task_learned(rows):
         assert last[f"val/{task}/loss"] < first[f"val/{task}/loss"] * 0.98, (task, first, last)
 
 
-def test_ddp_two_ranks_learns_and_logs_gates_to_wandb(tmp_path, demo_shards):
-    recipe = write_recipe(tmp_path, demo_shards)
-    proc = torchrun(recipe)
-    run = tmp_path / "run"
+def test_ddp_two_ranks_learns_and_logs_gates_to_wandb(ddp_reference):
+    run = ddp_reference
     rows = read_jsonl(run)
     assert_every_task_learned(rows)
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), "every logged step appears once"
-    assert "finished 60 steps" in proc.stdout and proc.stdout.count("finished 60 steps") == 1  # rank 0 only
+    assert (run / "train.log").read_text().count("finished 30 steps") == 1  # rank 0 only
 
     history = read_history(run / "wandb")
     keys = set().union(*history)
     for task in TASKS:
         assert f"train/{task}/loss" in keys and f"val/{task}/loss" in keys
         assert f"gates/{task}/entropy" in keys
-        assert {f"gates/{task}/expert_{e}" for e in range(4)} <= keys
+        assert {f"gates/{task}/expert_{e}" for e in range(3)} <= keys
     # Gate means are averaged over both ranks and are a distribution over experts.
     row = next(r for r in history if "gates/click/expert_0" in r)
-    assert sum(row[f"gates/click/expert_{e}"] for e in range(4)) == pytest.approx(1.0, abs=1e-4)
+    assert sum(row[f"gates/click/expert_{e}"] for e in range(3)) == pytest.approx(1.0, abs=1e-4)
     assert "gates/heatmap" in keys
+    assert {"weights/click", "sampler/synthetic/prob", "perf/samples_per_s"} <= keys
 
 
-def test_deepspeed_zero2_two_ranks_learns(tmp_path, demo_shards):
-    recipe = write_recipe(tmp_path, demo_shards, engine={"name": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 2}}},
-                          logging={"wandb": False, "progress": False, "heatmap_every": 0})
-    torchrun(recipe)
-    assert_every_task_learned(read_jsonl(tmp_path / "run"))
+def test_deepspeed_zero2_two_ranks_learns(deepspeed_reference):
+    assert_every_task_learned(read_jsonl(deepspeed_reference))

@@ -8,9 +8,9 @@ share of the split has no sample of a task contributes zeros instead of hanging 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
-import torchmetrics
 from torch import nn
 
 from manytask.config import Config
@@ -18,6 +18,9 @@ from manytask.data_pipeline.batch import Batch
 from manytask.models.losses import task_losses
 from manytask.models.spec import TaskSpec
 from manytask.trainer import distributed as D
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 DEFAULT_METRICS = {
     "binary": ["auc", "accuracy"],
@@ -31,6 +34,8 @@ HIGHER_IS_BETTER = {"auc": True, "accuracy": True, "mse": False, "mae": False, "
 
 def make_metric(name: str, spec: TaskSpec) -> torchmetrics.Metric:
     """A torchmetrics metric whose states are all sums; raises ValueError for unknown names."""
+    import torchmetrics  # imported here: ~1.3 s that every rank would pay at start-up
+
     kind, n = spec.type, spec.out_dim
     table = {
         ("auc", "binary"): lambda: torchmetrics.classification.BinaryAUROC(thresholds=256),
