@@ -7,8 +7,9 @@ Run: `.venv/bin/python -m bench.bench_models` (< 90 s on 2 CPU cores).
    in a Python loop and stacked, one gate and one tower module per task, mixture as
    `(w[..., None] * e).sum(1)`), same sizes, same run, alternating repetitions; E = 4, 8, 16.
 2. The achieved FLOP/s of the batched step (matmul FLOPs of forward + backward counted by
-   torch's FlopCounterMode) as a fraction of one plain `torch.mm` of the expert layer's size
-   measured in the same run.
+   torch's FlopCounterMode) as a fraction of one plain `torch.mm` of the expert layer's size,
+   timed in the same interleaved repetitions.
+Times are the fastest of REPEATS alternating repetitions (robust to other processes' load).
 3. Batched step time at T = 2, 16, 64 tasks with the same experts, next to the growth of the
    step's matmul FLOPs (the floor for the time ratio).
 Goals: batched >= 1.25x looped at E=8, >= 60% of the matmul FLOP/s, <= 2x from 2 to 64 tasks.
@@ -28,7 +29,7 @@ from manytask.models.losses import task_losses
 from manytask.models.spec import FieldSpec, ModelSpec, TaskSpec
 
 BATCH, IN, HIDDEN, TOWER = 1024, 256, 256, [16]
-REPEATS, STEPS = 7, 2
+REPEATS, STEPS = 20, 1
 
 
 class LoopedMMoE(nn.Module):
@@ -88,26 +89,22 @@ def time_steps(step, n: int = STEPS) -> float:
     return (time.perf_counter() - start) / n
 
 
-def interleaved(steps: dict[str, object]) -> dict[str, float]:
-    """Fastest step time of each closure over repetitions that alternate between them, so
-    that other processes' load hits all alike and the minimum approaches the unloaded time."""
+def interleaved(steps: dict) -> dict:
+    """Fastest time of each closure over repetitions that alternate between them, so that
+    other processes' load hits all alike and the minimum approaches the unloaded time."""
     for step in steps.values():
         step()  # warm-up (allocator, Adam state)
-    times: dict[str, list[float]] = {k: [] for k in steps}
+    times: dict = {k: [] for k in steps}
     for _ in range(REPEATS):
         for k, step in steps.items():
             times[k].append(time_steps(step))
     return {k: min(v) for k, v in times.items()}
 
 
-def matmul_flops_per_s(m: int, k: int, n: int) -> float:
+def plain_matmul(m: int, k: int, n: int):
+    """A closure running one `torch.mm` [m, k] @ [k, n] (2mkn FLOPs)."""
     a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(3):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(REPEATS):
-        best = min(best, time_steps(lambda: torch.mm(a, b), n=5))
-    return 2 * m * k * n / best
+    return lambda: torch.mm(a, b)
 
 
 def step_flops(step) -> float:
@@ -132,8 +129,8 @@ def main() -> None:
     for E in (4, 8, 16):
         batched = make_step(mmoe(spec, E), spec, batched=True)
         looped = make_step(LoopedMMoE(IN, E, HIDDEN, spec.tasks), spec, batched=False)
-        t = interleaved({"looped": looped, "batched": batched})
-        peak = matmul_flops_per_s(BATCH, IN, E * HIDDEN)
+        t = interleaved({"looped": looped, "batched": batched, "mm": plain_matmul(BATCH, IN, E * HIDDEN)})
+        peak = 2 * BATCH * IN * E * HIDDEN / t["mm"]
         achieved = step_flops(batched) / t["batched"]
         print(f"{E:>3} {t['looped'] * 1e3:>10.1f} {t['batched'] * 1e3:>11.1f} "
               f"{t['looped'] / t['batched']:>8.2f}x {achieved / 1e9:>8.1f} {achieved / peak:>6.0%}"

@@ -40,10 +40,14 @@ class SoftmaxGates(nn.Module):
         G, E = self.num_gates, self.num_experts
         if x.dim() == 2:
             logits = F.linear(x, self.weight.view(G * E, -1), self.bias.view(G * E))
-            logits = logits.view(x.shape[0], G, E).transpose(0, 1)
-        else:
-            logits = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
-        w = torch.softmax(logits / self.temperature, dim=-1)
+            # softmax on the contiguous [B, G, E]; the [G, B, E] view is what `mix` wants
+            return self._normalise(logits.view(x.shape[0], G, E)).transpose(0, 1)
+        logits = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return self._normalise(logits)
+
+    def _normalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the last (expert) dim, with temperature and gate dropout."""
+        w = torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=-1)
         if self.training and self.dropout > 0:
             keep = torch.rand_like(w) >= self.dropout
             kept = w * keep

@@ -61,16 +61,16 @@ def torchrun(recipe: Path, *overrides: str, nproc: int = 2, timeout: float = 600
     return proc
 
 
-REFERENCE_STEPS = 30
+REFERENCE_STEPS = 60
 
 
 def small_recipe(tmp_path: Path, shards: Path, name: str, **sections) -> Path:
-    """A tiny MMoE on the demo data, 30 steps, every step logged, checkpoints every 10."""
+    """A tiny MMoE on the demo data, 60 steps, every step logged, checkpoints every 20."""
     base = dict(
         data={"batch_size": 64, "num_workers": 2, "shuffle_buffer": 512},
         model={"name": "mmoe", "params": {"num_experts": 3, "expert_hidden": [16], "tower_hidden": [8]}},
-        trainer={"max_steps": REFERENCE_STEPS, "log_every": 1, "eval_every": 1000, "warmup_steps": 3},
-        checkpoint={"every": 10, "keep_last": 2},
+        trainer={"max_steps": REFERENCE_STEPS, "lr": 0.02, "log_every": 1, "eval_every": 1000, "warmup_steps": 3},
+        checkpoint={"every": 20, "keep_last": 2},
         logging={"wandb": False, "progress": False, "heatmap_every": 0},
     )
     for key, value in sections.items():

@@ -87,7 +87,7 @@ def preempt(recipe: Path, run: Path, at_step: int) -> int:
 def test_sigterm_stops_all_ranks_saves_exits_0_and_resumes_bitwise(tmp_path, demo_shards, ddp_reference):
     recipe = small_recipe(tmp_path, demo_shards, "preempted", logging={"wandb": True})
     run = tmp_path / "preempted" / "run"
-    preempt(recipe, run, 13)
+    preempt(recipe, run, 25)
     torchrun(recipe)  # resume: auto
     assert_same_run(run, ddp_reference)
     # W&B: the resumed run continues the same run id; offline that is a second folder, and
@@ -102,10 +102,10 @@ def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path, demo_shards, ddp_ref
     recipe = small_recipe(tmp_path, demo_shards, "killed")
     run = tmp_path / "killed" / "run"
     proc = start(recipe)
-    wait_for_step(run, 24, proc)  # checkpoints at 10 and 20; steps 21.. are lost with the kill
+    wait_for_step(run, 48, proc)  # checkpoints at 20 and 40; steps 41.. are lost with the kill
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    assert (run / "ckpt" / LATEST).read_text().strip() == "step_00000020"
+    assert (run / "ckpt" / LATEST).read_text().strip() == "step_00000040"
     torchrun(recipe)
     assert_same_run(run, ddp_reference)
 
@@ -113,7 +113,7 @@ def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path, demo_shards, ddp_ref
 def test_deepspeed_sigterm_resume_is_bitwise(tmp_path, demo_shards, deepspeed_reference):
     recipe = small_recipe(tmp_path, demo_shards, "ds_preempted", **DEEPSPEED)
     run = tmp_path / "ds_preempted" / "run"
-    preempt(recipe, run, 13)
+    preempt(recipe, run, 25)
     torchrun(recipe)
     assert_same_run(run, deepspeed_reference)
 
@@ -122,7 +122,7 @@ def test_rank_killed_under_launch_max_restarts_completes(tmp_path, demo_shards):
     recipe = small_recipe(tmp_path, demo_shards, "crash")
     run = tmp_path / "crash" / "run"
     proc = start(recipe, extra=("--max-restarts=2",))
-    wait_for_step(run, 15, proc)
+    wait_for_step(run, 25, proc)
     ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "manytask.launch.cli"], capture_output=True, text=True)
     os.kill(int(ranks.stdout.split()[-1]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)

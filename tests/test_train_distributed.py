@@ -30,7 +30,7 @@ def test_ddp_two_ranks_learns_and_logs_gates_to_wandb(ddp_reference):
     assert_every_task_learned(rows)
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), "every logged step appears once"
-    assert (run / "train.log").read_text().count("finished 30 steps") == 1  # rank 0 only
+    assert (run / "train.log").read_text().count("finished 60 steps") == 1  # rank 0 only
 
     history = read_history(run / "wandb")
     keys = set().union(*history)

@@ -166,9 +166,14 @@ class DeepSpeedEngine:
 
         self.cfg, self.info, self.kind = cfg, info, "deepspeed"
         ds_config = deepspeed_config(cfg, info)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Unless the embedded config names a DeepSpeed optimizer, ZeRO wraps torch's own: its
+        # state (step count included) round-trips exactly, so resumed runs stay bitwise equal.
+        client_opt = None if "optimizer" in ds_config else make_optimizer(cfg, params)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model_parameters=params,
+            optimizer=client_opt,
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         )
@@ -230,13 +235,7 @@ def deepspeed_config(cfg: Config, info: DistInfo) -> dict[str, Any]:
     ds.setdefault("gradient_clipping", t.grad_clip)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
-    ds.setdefault(
-        "optimizer",
-        {
-            "type": "AdamW" if t.optimizer == "adamw" else "Adam",
-            "params": {"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay},
-        },
-    )
+    ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW under ZeRO
     if info.device.type == "cuda" and t.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
         ds.setdefault("bf16", {"enabled": True})
     ds.setdefault("zero_optimization", {"stage": 0})
