@@ -29,7 +29,7 @@ from manytask.models.losses import task_losses
 from manytask.models.spec import FieldSpec, ModelSpec, TaskSpec
 
 BATCH, IN, HIDDEN, TOWER = 1024, 256, 256, [16]
-REPEATS, STEPS = 20, 1
+REPEATS, STEPS = 15, 1
 
 
 class LoopedMMoE(nn.Module):
