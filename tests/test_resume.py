@@ -46,14 +46,24 @@ def start(recipe: Path, *overrides: str, nproc: int = 2, extra: tuple[str, ...] 
                             text=True, start_new_session=True)
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    """Steps in metrics.jsonl so far (a line being written right now is ignored)."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
+
+
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
-    path = run_dir / "metrics.jsonl"
     while time.time() < deadline:
-        if path.exists():
-            done = [json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()]
-            if done and max(done) >= step:
-                return
+        done = logged_steps(run_dir)
+        if done and max(done) >= step:
+            return
         if proc.poll() is not None:
             raise AssertionError(f"run ended early:\n{proc.stdout.read()[-4000:]}")
         time.sleep(0.05)
@@ -77,7 +87,7 @@ def preempt(recipe: Path, run: Path, at_step: int) -> int:
     os.killpg(proc.pid, signal.SIGTERM)
     # The signal is delivered now; the step being computed may already be past its agreement
     # point, so the job stops after at most the next one.
-    seen = max(json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip())
+    seen = max(logged_steps(run))
     out, _ = proc.communicate(timeout=120)
     assert "preemption signal: stopping at step" in out, out[-3000:]
     assert "ChildFailedError" not in out, "every rank exited 0"
