@@ -103,6 +103,28 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class PendingSum:
+    """An all-reduce in flight; `result()` waits for it (once) and returns the sum on CPU."""
+
+    def __init__(self, tensor: torch.Tensor, work: Any = None):
+        self.tensor, self.work = tensor, work
+
+    def result(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.tensor.cpu()
+
+
+def all_reduce_sum_async(t: torch.Tensor) -> PendingSum:
+    """Start summing `t` over ranks without waiting (a finished sum in a single process)."""
+    if not is_initialized():
+        return PendingSum(t)
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+        t = t.cuda()
+    return PendingSum(t, dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True))
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean over ranks of a tensor, out of place; differentiable-free (use on detached values)."""
     if not is_initialized():

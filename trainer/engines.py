@@ -50,14 +50,19 @@ def lr_lambda(cfg: Config):
 
 def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     t = cfg.trainer
+    # foreach: one fused kernel per op over all tensors (torch defaults to a per-tensor loop on CPU).
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, foreach=True)
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, foreach=True)
 
 
-def _task_slices(module: nn.Module, tasks: list[str]) -> list[tuple[nn.Parameter, int | None]]:
-    by_task = getattr(module, "task_parameters", lambda: {})()
+def task_slices_of(module: nn.Module) -> dict[str, list[tuple[nn.Parameter, int | None]]]:
+    """The model's per-task parameters, read once: walking the module tree every step costs."""
+    return getattr(module, "task_parameters", lambda: {})()
+
+
+def _task_slices(by_task: dict, tasks: list[str]) -> list[tuple[nn.Parameter, int | None]]:
     return [ps for task in tasks for ps in by_task.get(task, [])]
 
 
@@ -102,10 +107,15 @@ class TorchEngine:
         self.model: nn.Module = self.module
         if ddp:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
+            # Our models' buffers are constants (index tables): broadcasting them every forward
+            # would add a collective per step for nothing.
+            self.model = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True
+            )
         self.optimizer = make_optimizer(cfg, list(self.module.parameters()))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.grad_accum = cfg.trainer.grad_accum
+        self.task_slices = task_slices_of(self.module)
 
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:
@@ -125,7 +135,7 @@ class TorchEngine:
         norm = torch.nn.utils.clip_grad_norm_(
             self.module.parameters(), clip if clip > 0 else float("inf")
         )
-        frozen = _Frozen.take(self.optimizer, _task_slices(self.module, absent_tasks))
+        frozen = _Frozen.take(self.optimizer, _task_slices(self.task_slices, absent_tasks))
         self.optimizer.step()
         frozen.restore(self.optimizer)
         self.scheduler.step()
@@ -179,6 +189,7 @@ class DeepSpeedEngine:
         )
         self.module = self.model.module
         self.grad_accum = cfg.trainer.grad_accum
+        self.task_slices = task_slices_of(self.module)
 
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:
@@ -198,7 +209,7 @@ class DeepSpeedEngine:
         # grad=None; put the absent towers' values back instead (optimizer moments of those
         # towers still see a zero gradient).
         saved = []
-        for param, idx in _task_slices(self.module, absent_tasks):
+        for param, idx in _task_slices(self.task_slices, absent_tasks):
             full = safe_get_full_fp32_param(param)
             if full is not None:
                 saved.append((param, idx, (full if idx is None else full[idx]).clone()))

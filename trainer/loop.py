@@ -52,6 +52,7 @@ class StepResult:
     total: float
     skipped: bool
     stop_requested: bool
+    samples: int = 0  # samples this rank trained on in this step (all micro-batches)
     out: Any = None  # last micro-batch's ModelOutput (gate statistics)
 
 
@@ -75,6 +76,7 @@ class Job:
     samples_per_task: dict[str, int] = field(default_factory=dict)
     nonfinite_steps: int = 0
     wandb_run_id: str | None = None
+    last_shared: list = field(default_factory=list)  # the model's last shared layer (GradNorm)
 
     @property
     def tasks(self) -> list[str]:
@@ -87,39 +89,43 @@ def train_step(job: Job, step: int) -> StepResult:
     accum = cfg.trainer.grad_accum
     loss_sum, count = torch.zeros(len(tasks), dtype=torch.float64), torch.zeros(len(tasks), dtype=torch.float64)
     skipped, stop, weights, total = False, False, {}, torch.zeros(())
+    # DeepSpeed must not run backward on a non-finite loss, so it agrees before backward;
+    # the torch engines let the agreement all-reduce run while backward computes.
+    agree_first = engine.kind == "deepspeed"
     for micro in range(accum):
         batch = job.data.next_batch(counts_per_source).to(info.device, non_blocking=True)
         with engine.accumulating(last=micro == accum - 1):
             with autocast(cfg, info):
                 out = engine.model(batch.inputs, batch.source_id)
                 losses = task_losses(out.outputs, batch.labels, batch.masks, job.specs)
-            # One all-reduce carries everything the ranks must agree on before backward:
-            # labelled counts and loss sums per task, a non-finite flag, a stop request.
+            # One all-reduce carries everything the ranks must agree on: labelled counts and
+            # loss sums per task, a non-finite flag, a stop request.
             n = torch.stack([batch.masks[t].sum() for t in tasks]).double().cpu()
             sums = torch.stack([losses[t].detach() for t in tasks]).double().cpu() * n
-            finite = bool(torch.isfinite(sums).all())
-            agreed = D.all_reduce_sum(
-                torch.cat([n, torch.nan_to_num(sums, nan=0.0, posinf=0.0), torch.tensor([float(not finite), float(job.preempt.requested)])]).to(info.device)
-            ).cpu()
+            flags = torch.tensor([float(not bool(torch.isfinite(sums).all())), float(job.preempt.requested)])
+            pending = D.all_reduce_sum_async(torch.cat([n, torch.nan_to_num(sums, nan=0.0, posinf=0.0), flags]))
+            if agree_first and pending.result()[-2] > 0:
+                skipped = True
+            if not skipped:
+                ctx = WeightingContext(
+                    step=step,
+                    shared=out.shared,
+                    shared_params=job.last_shared,
+                    all_reduce_mean=D.all_reduce_mean,
+                    local_counts={t: int(n[i]) for i, t in enumerate(tasks)},
+                )  # presence is left to the weighting: those that need it agree on it themselves
+                total, weights = job.weighting.combine(losses, ctx)
+                total = total + sum(out.aux_losses.values(), torch.zeros((), device=total.device))
+                engine.backward(total)
+            agreed = pending.result()
             count += agreed[: len(tasks)]
             loss_sum += agreed[len(tasks) : 2 * len(tasks)]
-            skipped |= bool(agreed[-2] > 0)
+            skipped |= bool(agreed[-2] > 0)  # a NaN anywhere reached every rank's gradient too
             stop |= bool(agreed[-1] > 0)
-            if skipped:
-                continue  # every rank skips backward together: no DDP hang
-            ctx = WeightingContext(
-                step=step,
-                shared=out.shared,
-                shared_params=list(job.engine.module.last_shared_parameters()),
-                all_reduce_mean=D.all_reduce_mean,
-                present={t: bool(count[i] > 0) for i, t in enumerate(tasks)},
-                local_counts={t: int(n[i]) for i, t in enumerate(tasks)},
-            )
-            total, weights = job.weighting.combine(losses, ctx)
-            total = total + sum(out.aux_losses.values(), torch.zeros((), device=total.device))
-            engine.backward(total)
     if skipped:
         engine.skip_step()
+        if job.weighting_opt is not None:
+            job.weighting_opt.zero_grad(set_to_none=True)
     else:
         absent = [t for i, t in enumerate(tasks) if count[i] == 0]
         sync_weighting_grads(job)
@@ -135,6 +141,7 @@ def train_step(job: Job, step: int) -> StepResult:
         total=float(total.detach()) if not skipped else math.nan,
         skipped=skipped,
         stop_requested=stop,
+        samples=sum(counts_per_source) * accum,
         out=out,
     )
 
@@ -184,7 +191,7 @@ def build_job(cfg: Config) -> Job:
         weighting=weighting, weighting_opt=weighting_opt, logger=None,  # type: ignore[arg-type]
         ckpt=Checkpointer(run.ckpt, info, cfg.checkpoint.keep_last), preempt=PreemptionFlag().install(),
         affinity=TaskAffinity(cfg.monitor, list(specs)), gate_health=GateHealth(cfg.monitor),
-        samples_per_task={t: 0 for t in specs},
+        samples_per_task={t: 0 for t in specs}, last_shared=list(engine.module.last_shared_parameters()),
     )
     restore(job)
     job.logger = MetricsLogger(run.path, cfg, info.is_rank0, resume_step=job.step, run_id=job.wandb_run_id)
@@ -265,7 +272,7 @@ def train(cfg: Config) -> dict[str, float]:
         while job.step < t.max_steps:
             result = train_step(job, job.step)
             job.step += 1
-            window_samples += sum(job.sampler.counts(job.step - 1)) * t.grad_accum * job.info.world_size
+            window_samples += result.samples * job.info.world_size
             for task, n in result.counts.items():
                 job.samples_per_task[task] += n
             if result.skipped:
