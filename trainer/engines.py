@@ -112,7 +112,8 @@ class TorchEngine:
             self.model = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True
             )
-        self.optimizer = make_optimizer(cfg, list(self.module.parameters()))
+        self.params = list(self.module.parameters())
+        self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.grad_accum = cfg.trainer.grad_accum
         self.task_slices = task_slices_of(self.module)
@@ -132,9 +133,7 @@ class TorchEngine:
     def step(self, absent_tasks: list[str]) -> float:
         """Clip, step optimizer and LR schedule, zero grads; returns the pre-clip grad norm."""
         clip = self.cfg.trainer.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.module.parameters(), clip if clip > 0 else float("inf")
-        )
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         frozen = _Frozen.take(self.optimizer, _task_slices(self.task_slices, absent_tasks))
         self.optimizer.step()
         frozen.restore(self.optimizer)

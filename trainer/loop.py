@@ -112,7 +112,7 @@ def train_step(job: Job, step: int) -> StepResult:
                     shared=out.shared,
                     shared_params=job.last_shared,
                     all_reduce_mean=D.all_reduce_mean,
-                    local_counts={t: int(n[i]) for i, t in enumerate(tasks)},
+                    local_counts=dict(zip(tasks, map(int, n.tolist()))),
                 )  # presence is left to the weighting: those that need it agree on it themselves
                 total, weights = job.weighting.combine(losses, ctx)
                 total = total + sum(out.aux_losses.values(), torch.zeros((), device=total.device))

@@ -16,7 +16,7 @@ floor(u + B * c_i) - floor(u + B * c_{i-1}) samples, c being the cumulative prob
 Each count is floor or ceil of B * p_i with expectation exactly B * p_i (unbiased over steps),
 the counts always sum to B, and the variance is far below a multinomial draw's.
 
-Every random number comes from `np.random.default_rng([seed, step, _STREAM])`: all ranks draw
+Every random number comes from `uniform(seed, step, _STREAM)` (a splitmix64 hash): all ranks draw
 the same source at the same step, and the future after `load_state_dict` does not depend on
 the past. The only state is bookkeeping (cumulative samples per source) for metrics.
 """
@@ -33,6 +33,28 @@ from manytask.schema import ConfigError, closest
 # Tags the sampler's random stream so it never coincides with another component that also
 # seeds from (seed, step), e.g. a shuffle buffer.
 _STREAM = 0x5A3B1E
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(*key: int) -> float:
+    """A uniform float in [0, 1) that is a pure function of the integers `key` (splitmix64).
+
+    Used instead of `np.random.default_rng(key)`, whose seeding costs ~0.2 ms: this runs every
+    training step on every rank.
+    """
+    h = 0
+    for k in key:
+        h = _splitmix64(h ^ (k & _MASK64))
+    return (h >> 11) * 2.0**-53
 
 
 class TaskSampler:
@@ -124,10 +146,12 @@ class TaskSampler:
         return weights / weights.sum()
 
     def _draw(self, step: int) -> list[int]:
+        if len(self.sources) == 1:
+            return [self.batch_size]
         p = self.probs(step)
         cum = np.cumsum(p)
         cum[-1] = 1.0  # rounding must not leave a sliver above the last source
-        u = np.random.default_rng([self.seed, int(step), _STREAM]).random()
+        u = uniform(self.seed, int(step), _STREAM)
         if self.cfg.mode == "single":
             # Zero-probability sources occupy empty intervals and are never picked.
             out = [0] * len(p)
