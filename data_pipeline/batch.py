@@ -29,6 +29,8 @@ class Batch:
         return int(self.source_id.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        if self.source_id.device == torch.device(device):
+            return self  # already there (CPU training): skip rebuilding four dicts every step
         move = lambda d: {k: v.to(device, non_blocking=non_blocking) for k, v in d.items()}  # noqa: E731
         return Batch(
             inputs=move(self.inputs),

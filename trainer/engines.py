@@ -118,25 +118,23 @@ class TorchEngine:
         self.grad_accum = cfg.trainer.grad_accum
         self.task_slices = task_slices_of(self.module)
 
-    @contextlib.contextmanager
-    def accumulating(self, last: bool) -> Iterator[None]:
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
         if self.kind == "ddp" and not last:
-            with self.model.no_sync():
-                yield
-        else:
-            yield
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
 
     def step(self, absent_tasks: list[str]) -> float:
         """Clip, step optimizer and LR schedule, zero grads; returns the pre-clip grad norm."""
         clip = self.cfg.trainer.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        frozen = _Frozen.take(self.optimizer, _task_slices(self.task_slices, absent_tasks))
+        frozen = _Frozen.take(self.optimizer, _task_slices(self.task_slices, absent_tasks)) if absent_tasks else None
         self.optimizer.step()
-        frozen.restore(self.optimizer)
+        if frozen is not None:
+            frozen.restore(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

@@ -86,25 +86,29 @@ class Job:
 def train_step(job: Job, step: int) -> StepResult:
     cfg, info, engine, tasks = job.cfg, job.info, job.engine, job.tasks
     counts_per_source = job.sampler.counts(step)
-    accum = cfg.trainer.grad_accum
-    loss_sum, count = torch.zeros(len(tasks), dtype=torch.float64), torch.zeros(len(tasks), dtype=torch.float64)
-    skipped, stop, weights, total = False, False, {}, torch.zeros(())
+    accum, n_tasks = cfg.trainer.grad_accum, len(tasks)
+    # Host-side bookkeeping stays in Python lists: indexing small tensors element by element
+    # costs more than the step's own small ops.
+    count, loss_sum = [0.0] * n_tasks, [0.0] * n_tasks
+    skipped, stop, weights, total = False, False, {}, None
     # DeepSpeed must not run backward on a non-finite loss, so it agrees before backward;
     # the torch engines let the agreement all-reduce run while backward computes.
     agree_first = engine.kind == "deepspeed"
     for micro in range(accum):
-        batch = job.data.next_batch(counts_per_source).to(info.device, non_blocking=True)
+        batch = job.data.next_batch(counts_per_source)
+        # Labelled samples per task, counted on the host before the batch moves to the device.
+        n = torch.stack([batch.masks[t] for t in tasks]).sum(1).tolist()
+        batch = batch.to(info.device, non_blocking=True)
         with engine.accumulating(last=micro == accum - 1):
             with autocast(cfg, info):
                 out = engine.model(batch.inputs, batch.source_id)
                 losses = task_losses(out.outputs, batch.labels, batch.masks, job.specs)
-            # One all-reduce carries everything the ranks must agree on: labelled counts and
-            # loss sums per task, a non-finite flag, a stop request.
-            n = torch.stack([batch.masks[t].sum() for t in tasks]).double().cpu()
-            sums = torch.stack([losses[t].detach() for t in tasks]).double().cpu() * n
-            flags = torch.tensor([float(not bool(torch.isfinite(sums).all())), float(job.preempt.requested)])
-            pending = D.all_reduce_sum_async(torch.cat([n, torch.nan_to_num(sums, nan=0.0, posinf=0.0), flags]))
-            if agree_first and pending.result()[-2] > 0:
+            # One all-reduce carries everything the ranks must agree on: labelled counts, a
+            # stop request and loss sums per task (a NaN or inf anywhere stays non-finite).
+            head = torch.tensor([*n, float(job.preempt.requested)], dtype=torch.float64, device=info.device)
+            sums = torch.stack([losses[t].detach() for t in tasks]).double() * head[:n_tasks]
+            pending = D.all_reduce_sum_async(torch.cat([head, sums]))
+            if agree_first and not all(map(math.isfinite, pending.result()[n_tasks + 1 :].tolist())):
                 skipped = True
             if not skipped:
                 ctx = WeightingContext(
@@ -112,33 +116,35 @@ def train_step(job: Job, step: int) -> StepResult:
                     shared=out.shared,
                     shared_params=job.last_shared,
                     all_reduce_mean=D.all_reduce_mean,
-                    local_counts=dict(zip(tasks, map(int, n.tolist()))),
+                    local_counts=dict(zip(tasks, n)),
                 )  # presence is left to the weighting: those that need it agree on it themselves
                 total, weights = job.weighting.combine(losses, ctx)
-                total = total + sum(out.aux_losses.values(), torch.zeros((), device=total.device))
+                if out.aux_losses:
+                    total = total + sum(out.aux_losses.values())
                 engine.backward(total)
-            agreed = pending.result()
-            count += agreed[: len(tasks)]
-            loss_sum += agreed[len(tasks) : 2 * len(tasks)]
-            skipped |= bool(agreed[-2] > 0)  # a NaN anywhere reached every rank's gradient too
-            stop |= bool(agreed[-1] > 0)
+            agreed = pending.result().tolist()
+            reduced_sums = agreed[n_tasks + 1 :]
+            count = [a + b for a, b in zip(count, agreed[:n_tasks])]
+            loss_sum = [a + b for a, b in zip(loss_sum, reduced_sums)]
+            stop |= agreed[n_tasks] > 0
+            # a non-finite loss on any rank reached every rank's gradient through the all-reduce
+            skipped |= not all(map(math.isfinite, reduced_sums))
     if skipped:
         engine.skip_step()
         if job.weighting_opt is not None:
             job.weighting_opt.zero_grad(set_to_none=True)
     else:
-        absent = [t for i, t in enumerate(tasks) if count[i] == 0]
-        sync_weighting_grads(job)
+        absent = [t for t, c in zip(tasks, count) if c == 0]
         engine.step(absent)
         if job.weighting_opt is not None:
+            sync_weighting_grads(job)
             job.weighting_opt.step()
             job.weighting_opt.zero_grad(set_to_none=True)
-    mean = {t: float(loss_sum[i] / count[i]) if count[i] > 0 else math.nan for i, t in enumerate(tasks)}
     return StepResult(
-        losses=mean,
-        counts={t: int(count[i]) for i, t in enumerate(tasks)},
+        losses={t: s / c if c > 0 else math.nan for t, s, c in zip(tasks, loss_sum, count)},
+        counts={t: int(c) for t, c in zip(tasks, count)},
         weights=weights,
-        total=float(total.detach()) if not skipped else math.nan,
+        total=float(total.detach()) if not skipped and total is not None else math.nan,
         skipped=skipped,
         stop_requested=stop,
         samples=sum(counts_per_source) * accum,

@@ -125,12 +125,13 @@ def weighted_sum(
 
     Zero weights are kept: the tower then still gets a (zero) gradient, which DDP expects.
     """
-    total = torch.zeros((), device=device)
+    total = None
     for task, loss in losses.items():
         if task not in weights:
             raise ValueError(f"loss for unknown task '{task}' (tasks: {', '.join(weights)})")
-        total = total + weights[task] * loss
-    return total
+        term = loss if weights[task] == 1.0 else weights[task] * loss  # skip a multiply by 1
+        total = term if total is None else total + term
+    return torch.zeros((), device=device) if total is None else total
 
 
 @dataclass
