@@ -5,8 +5,10 @@ Run: `.venv/bin/python -m bench.bench_trainer` (about 2–3 minutes on 2 CPU cor
 1. Framework overhead: manytask's `train_step` vs a minimal hand-written PyTorch loop
    (forward, summed masked losses, backward, clip, AdamW step) on the same model and the same
    in-memory batches, one process. Goal: >= 0.95x.
-2. DDP scaling: `manytask train` under torchrun with 2 ranks x 1 thread vs 1 rank x 1 thread,
-   samples/s from metrics.jsonl (after warm-up). Goal: >= 1.45x (a bare DDP loop gets ~1.5x).
+2. DDP scaling: manytask's `train_step` (real loader) under torchrun with 2 ranks x 1 thread
+   vs 1 rank x 1 thread, next to a bare DDP loop on the same model measured in the same
+   processes (bench/ddp_worker.py), at the demo batch (256) and at 4096 samples per rank.
+   Goal: >= 1.45x (a bare DDP loop gets ~1.5x when compute outweighs gloo's latency).
 3. Checkpoints: save and load time for the demo model and a ~100M-parameter model.
 4. Time to first step when resuming vs starting fresh (goal <= 2x).
 """
@@ -42,7 +44,7 @@ def recipe(tmp: Path, data: Path, name: str, **trainer) -> Path:
     r["run"]["dir"] = str(tmp / name)
     r["data"]["sources"][0].update(train=str(data / "train"), val=str(data / "val"))
     r["data"].update(num_workers=0, val_max_batches=1)
-    r["trainer"].update(eval_every=10**6, log_every=20, **trainer)
+    r["trainer"].update({"eval_every": 10**6, "log_every": 20, **trainer})
     r["checkpoint"]["every"] = 10**6
     r["logging"].update(wandb=False, progress=False, heatmap_every=0)
     path = tmp / f"{name}.yaml"
@@ -111,22 +113,29 @@ def overhead(tmp: Path, data: Path, rounds: int = 12, steps: int = 40) -> tuple[
 
 
 # ---------------------------------------------------------------- 2. DDP scaling
-def samples_per_s(run_dir: Path) -> float:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r][1:]  # skip warm-up
-    return statistics.median(rates)
+DDP_BATCHES = (256, 4096)
 
 
-def scaling(tmp: Path, data: Path, steps: int = 300) -> tuple[float, float]:
+def scaling(tmp: Path, data: Path, batch: int, rounds: int = 6, steps: int = 10) -> dict[str, float]:
+    """2 ranks vs 1 rank (1 thread each) of manytask's step and of a bare DDP loop, same run.
+
+    Launches alternate 1, 2, 1, 2 so that machine drift hits both world sizes alike; each
+    launch times both loops in alternating rounds (bench/ddp_worker.py).
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    one = recipe(tmp, data, "one", max_steps=steps)
-    two = recipe(tmp, data, "two", max_steps=steps)
-    subprocess.run([sys.executable, "-m", "manytask.launch.cli", "train", str(one)], env=env, check=True,
-                   capture_output=True, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    "-m", "manytask.launch.cli", "train", str(two)], env=env, check=True, capture_output=True,
-                   cwd=ROOT)
-    return samples_per_s(tmp / "one"), samples_per_s(tmp / "two")
+    path = recipe(tmp, data, f"ddp_{batch}", max_steps=10**6, log_every=10**6)
+    r = yaml.safe_load(path.read_text())
+    r["data"]["batch_size"] = batch
+    path.write_text(yaml.safe_dump(r))
+    runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    for world in (1, 2, 1, 2):
+        out = tmp / f"ddp_{batch}_{world}.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                        "-m", "bench.ddp_worker", str(path), str(out), str(rounds), str(steps)],
+                       env=env, check=True, capture_output=True, cwd=ROOT)
+        runs[world].append(json.loads(out.read_text()))
+    best = {w: {k: max(r[k] for r in rs) for k in ("ours", "bare")} for w, rs in runs.items()}
+    return {f"{k}_{w}": best[w][k] for w in (1, 2) for k in ("ours", "bare")}
 
 
 # ---------------------------------------------------------------- 3. checkpoints
@@ -190,10 +199,15 @@ def main() -> None:
               f"   manytask {ours:10,.0f} samples/s   hand-written {hand:10,.0f} samples/s   "
               f"ratio {ratio:.2f}x  (median of 12 paired rounds; goal >= 0.95x)")
 
-        one, two = scaling(tmp, data)
-        print(f"\n2. DDP scaling (1 thread per rank, num_workers 0)\n"
-              f"   1 rank {one:10,.0f} samples/s   2 ranks {two:10,.0f} samples/s   "
-              f"ratio {two / one:.2f}x  (goal >= 1.45x)")
+        print("\n2. DDP scaling: 2 ranks vs 1 rank, 1 thread each, demo MMoE (samples/s over all ranks;\n"
+              "   manytask = train_step on the real loader, bare = minimal DDP loop on in-memory batches)")
+        for batch in DDP_BATCHES:
+            r = scaling(tmp, data, batch)
+            print(f"   batch {batch:5d}/rank  manytask {r['ours_1']:9,.0f} -> {r['ours_2']:9,.0f}  "
+                  f"ratio {r['ours_2'] / r['ours_1']:.2f}x   bare DDP {r['bare_1']:9,.0f} -> {r['bare_2']:9,.0f}  "
+                  f"ratio {r['bare_2'] / r['bare_1']:.2f}x")
+        print("   goal >= 1.45x where a bare DDP loop gets ~1.5x; at batch 256 this 40k-parameter model's\n"
+              "   per-step gloo all-reduce latency outweighs its compute for any DDP loop")
 
         print("\n3. checkpoint save / load (model + AdamW state)")
         from manytask.config import load_config
