@@ -72,7 +72,8 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """relu=True applies ReLU in place on the fresh matmul output (one tensor fewer)."""
         if x.dim() == 2:
             # One input for all members: a single [B, in] @ [in, n*out] GEMM (the weight copy
             # is small next to it). Unlike a baddbmm over an expanded input, the backward never
@@ -81,8 +82,10 @@ class StackedLinear(nn.Module):
             n, in_dim, out_dim = self.weight.shape
             w = self.weight.permute(1, 0, 2).reshape(in_dim, n * out_dim)
             y = torch.addmm(self.bias.reshape(1, n * out_dim), x, w)
+            y = torch.relu_(y) if relu else y
             return y.view(x.shape[0], n, out_dim).transpose(0, 1)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+        y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+        return torch.relu_(y) if relu else y
 
     def extra_repr(self) -> str:
         return f"n={self.n}, in_dim={self.in_dim}, out_dim={self.out_dim}"
@@ -113,19 +116,34 @@ class StackedMLP(nn.Module):
             in_dim = out_dim
         self.out_dim = in_dim
         self.activation = ACTIVATIONS[activation]()
+        self.inplace_relu = activation == "relu"
         self.last_activation = last_activation
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.layers and x.dim() == 2:
             return x.unsqueeze(0).expand(self.n, -1, -1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if self.last_activation or i < len(self.layers) - 1:
-                x = self.activation(x)
-                if self.dropout > 0:
-                    x = F.dropout(x, self.dropout, self.training)
+        return self.after_layer(x, -1)
+
+    def after_layer(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The rest of the MLP from layer i's output `x` (pre-activation); i = -1: the input."""
+        last = len(self.layers) - 1
+        if i >= 0:
+            x = self._activate(x, i == last)
+        for j in range(i + 1, last + 1):
+            activate = self.last_activation or j < last
+            if activate and self.inplace_relu:
+                x = self.layers[j](x, relu=True)
+                x = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+            else:
+                x = self._activate(self.layers[j](x), j == last)
         return x
+
+    def _activate(self, x: torch.Tensor, is_last: bool) -> torch.Tensor:
+        if is_last and not self.last_activation:
+            return x
+        x = self.activation(x)
+        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
     def member_parameters(self, i: int) -> list[tuple[nn.Parameter, int]]:
         """Member i's parameters as (stacked tensor, slice index along dim 0)."""

@@ -78,8 +78,10 @@ class MMoE(nn.Module):
         h = self.encoder(inputs)  # [B, F]
         experts = self.experts(h)  # [E, B, D]
         w = self.gates(self.gate_embedding(h) if self.gate_embedding is not None else h)  # [G, B, E]
-        mixed = mix(w, experts)  # [G, B, D]
-        outputs = self.towers(mixed[0] if self.shared_gate else mixed)
+        if self.shared_gate:
+            outputs = self.towers(mix(w, experts)[0])  # one mixture [B, D] for every tower
+        else:
+            outputs = self.towers.forward_mixed(w, experts)  # tower t on gate t's mixture
         if self.shared_gate:
             means, entropy = gate_outputs(["shared"], w)
             means = dict.fromkeys(self.task_names, means["shared"])

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from manytask.models.gates import mix
 from manytask.models.layers import Activation, StackedMLP
+from manytask.models.mixed_linear import mixed_linear, use_fused
 from manytask.models.spec import TaskSpec
 
 
@@ -57,6 +59,24 @@ class Towers(nn.Module):
         for g, group in enumerate(self.groups):
             y = group(self._group_input(x, g))  # [n, B, out]
             # unbind: one backward op for the whole group, not a zero-filled [n, B, out] per task
+            for t, y_t in zip(self.group_tasks[g], y.unbind(0)):
+                out[self.task_names[t]] = y_t
+        return {name: out[name] for name in self.task_names}
+
+    def forward_mixed(self, w: torch.Tensor, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Towers on gate mixtures: tower t reads Σ_e w[t, b, e] · experts[e, b].
+
+        w `[T, B, E]`, experts `[E, B, D]` -> {task: `[B, out_dim]`}. Same result as
+        `self(mix(w, experts))`; on CPU the mixture is fused into each group's first layer
+        (`mixed_linear`), so no `[T, B, D]` tensor is allocated or kept for the backward.
+        """
+        if not use_fused(w, experts.shape[-1]):
+            return self(mix(w, experts))
+        out: dict[str, torch.Tensor] = {}
+        for g, group in enumerate(self.groups):
+            first = group.layers[0]
+            h = mixed_linear(self._group_input(w, g), experts, first.weight, first.bias)
+            y = group.after_layer(h, 0)  # [n, B, out]
             for t, y_t in zip(self.group_tasks[g], y.unbind(0)):
                 out[self.task_names[t]] = y_t
         return {name: out[name] for name in self.task_names}

@@ -106,6 +106,49 @@ def test_batched_mmoe_matches_looped_reference_forward_and_gradients():
         torch.testing.assert_close(g_batched[name], g_looped[name], msg=name)
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 40])  # one chunk, and many uneven ones
+def test_fused_mixture_tower_layer_matches_plain_path_many_tasks(monkeypatch, chunk_elements):
+    """MMoE with 9 same-shaped tasks (+1 of another width): the CPU path that fuses the gate
+    mixture into the first tower layer equals mix-then-towers, forward and every gradient."""
+    from manytask.models import mixed_linear
+
+    monkeypatch.setattr(mixed_linear, "CHUNK_ELEMENTS", chunk_elements)
+    tasks = {f"t{i}": TaskSpec("binary", 1) for i in range(9)} | {"genre": TaskSpec("multiclass", 3)}
+    torch.manual_seed(0)
+    params = {"num_experts": 3, "expert_hidden": [7], "tower_hidden": [5, 4], "gate_dropout": 0.0}
+    model = build_model(ModelConfig("mmoe", params), make_spec(tasks)).double()
+    inputs, sid = make_inputs(B=13)
+    inputs["x"] = inputs["x"].double()
+
+    def run(fused: bool):
+        monkeypatch.setattr("manytask.models.towers.use_fused", lambda w, width: fused)
+        model.zero_grad()
+        out = model(inputs, sid).outputs
+        sum((o * (k + 1)).pow(2).sum() for k, o in enumerate(out.values())).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out_f, g_f = run(True)
+    out_p, g_p = run(False)
+    for name in tasks:
+        torch.testing.assert_close(out_f[name], out_p[name])
+    for name in g_p:
+        torch.testing.assert_close(g_f[name], g_p[name], msg=name)
+
+
+def test_mixed_linear_gradcheck_across_chunks(monkeypatch):
+    from manytask.models import mixed_linear
+
+    monkeypatch.setattr(mixed_linear, "CHUNK_ELEMENTS", 50)
+    g = torch.Generator().manual_seed(0)
+    G, B, E, D, H = 4, 9, 3, 5, 2
+    w = torch.softmax(torch.randn(B, G, E, dtype=torch.float64, generator=g), -1).requires_grad_()
+    experts = torch.randn(B, E, D, dtype=torch.float64, generator=g).requires_grad_()
+    weight = torch.randn(G, D, H, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(G, H, dtype=torch.float64, generator=g, requires_grad=True)
+    args = (w.transpose(0, 1), experts.transpose(0, 1), weight, bias)
+    assert torch.autograd.gradcheck(mixed_linear.mixed_linear, args)
+
+
 def test_ple_grouped_experts_match_looped_reference():
     from manytask.models.ple import GroupedLinear
 
@@ -326,3 +369,33 @@ def test_losses_match_torch_on_valid_samples_and_ignore_masked_labels():
     assert predictions(TASKS["click"], outputs["click"]).shape == (6,)
     torch.testing.assert_close(predictions(TASKS["genre"], outputs["genre"]).sum(1), torch.ones(6))
     assert predictions(TASKS["price"], outputs["price"]).shape == (6,)
+
+
+def test_stacked_losses_of_same_shaped_tasks_equal_one_by_one():
+    """Same-typed tasks go through one stacked loss: values and gradients equal the per-task
+    losses, NaN labels under the mask stay harmless, an all-masked task is an exact 0."""
+    g = torch.Generator().manual_seed(0)
+    B = 10
+    specs = {f"c{i}": TaskSpec("binary", 1) for i in range(4)} | {
+        f"r{i}": TaskSpec("regression", 1) for i in range(3)
+    } | {"genre": TaskSpec("multiclass", 3), "genre2": TaskSpec("multiclass", 3)}
+    outputs = {t: torch.randn(B, s.out_dim, generator=g, dtype=torch.float64, requires_grad=True)
+               for t, s in specs.items()}
+    labels = {t: torch.randint(0, 2, (B,), generator=g).double() for t in specs if t[0] == "c"}
+    labels |= {t: torch.randn(B, generator=g, dtype=torch.float64) for t in specs if t[0] == "r"}
+    labels |= {t: torch.randint(0, 3, (B,), generator=g) for t in ("genre", "genre2")}
+    masks = {t: torch.rand(B, generator=g) < 0.6 for t in specs}
+    masks["c2"] = torch.zeros(B, dtype=torch.bool)
+    for t in specs:
+        if labels[t].is_floating_point():
+            labels[t][~masks[t]] = float("nan")
+    together = task_losses(outputs, labels, masks, specs)
+    one_by_one = {t: task_loss(specs[t], outputs[t], labels[t], masks[t]) for t in specs}
+    assert list(together) == list(specs) and together["c2"].item() == 0.0
+    for t in specs:
+        torch.testing.assert_close(together[t], one_by_one[t])
+    grads = torch.autograd.grad(sum(together.values()), list(outputs.values()))
+    expect = torch.autograd.grad(sum(one_by_one.values()), list(outputs.values()))
+    for a, b in zip(grads, expect):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)

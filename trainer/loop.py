@@ -25,6 +25,7 @@ from manytask.trainer.checkpoint import Checkpointer, check_compatible
 from manytask.trainer.engines import autocast, build_engine
 from manytask.trainer.evaluate import evaluate
 from manytask.trainer.logger import MetricsLogger
+from manytask.trainer.memory import keep_freed_memory
 from manytask.trainer.monitor import (
     GateHealth,
     TaskAffinity,
@@ -178,6 +179,7 @@ def gate_metrics(out: Any) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- set-up
 def build_job(cfg: Config) -> Job:
+    keep_freed_memory()  # before the first big allocation: no per-step page faults on CPU
     info = D.init_distributed(cfg.engine.backend, deepspeed=cfg.engine.name == "deepspeed")
     D.seed_everything(cfg.run.seed, info.rank)
     run = RunDir(cfg, info)
