@@ -7,9 +7,9 @@ quick look, `--only italy_power yeast` for some rows). Every run is a normal in-
 `runs/validate/`; data come from `manytask data prepare` (skipped when already there).
 
 - multi-task: the recipe as written.
-- single-task: `single_task` (the recipe's encoder params, an MLP of the recipe's trunk + tower
-  widths, one head) trained on one task with the same steps and batch size, one run per
-  task. Time series use the recipe's `timeseries` model with one task instead, so both columns
+- single-task: `manytask compare`'s baseline (trainer/compare.py: `single_task` with the
+  recipe's encoder and the widths of one task's path through the multi-task model) trained on
+  one task with the same data, steps, batch size, optimizer and seed. Time series use the recipe's `timeseries` model with one task instead, so both columns
   have the residual ("last value +") forecast head. Yeast: one binary run per label, the mean of
   the 14 label AUCs against the multilabel head's macro AUC.
 - trivial: what a model that ignores the inputs gets: AUC 0.5, the training majority class,
@@ -35,9 +35,10 @@ from manytask.config import Config, config_from_dict, load_config
 from manytask.data_pipeline.loader import val_batches
 from manytask.data_pipeline.prepare import prepare
 from manytask.data_pipeline.real_data import CORRELATIONS
+from manytask.trainer import compare
 from manytask.trainer.loop import train
 
-PRIMARY = {"binary": "auc", "multilabel": "auc", "multiclass": "accuracy", "regression": "mse", "forecast": "mse"}
+PRIMARY = compare.PRIMARY_METRIC
 OUT = Path("runs/validate")
 
 
@@ -101,26 +102,11 @@ def study_config(recipe: str, steps: int, tag: str, overrides: list[str]) -> Con
     ])
 
 
-def single_task_config(cfg: Config, task: str, model: str, label_field: str | None = None) -> Config:
-    """`cfg` cut down to one task (and the one source labelling it). `label_field` makes the
-    task a binary one read from that field (a single label of a multilabel task)."""
-    d = cfg.to_dict()
-    source = next(s for s in d["data"]["sources"] if task in s["labels"])
-    name = label_field or task
-    source["labels"] = {name: label_field or source["labels"][task]}
-    d["data"]["sources"] = [source]
-    d["tasks"] = {name: {"type": "binary"} if label_field else d["tasks"][task]}
-    d["weighting"] = {"name": "equal", "params": {}}  # one task: nothing to balance
-    d["run"]["dir"] = f"{d['run']['dir']}-{name}"
-    params = d["model"]["params"]
-    if model == "single_task":
-        trunk = params.get("hidden") or params.get("expert_hidden") or [64]
-        d["model"] = {"name": "single_task", "params": {
-            "encoder": params.get("encoder", {}),
-            "hidden": list(trunk) + list(params.get("tower_hidden", [])),
-            "dropout": params.get("dropout", 0.0),
-        }}
-    return config_from_dict(d)
+def single_task_config(cfg: Config, task: str, model: str | None, label_field: str | None = None) -> Config:
+    """`cfg` cut down to one task by `manytask compare`'s builder, in `<run dir>-<task>`;
+    model "single_task" (compare's baseline) or the recipe's own model with one task."""
+    run_dir = Path(f"{cfg.run.dir}-{label_field or task}")
+    return compare.single_task_config(cfg, task, run_dir, label_field, keep_model=model != "single_task")
 
 
 def trivial_metrics(cfg: Config) -> dict[str, float]:

@@ -176,6 +176,27 @@ class Config:
                     f"(add it to some data.sources[].labels)"
                 )
 
+        self._check_zero3(file)
+
+    def _check_zero3(self, file: str | None) -> None:
+        """ZeRO-3 partitions every parameter across ranks: gradients with respect to the full
+        shared parameters (task affinity, GradNorm) do not exist on any one rank."""
+        zero = self.engine.deepspeed.get("zero_optimization", {})
+        if self.engine.name != "deepspeed" or not isinstance(zero, dict) or zero.get("stage", 0) != 3:
+            return
+        if self.monitor.affinity_every:
+            raise ConfigError(
+                f"'monitor.affinity_every' in {file}: task affinity needs per-task gradients of the "
+                "full shared parameters, which ZeRO stage 3 partitions across ranks; set "
+                "monitor.affinity_every=0 or engine.deepspeed.zero_optimization.stage <= 2"
+            )
+        if self.weighting.name == "gradnorm":
+            raise ConfigError(
+                f"'weighting.name' in {file}: gradnorm needs per-task gradients of the last shared "
+                "layer, which ZeRO stage 3 partitions across ranks; use another weighting or "
+                "engine.deepspeed.zero_optimization.stage <= 2"
+            )
+
     @property
     def task_names(self) -> list[str]:
         return list(self.tasks)

@@ -61,6 +61,22 @@ def test_single_task_config_keeps_only_its_task_and_sources(tmp_path):
     assert st.run.dir == str(tmp_path / "single_cvr")
 
 
+def test_single_task_config_one_label_of_a_multilabel_task_and_kept_model(tmp_path):
+    cfg = config_from_dict({
+        "run": {"dir": str(tmp_path / "run")},
+        "data": {"sources": [{"name": "yeast", "train": "t", "val": "v", "inputs": ["x"],
+                              "labels": {"functions": "labels", "other": "y"}}]},
+        "tasks": {"functions": {"type": "multilabel", "out_dim": 14}, "other": {"type": "regression"}},
+        "model": {"name": "multi_head", "params": {"hidden": [32], "tower_hidden": [8]}},
+    })
+    st = single_task_config(cfg, "functions", tmp_path / "label_03", label_field="label_03")
+    assert list(st.tasks) == ["label_03"] and st.tasks["label_03"].type == "binary"
+    assert st.data.sources[0].labels == {"label_03": "label_03"}
+    assert st.model.params["hidden"] == [32, 8]
+    kept = single_task_config(cfg, "other", tmp_path / "other", keep_model=True)
+    assert (kept.model.name, kept.model.params, list(kept.tasks)) == ("multi_head", cfg.model.params, ["other"])
+
+
 def test_compare_tiny_demo_then_reuse(tmp_path, demo_shards, capsys, monkeypatch):
     recipe = write_recipe(tmp_path, demo_shards, logging={"wandb": False, "progress": False})
     args = ["compare", str(recipe), "trainer.max_steps=8", "trainer.eval_every=8", "trainer.warmup_steps=0"]

@@ -70,6 +70,16 @@ def test_label_for_unknown_task_and_unlabelled_task(tmp_path):
         load_config(write(tmp_path, BASE + "  c: {type: binary}\n"))
 
 
+def test_zero3_refuses_what_needs_full_shared_gradients(tmp_path):
+    recipe = write(tmp_path, BASE + "engine: {name: deepspeed, deepspeed: {zero_optimization: {stage: 3}}}\n")
+    assert load_config(recipe).engine.deepspeed["zero_optimization"]["stage"] == 3  # fine by itself
+    with pytest.raises(ConfigError, match=r"'monitor.affinity_every'.*ZeRO stage 3.*affinity_every=0"):
+        load_config(recipe, ["monitor.affinity_every=10"])
+    with pytest.raises(ConfigError, match=r"'weighting.name'.*gradnorm.*ZeRO stage 3"):
+        load_config(recipe, ["weighting.name=gradnorm"])
+    load_config(recipe, ["weighting.name=gradnorm", "engine.deepspeed.zero_optimization.stage=2"])
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

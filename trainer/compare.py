@@ -112,27 +112,36 @@ def multi_task_config(cfg: Config, run_dir: Path) -> Config:
     return config_from_dict(data)
 
 
-def single_task_config(cfg: Config, task: str, run_dir: Path) -> Config:
+def single_task_config(
+    cfg: Config, task: str, run_dir: Path, label_field: str | None = None, keep_model: bool = False
+) -> Config:
     """The recipe cut down to `task`: only the sources labelling it (with only that label),
     model `single_task`, equal weighting (one task), no affinity monitor; data, steps, batch
-    size, optimizer and seed unchanged."""
+    size, optimizer and seed unchanged.
+
+    label_field: the baseline is a binary task of that name read from that field (one label of
+    a multilabel task). keep_model: keep the recipe's own model with one task instead of
+    `single_task` (a time-series model, so both sides have the same forecast head).
+    """
     data = cfg.to_dict()
-    data["run"].update(dir=str(run_dir), name=f"{cfg.run.name}-single_{task}")
+    name = label_field or task
+    data["run"].update(dir=str(run_dir), name=f"{cfg.run.name}-single_{name}")
     data["engine"]["name"] = "single"
-    data["tasks"] = {task: _with_primary_metric(data["tasks"][task])}
+    data["tasks"] = {name: _with_primary_metric({"type": "binary"} if label_field else data["tasks"][task])}
     sources = [s for s in data["data"]["sources"] if task in s["labels"]]
     for source in sources:
-        source["labels"] = {task: source["labels"][task]}
+        source["labels"] = {name: label_field or source["labels"][task]}
     data["data"]["sources"] = sources
     kept = {s["name"] for s in sources}
     data["sampler"]["weights"] = {k: v for k, v in data["sampler"]["weights"].items() if k in kept}
-    params = single_task_params(cfg.model)
-    encoder = params.get("encoder")
-    if isinstance(encoder, dict) and encoder.get("fields"):
-        # Fields only the dropped sources provide are no longer inputs.
-        inputs = {f for s in sources for f in s["inputs"]}
-        params["encoder"] = {**encoder, "fields": [f for f in encoder["fields"] if f in inputs]}
-    data["model"] = {"name": "single_task", "params": params}
+    if not keep_model:
+        params = single_task_params(cfg.model)
+        encoder = params.get("encoder")
+        if isinstance(encoder, dict) and encoder.get("fields"):
+            # Fields only the dropped sources provide are no longer inputs.
+            inputs = {f for s in sources for f in s["inputs"]}
+            params["encoder"] = {**encoder, "fields": [f for f in encoder["fields"] if f in inputs]}
+        data["model"] = {"name": "single_task", "params": params}
     data["weighting"] = {"name": "equal", "params": {}}
     data["monitor"]["affinity_every"] = 0
     data["logging"]["tags"] = [*cfg.logging.tags, "compare", "single_task"]
