@@ -5,7 +5,9 @@ glibc hands blocks above its mmap threshold back to the OS on free, and trims th
 above its trim threshold, so each step page-faults the same memory back in: about 2,600
 minor faults per step of the benchmark MMoE (batch 1024), a sixth of its step time. Raising
 both thresholds keeps freed memory for the next step, as CUDA's caching allocator does on a
-GPU. The cost is that RSS stays at the step's peak instead of dipping between steps.
+GPU. The cost is that RSS stays at the step's peak instead of dipping between steps (the first
+few steps grow the heap until freed blocks coalesce into ones the next step fits in; then it
+stays flat: tests/test_memory.py).
 
 No-op off Linux/glibc, and when MANYTASK_KEEP_FREED_MEMORY=0.
 """
