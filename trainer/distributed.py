@@ -125,6 +125,55 @@ def all_reduce_sum_async(t: torch.Tensor) -> PendingSum:
     return PendingSum(t, dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True))
 
 
+class PiggybackSum:
+    """A small vector summed over ranks inside DDP's gradient all-reduce: one collective per
+    step instead of two (on gloo each collective costs a few ms of latency, whatever its size).
+
+    Register `hook` with `DistributedDataParallel.register_comm_hook(None, hook)`; `submit(v)`
+    before a backward that synchronises gradients; `result()` after it. The vector rides on the
+    last bucket of that backward, sent as the bucket's dtype (float32 counts are exact to 2^24).
+    `hook` otherwise does what DDP's default does: sum the bucket and divide by the world size.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.payload: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+
+    def submit(self, t: torch.Tensor) -> PiggybackSum:
+        self.payload, self.sum = t, None
+        return self
+
+    # (bucket: dist.GradBucket) -> Future[Tensor]; unannotated because DDP checks annotations
+    # by identity and `from __future__ import annotations` makes them strings.
+    def hook(self, _state, bucket):  # noqa: ANN001, ANN201
+        grads = bucket.buffer()
+        extra = self.payload if bucket.is_last() else None
+        n = grads.numel()
+        if extra is not None:
+            self.payload = None
+            flat = torch.cat([grads, extra.to(grads.device, grads.dtype)])
+        else:
+            flat = grads
+        fut = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True).get_future()
+
+        def finish(done: torch.futures.Future) -> torch.Tensor:
+            out = done.value()[0]
+            if extra is not None:
+                self.sum = out[n:].to(torch.float64)
+            return out[:n].div_(self.world_size)
+
+        return fut.then(finish)
+
+    def result(self) -> torch.Tensor:
+        """The summed vector on CPU. If no bucket carried it (every rank alike), it is sent alone."""
+        if self.sum is None and self.payload is not None:
+            self.sum, self.payload = all_reduce_sum(self.payload.clone()), None
+        if self.sum is None:
+            raise RuntimeError("PiggybackSum.result() before submit()")
+        return self.sum.cpu()
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean over ranks of a tensor, out of place; differentiable-free (use on detached values)."""
     if not is_initialized():

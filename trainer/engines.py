@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from manytask.config import Config
+from manytask.trainer import distributed as D
 from manytask.trainer.distributed import DistInfo
 
 ENGINES = ("single", "ddp", "deepspeed")
@@ -112,6 +113,10 @@ class TorchEngine:
             self.model = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True
             )
+            self.piggyback: D.PiggybackSum | None = D.PiggybackSum(info.world_size)
+            self.model.register_comm_hook(None, self.piggyback.hook)
+        else:
+            self.piggyback = None
         self.params = list(self.module.parameters())
         self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -123,6 +128,13 @@ class TorchEngine:
         if self.kind == "ddp" and not last:
             return self.model.no_sync()
         return contextlib.nullcontext()
+
+    def agree(self, local: torch.Tensor) -> D.PiggybackSum | D.PendingSum:
+        """Sum `local` over ranks; call before the step's last backward, read `.result()`
+        after it. Under DDP the vector rides on that backward's gradient all-reduce."""
+        if self.piggyback is not None:
+            return self.piggyback.submit(local)
+        return D.all_reduce_sum_async(local)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
@@ -192,6 +204,9 @@ class DeepSpeedEngine:
     def accumulating(self, last: bool) -> Iterator[None]:
         self._last = last
         yield
+
+    def agree(self, local: torch.Tensor) -> D.PendingSum:
+        return D.all_reduce_sum_async(local)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself

@@ -84,34 +84,56 @@ class Job:
         return list(self.specs)
 
 
+@dataclass
+class Agreed:
+    """What every rank agrees on for a step, summed over ranks and micro-batches: labelled
+    samples and loss sums per task, a stop request, whether any loss was non-finite."""
+
+    count: list[float]
+    loss_sum: list[float]
+    stop: bool = False
+    nonfinite: bool = False
+
+    def add(self, summed: torch.Tensor) -> None:
+        """Fold in one summed agreement vector `[counts (T), stop, loss sums (T)]`."""
+        values, T = summed.tolist(), len(self.count)
+        sums = values[T + 1 :]
+        self.count = [a + b for a, b in zip(self.count, values[:T])]
+        self.loss_sum = [a + b for a, b in zip(self.loss_sum, sums)]
+        self.stop |= values[T] > 0
+        # a NaN or inf on any rank stays non-finite in the sum (and reached every gradient)
+        self.nonfinite |= not all(map(math.isfinite, sums))
+
+
 def train_step(job: Job, step: int) -> StepResult:
     cfg, info, engine, tasks = job.cfg, job.info, job.engine, job.tasks
     counts_per_source = job.sampler.counts(step)
-    accum, n_tasks = cfg.trainer.grad_accum, len(tasks)
-    # Host-side bookkeeping stays in Python lists: indexing small tensors element by element
-    # costs more than the step's own small ops.
-    count, loss_sum = [0.0] * n_tasks, [0.0] * n_tasks
-    skipped, stop, weights, total = False, False, {}, None
-    # DeepSpeed must not run backward on a non-finite loss, so it agrees before backward;
-    # the torch engines let the agreement all-reduce run while backward computes.
+    accum = cfg.trainer.grad_accum
+    agreed = Agreed([0.0] * len(tasks), [0.0] * len(tasks))
+    weights, total, local, pending = {}, None, None, None
+    # DeepSpeed must not run backward on a non-finite loss, so it agrees on each micro-batch
+    # before its backward; the torch engines agree once per step, during the last backward
+    # (under DDP inside the gradient all-reduce itself: one collective per step).
     agree_first = engine.kind == "deepspeed"
     for micro in range(accum):
+        last = micro == accum - 1
         batch = job.data.next_batch(counts_per_source)
         # Labelled samples per task, counted on the host before the batch moves to the device.
         n = torch.stack([batch.masks[t] for t in tasks]).sum(1).tolist()
         batch = batch.to(info.device, non_blocking=True)
-        with engine.accumulating(last=micro == accum - 1):
+        with engine.accumulating(last=last):
             with autocast(cfg, info):
                 out = engine.model(batch.inputs, batch.source_id)
                 losses = task_losses(out.outputs, batch.labels, batch.masks, job.specs)
-            # One all-reduce carries everything the ranks must agree on: labelled counts, a
-            # stop request and loss sums per task (a NaN or inf anywhere stays non-finite).
             head = torch.tensor([*n, float(job.preempt.requested)], dtype=torch.float64, device=info.device)
-            sums = torch.stack([losses[t].detach() for t in tasks]).double() * head[:n_tasks]
-            pending = D.all_reduce_sum_async(torch.cat([head, sums]))
-            if agree_first and not all(map(math.isfinite, pending.result()[n_tasks + 1 :].tolist())):
-                skipped = True
-            if not skipped:
+            vec = torch.cat([head, torch.stack([losses[t].detach() for t in tasks]).double() * head[: len(tasks)]])
+            if agree_first:
+                agreed.add(engine.agree(vec).result())
+            else:
+                local = vec if local is None else local + vec
+                if last:
+                    pending = engine.agree(local)
+            if not agreed.nonfinite:
                 ctx = WeightingContext(
                     step=step,
                     shared=out.shared,
@@ -123,31 +145,25 @@ def train_step(job: Job, step: int) -> StepResult:
                 if out.aux_losses:
                     total = total + sum(out.aux_losses.values())
                 engine.backward(total)
-            agreed = pending.result().tolist()
-            reduced_sums = agreed[n_tasks + 1 :]
-            count = [a + b for a, b in zip(count, agreed[:n_tasks])]
-            loss_sum = [a + b for a, b in zip(loss_sum, reduced_sums)]
-            stop |= agreed[n_tasks] > 0
-            # a non-finite loss on any rank reached every rank's gradient through the all-reduce
-            skipped |= not all(map(math.isfinite, reduced_sums))
-    if skipped:
+    if pending is not None:
+        agreed.add(pending.result())
+    if agreed.nonfinite:
         engine.skip_step()
         if job.weighting_opt is not None:
             job.weighting_opt.zero_grad(set_to_none=True)
     else:
-        absent = [t for t, c in zip(tasks, count) if c == 0]
-        engine.step(absent)
+        engine.step([t for t, c in zip(tasks, agreed.count) if c == 0])
         if job.weighting_opt is not None:
             sync_weighting_grads(job)
             job.weighting_opt.step()
             job.weighting_opt.zero_grad(set_to_none=True)
     return StepResult(
-        losses={t: s / c if c > 0 else math.nan for t, s, c in zip(tasks, loss_sum, count)},
-        counts={t: int(c) for t, c in zip(tasks, count)},
+        losses={t: s / c if c > 0 else math.nan for t, s, c in zip(tasks, agreed.loss_sum, agreed.count)},
+        counts={t: int(c) for t, c in zip(tasks, agreed.count)},
         weights=weights,
-        total=float(total.detach()) if not skipped and total is not None else math.nan,
-        skipped=skipped,
-        stop_requested=stop,
+        total=float(total.detach()) if not agreed.nonfinite and total is not None else math.nan,
+        skipped=agreed.nonfinite,
+        stop_requested=agreed.stop,
         samples=sum(counts_per_source) * accum,
         out=out,
     )
