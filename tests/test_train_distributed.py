@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import small_recipe, torchrun
 
 from manytask.trainer.wandb_offline import read_history
 
@@ -47,3 +48,18 @@ def test_ddp_two_ranks_learns_and_logs_gates_to_wandb(ddp_reference):
 
 def test_deepspeed_zero2_two_ranks_learns(deepspeed_reference):
     assert_every_task_learned(read_jsonl(deepspeed_reference))
+
+
+@pytest.mark.parametrize("weighting,accum", [("gradnorm", 1), ("mgda", 2), ("dwa", 1), ("worst_case", 2)])
+def test_each_weighting_runs_under_two_rank_ddp(tmp_path, demo_shards, weighting, accum):
+    """Every weighting's own collectives interleave with the DDP step's (whose agreement rides
+    on the gradient all-reduce), with and without gradient accumulation: no hang, finite
+    losses and a logged weight for every task at every step."""
+    recipe = small_recipe(tmp_path, demo_shards, weighting, weighting={"name": weighting},
+                          trainer={"max_steps": 12, "grad_accum": accum}, data={"num_workers": 0})
+    torchrun(recipe, timeout=300)
+    rows = [r for r in read_jsonl(tmp_path / weighting / "run") if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for r in rows:
+        assert r["train/loss"] == r["train/loss"] and abs(r["train/loss"]) < 1e6  # finite
+        assert all(f"weights/{t}" in r for t in TASKS)
