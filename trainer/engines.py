@@ -13,6 +13,7 @@ with their optimizer state — exactly as they were.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,9 +110,14 @@ class TorchEngine:
         if ddp:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             # Our models' buffers are constants (index tables): broadcasting them every forward
-            # would add a collective per step for nothing.
+            # would add a collective per step for nothing. (torch 2.13 renamed the switch.)
+            no_buffer_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}
+            )
             self.model = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True
+                self.module, device_ids=device_ids, gradient_as_bucket_view=True, **no_buffer_sync
             )
             self.piggyback: D.PiggybackSum | None = D.PiggybackSum(info.world_size)
             self.model.register_comm_hook(None, self.piggyback.hook)
