@@ -176,6 +176,12 @@ class Config:
                     f"(add it to some data.sources[].labels)"
                 )
 
+        if self.engine.name == "deepspeed" and self.weighting.name == "pcgrad":
+            raise ConfigError(
+                f"'weighting.name' in {file}: pcgrad rewrites the shared gradients between "
+                "backward and the optimizer step, which DeepSpeed's engine owns; use engine.name "
+                "ddp (or auto) with pcgrad, or another weighting under DeepSpeed"
+            )
         self._check_zero3(file)
 
     def _check_zero3(self, file: str | None) -> None:

@@ -50,7 +50,7 @@ def test_deepspeed_zero2_two_ranks_learns(deepspeed_reference):
     assert_every_task_learned(read_jsonl(deepspeed_reference))
 
 
-@pytest.mark.parametrize("weighting,accum", [("gradnorm", 1), ("mgda", 2), ("dwa", 1), ("worst_case", 2)])
+@pytest.mark.parametrize("weighting,accum", [("gradnorm", 1), ("mgda", 2), ("dwa", 1), ("worst_case", 2), ("pcgrad", 2)])
 def test_each_weighting_runs_under_two_rank_ddp(tmp_path, demo_shards, weighting, accum):
     """Every weighting's own collectives interleave with the DDP step's (whose agreement rides
     on the gradient all-reduce), with and without gradient accumulation: no hang, finite

@@ -133,6 +133,7 @@ def expected_sum(method: str, weights: dict[str, float], present: set[str]) -> f
         "mgda": 1.0,
         "worst_case": k,
         "uncertainty": None,
+        "pcgrad": k,
     }[method]
 
 
@@ -291,6 +292,47 @@ def test_min_norm_solver_three_tasks_matches_brute_force() -> None:
     brute = (grid @ g).pow(2).sum(1).min()
     assert float((alpha @ g).pow(2).sum()) <= float(brute) + 1e-6
     assert float(alpha.sum()) == pytest.approx(1.0) and bool((alpha >= 0).all())
+
+
+def test_pcgrad_projects_conflicting_gradients_off_each_other() -> None:
+    from manytask.trainer.weightings.pcgrad import project_conflicts
+
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 0.0]])  # a, b conflict; c has no labels
+    torch.testing.assert_close(project_conflicts(g, order_seed=3), torch.tensor([0.5, 1.5]))
+    agree = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # no conflict: the plain sum
+    torch.testing.assert_close(project_conflicts(agree, order_seed=0), agree.sum(0))
+
+
+def test_pcgrad_rewrites_shared_gradients_and_leaves_task_parameters_alone() -> None:
+    """Through combine -> backward -> before_step, as the trainer calls them: the shared
+    parameter ends with the projected sum (mean over two micro-batches), a task head with its
+    ordinary gradient, and for two conflicting tasks the result conflicts with neither."""
+    w = nn.Parameter(torch.zeros(2))  # shared
+    head = nn.Parameter(torch.ones(()))  # task a's own parameter
+    u, v = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    weighting = build_weighting(WeightingConfig("pcgrad"), TASKS)
+    for _micro in range(2):
+        losses = {"a": head * (w @ u) + head, "b": w @ v, "c": 0 * w.sum()}
+        ctx = WeightingContext(step=5, all_shared_params=[w], local_counts={"a": 4, "b": 4, "c": 0})
+        total, weights = weighting.combine(losses, ctx)
+        (total / 2).backward()
+    assert weights == {"a": 1.0, "b": 1.0, "c": 1.0}
+    weighting.before_step()
+    torch.testing.assert_close(w.grad, torch.tensor([0.5, 1.5]))
+    assert float(w.grad @ u) >= 0 and float(w.grad @ v) >= 0
+    assert head.grad.item() == 1.0  # d/dhead of (w·u + 1) at w = 0, summed over 2 halves
+
+
+def test_pcgrad_is_refused_under_deepspeed(tmp_path) -> None:
+    from manytask.config import load_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "data: {sources: [{name: s, train: t, inputs: [x], labels: {a: y}}]}\n"
+        "tasks: {a: {type: regression}}\nengine: {name: deepspeed}\nweighting: {name: pcgrad}\n"
+    )
+    with pytest.raises(ConfigError, match=r"'weighting.name'.*pcgrad.*DeepSpeed"):
+        load_config(recipe)
 
 
 def test_worst_case_puts_most_weight_on_the_worst_task() -> None:

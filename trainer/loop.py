@@ -78,6 +78,7 @@ class Job:
     nonfinite_steps: int = 0
     wandb_run_id: str | None = None
     last_shared: list = field(default_factory=list)  # the model's last shared layer (GradNorm)
+    shared_params: list = field(default_factory=list)  # every shared parameter (PCGrad)
 
     @property
     def tasks(self) -> list[str]:
@@ -138,6 +139,7 @@ def train_step(job: Job, step: int) -> StepResult:
                     step=step,
                     shared=out.shared,
                     shared_params=job.last_shared,
+                    all_shared_params=job.shared_params,
                     all_reduce_mean=D.all_reduce_mean,
                     local_counts=dict(zip(tasks, n)),
                 )  # presence is left to the weighting: those that need it agree on it themselves
@@ -152,6 +154,7 @@ def train_step(job: Job, step: int) -> StepResult:
         if job.weighting_opt is not None:
             job.weighting_opt.zero_grad(set_to_none=True)
     else:
+        job.weighting.before_step()  # gradient surgery (pcgrad) rewrites shared gradients here
         engine.step([t for t, c in zip(tasks, agreed.count) if c == 0])
         if job.weighting_opt is not None:
             sync_weighting_grads(job)
@@ -216,6 +219,7 @@ def build_job(cfg: Config) -> Job:
         ckpt=Checkpointer(run.ckpt, info, cfg.checkpoint.keep_last), preempt=PreemptionFlag().install(),
         affinity=TaskAffinity(cfg.monitor, list(specs)), gate_health=GateHealth(cfg.monitor),
         samples_per_task={t: 0 for t in specs}, last_shared=list(engine.module.last_shared_parameters()),
+        shared_params=[p for p in engine.module.shared_parameters() if p.requires_grad],
     )
     restore(job)
     job.logger = MetricsLogger(run.path, cfg, info.is_rank0, resume_step=job.step, run_id=job.wandb_run_id)

@@ -13,6 +13,7 @@ from manytask.trainer.weightings.dwa import DWAWeighting
 from manytask.trainer.weightings.equal import EqualWeighting
 from manytask.trainer.weightings.gradnorm import GradNormWeighting
 from manytask.trainer.weightings.mgda import MGDAWeighting, min_norm_weights
+from manytask.trainer.weightings.pcgrad import PCGradWeighting
 from manytask.trainer.weightings.static import StaticWeighting
 from manytask.trainer.weightings.uncertainty import UncertaintyWeighting
 from manytask.trainer.weightings.worst_case import WorstCaseWeighting
@@ -25,6 +26,7 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "dwa": DWAWeighting,
     "mgda": MGDAWeighting,
     "worst_case": WorstCaseWeighting,
+    "pcgrad": PCGradWeighting,
 }
 
 

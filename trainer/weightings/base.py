@@ -3,6 +3,7 @@
 A weighting is an `nn.Module` with
 
     combine(losses, ctx) -> (total, weights)
+    before_step()            (gradient surgery only: rewrite .grad before the optimizer step)
 
 `losses` maps task -> scalar mean loss over this rank's labelled samples of that task. A task
 with no labelled sample on this rank is either left out or passed as a finite 0 that stays in
@@ -48,6 +49,7 @@ class WeightingContext:
     step:            optimizer step (drives windows and schedules).
     shared:          the model's shared representation, requires grad, [B, ...] (MGDA), or None.
     shared_params:   parameters of the last shared layer (GradNorm).
+    all_shared_params: every shared parameter (PCGrad); empty: use shared_params.
     all_reduce_mean: elementwise mean over ranks (may work in place; it gets a fresh
                      tensor); identity in one process.
     present:         task -> True if it has >= 1 labelled sample on ANY rank this step (agreed
@@ -61,6 +63,7 @@ class WeightingContext:
     step: int = 0
     shared: torch.Tensor | None = None
     shared_params: list[torch.nn.Parameter] = field(default_factory=list)
+    all_shared_params: list[torch.nn.Parameter] = field(default_factory=list)
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = identity
     present: dict[str, bool] = field(default_factory=dict)
     local_counts: dict[str, int] | None = None
@@ -88,6 +91,10 @@ class Weighting(torch.nn.Module):
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def before_step(self) -> None:
+        """Called after the step's backward, before the optimizer step (not on skipped steps):
+        gradient surgery (`pcgrad`) rewrites gradients here; loss weightings do nothing."""
 
 
 def present_here(task: str, losses: dict[str, torch.Tensor], ctx: WeightingContext) -> bool:
