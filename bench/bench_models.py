@@ -35,7 +35,7 @@ BATCH, IN, HIDDEN, TOWER = 1024, 256, 256, [16]
 # where 64 tasks' own FLOPs equal the experts'; two-layer experts as in recommender MMoEs;
 # and DeepCTR-Torch's MMoE defaults (experts (256, 128), towers (64,)).
 SCALING_SIZES = [([HIDDEN], TOWER), ([512, 256], TOWER), ([256, 128], [64])]
-REPEATS, STEPS = 15, 1
+REPEATS, STEPS = 40, 1
 
 
 class LoopedMMoE(nn.Module):
