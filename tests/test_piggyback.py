@@ -60,7 +60,14 @@ def _worker(rank: int, port: int, out: dict) -> None:
     with ddp_hooked.no_sync():
         late = piggyback.submit(torch.tensor([float(rank + 1)], dtype=torch.float64))
         ddp_hooked(x).sum().backward()
+    # a bfloat16 bucket would round the counts: the vector goes alone, exactly
+    half = nn.parallel.DistributedDataParallel(nn.Linear(4, 1).to(torch.bfloat16))
+    half_sum = D.PiggybackSum(2)
+    half.register_comm_hook(None, half_sum.hook)
+    big = half_sum.submit(torch.tensor([1001.0 + rank], dtype=torch.float64))
+    half(torch.ones(2, 4, dtype=torch.bfloat16)).sum().backward()
     out[rank] = {
+        "bf16": big.result().tolist(),
         "first": first_sum,
         "summed": summed.tolist(),
         "late": late.result().tolist(),
@@ -81,4 +88,5 @@ def test_agreement_vector_rides_on_the_gradient_all_reduce():
         assert out[rank]["first"] == [1.0]
         assert out[rank]["summed"] == [7.0, 1.0, 0.5]
         assert out[rank]["late"] == [3.0]
+        assert out[rank]["bf16"] == [2003.0]  # bf16 would have given 2000
         assert out[rank]["grads_equal"]

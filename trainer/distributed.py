@@ -131,7 +131,8 @@ class PiggybackSum:
 
     Register `hook` with `DistributedDataParallel.register_comm_hook(None, hook)`; `submit(v)`
     before a backward that synchronises gradients; `result()` after it. The vector rides on the
-    last bucket of that backward, sent as the bucket's dtype (float32 counts are exact to 2^24).
+    last bucket of that backward, sent as the bucket's dtype (float32 counts are exact to 2^24;
+    a half-precision bucket does not carry it).
     `hook` otherwise does what DDP's default does: sum the bucket and divide by the world size.
     """
 
@@ -148,7 +149,10 @@ class PiggybackSum:
     # by identity and `from __future__ import annotations` makes them strings.
     def hook(self, _state, bucket):  # noqa: ANN001, ANN201
         grads = bucket.buffer()
-        extra = self.payload if bucket.is_last() else None
+        # Only in a float32/64 bucket: a bf16 one would round counts above 256 (then the
+        # vector is sent alone by result()).
+        exact = grads.dtype in (torch.float32, torch.float64)
+        extra = self.payload if bucket.is_last() and exact else None
         n = grads.numel()
         if extra is not None:
             self.payload = None
