@@ -23,18 +23,8 @@ import torch
 from torch import nn
 
 
-class MemoryBatches:
-    """Stands in for the loader: the same batches, in order, forever."""
-
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def next_batch(self, counts):
-        self.i += 1
-        return self.batches[(self.i - 1) % len(self.batches)]
-
-
 def main(recipe: str, out: str, rounds: int, steps: int) -> None:
+    from bench.bench_trainer import MemoryBatches
     from manytask.config import load_config
     from manytask.models import build_model
     from manytask.models.losses import task_losses

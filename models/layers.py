@@ -116,7 +116,6 @@ class StackedMLP(nn.Module):
             in_dim = out_dim
         self.out_dim = in_dim
         self.activation = ACTIVATIONS[activation]()
-        self.inplace_relu = activation == "relu"
         self.last_activation = last_activation
         self.dropout = dropout
 
@@ -131,18 +130,18 @@ class StackedMLP(nn.Module):
         if i >= 0:
             x = self._activate(x, i == last)
         for j in range(i + 1, last + 1):
-            activate = self.last_activation or j < last
-            if activate and self.inplace_relu:
-                x = self.layers[j](x, relu=True)
-                x = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-            else:
-                x = self._activate(self.layers[j](x), j == last)
+            # ReLU goes into the layer, in place on its fresh matmul output (one tensor fewer)
+            fused = isinstance(self.activation, nn.ReLU) and (self.last_activation or j < last)
+            x = self.layers[j](x, relu=fused)
+            x = self._dropout(x) if fused else self._activate(x, j == last)
         return x
 
     def _activate(self, x: torch.Tensor, is_last: bool) -> torch.Tensor:
         if is_last and not self.last_activation:
             return x
-        x = self.activation(x)
+        return self._dropout(self.activation(x))
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
     def member_parameters(self, i: int) -> list[tuple[nn.Parameter, int]]:

@@ -39,15 +39,7 @@ def task_loss(spec: TaskSpec, output: torch.Tensor, label: torch.Tensor, mask: t
     mask bool `[B]`. Returns a scalar (float32): BCE-with-logits, cross-entropy, BCE averaged
     over labels, or MSE averaged over dims; 0 (in the graph) when the mask is all False.
     """
-    mask = mask.reshape(-1).bool()
-    # Zero the labels the mask hides so that whatever they hold cannot reach the loss or its
-    # gradient (0 * NaN would be NaN).
-    keep = mask.view(-1, *([1] * (label.dim() - 1)))
-    label = torch.where(keep, label, torch.zeros((), dtype=label.dtype, device=label.device))
-    per = _per_sample(spec, output, label)
-    per = torch.where(mask, per, torch.zeros((), dtype=per.dtype, device=per.device))
-    # No host sync on mask.any(): with no valid sample this is 0 / 1 = 0, still in the graph.
-    return per.sum() / mask.sum().clamp_min(1).to(per.dtype)
+    return stacked_task_loss(spec, output[None], label[None], mask.reshape(1, -1))[0]
 
 
 def task_losses(
@@ -86,10 +78,13 @@ def stacked_task_loss(spec: TaskSpec, output: torch.Tensor, label: torch.Tensor,
     mask bool `[n, B]` -> `[n]` masked mean losses (0 for a task with no valid sample)."""
     n, B = mask.shape
     mask = mask.bool()
+    # Zero the labels the mask hides so that whatever they hold cannot reach the loss or its
+    # gradient (0 * NaN would be NaN).
     keep = mask.view(n, B, *([1] * (label.dim() - 2)))
     label = torch.where(keep, label, torch.zeros((), dtype=label.dtype, device=label.device))
     per = _per_sample(spec, output.reshape(n * B, *output.shape[2:]), label.reshape(n * B, *label.shape[2:]))
     per = torch.where(mask, per.view(n, B), torch.zeros((), dtype=per.dtype, device=per.device))
+    # No host sync on mask.any(): with no valid sample this is 0 / 1 = 0, still in the graph.
     return per.sum(1) / mask.sum(1).clamp_min(1).to(per.dtype)
 
 
