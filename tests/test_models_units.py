@@ -149,6 +149,32 @@ def test_mixed_linear_gradcheck_across_chunks(monkeypatch):
     assert torch.autograd.gradcheck(mixed_linear.mixed_linear, args)
 
 
+def test_stacked_dot_matches_baddbmm_and_gradchecks():
+    """Width-1 stacked layers (every binary/regression tower's last layer) take the M=1 GEMM
+    path on CPU: same values as baddbmm, correct gradients, and ReLU may follow in place."""
+    from manytask.models.layers import StackedLinear, out_dim_one_fast, stacked_dot
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 11, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(5, 7, 1, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(5, 1, dtype=torch.float64, generator=g, requires_grad=True)
+    assert out_dim_one_fast(x, weight)
+    torch.testing.assert_close(stacked_dot(x, weight, bias), torch.baddbmm(bias.unsqueeze(1), x, weight))
+    assert torch.autograd.gradcheck(stacked_dot, (x, weight, bias))
+    assert not out_dim_one_fast(x, torch.randn(5, 7, 2, dtype=torch.float64))  # width 2: baddbmm
+
+    layer = StackedLinear(5, 7, 1).double()
+    scale = torch.arange(11.0, dtype=torch.float64)[:, None]
+    for relu in (False, True):
+        y = layer(x, relu=relu)
+        ref = torch.baddbmm(layer.bias.unsqueeze(1), x, layer.weight)
+        ref = ref.relu() if relu else ref
+        torch.testing.assert_close(y, ref)
+        (grad,) = torch.autograd.grad((y * scale).sum(), x)
+        (grad_ref,) = torch.autograd.grad((ref * scale).sum(), x)
+        torch.testing.assert_close(grad, grad_ref)
+
+
 def test_ple_grouped_experts_match_looped_reference():
     from manytask.models.ple import GroupedLinear
 
@@ -183,10 +209,13 @@ def test_gate_weights_sum_to_one_and_stats_are_detached(name):
     model = build_model(ModelConfig(name, params), make_spec())
     model.train()
     out = model(*make_inputs(32))
-    keys = [f"{t}/level{lv}" for lv in range(2) for t in TASKS] if name == "ple" else list(TASKS)
-    assert sorted(out.gate_means) == sorted(keys)
+    keys = {"mmoe": list(TASKS), "omoe": ["(shared)"]}.get(name)
+    if name == "ple":  # every level's task gates, and the shared gate of every level but the last
+        keys = [f"{t}/level{lv}" for lv in range(2) for t in TASKS] + ["(shared)/level0"]
+    assert sorted(out.gate_means) == sorted(keys) == sorted(model.gate_experts())
     for key, means in out.gate_means.items():
         assert not means.requires_grad and means.dim() == 1
+        assert means.numel() == len(model.gate_experts()[key])
         torch.testing.assert_close(means.sum(), torch.tensor(1.0))
         ent = out.gate_entropy[key]
         assert 0.0 <= ent.item() <= math.log(means.numel()) + 1e-6
