@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from manytask.schema import ConfigError, closest, load_dataclass, to_dict
+
+# Task names become metric keys (`loss/<task>`, `gates/<task>/expert_<e>`): no '/' or spaces.
+TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 TaskType = Literal["binary", "multiclass", "multilabel", "regression", "forecast"]
 
@@ -159,6 +163,12 @@ class Config:
     def validate(self, file: str | None) -> None:
         if not self.tasks:
             raise ConfigError(f"'tasks' in {file}: at least one task is required")
+        for task in self.tasks:
+            if not TASK_NAME.fullmatch(task):
+                raise ConfigError(
+                    f"'tasks.{task}' in {file}: a task name may hold only letters, digits, '_', "
+                    "'-' and '.' (it becomes part of metric keys such as loss/<task>)"
+                )
         for src in self.data.sources:
             for task in src.labels:
                 if task not in self.tasks:

@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Gate key of a gate shared by all tasks (OMoE's one gate, PLE's shared gates). The brackets
+# cannot occur in a task name (manytask.config.TASK_NAME), so it never shadows a task's gate.
+SHARED_GATE = "(shared)"
+
 
 class SoftmaxGates(nn.Module):
     """G softmax gates over E experts.

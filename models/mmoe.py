@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from manytask.models.encoders import EncoderParams, InputEncoder
-from manytask.models.gates import SoftmaxGates, gate_outputs, load_balance_loss, mix
+from manytask.models.gates import SHARED_GATE, SoftmaxGates, gate_outputs, load_balance_loss, mix
 from manytask.models.layers import ACTIVATIONS, Activation, StackedMLP, last_linear
 from manytask.models.spec import ModelOutput, ModelSpec
 from manytask.models.towers import Towers
@@ -51,8 +51,8 @@ class MMoE(nn.Module):
     """Multi-gate mixture of experts; `shared_gate=True` gives OMoE (one gate for all tasks).
 
     forward(inputs, source_id) -> ModelOutput with outputs {task: `[B, out_dim]`},
-    shared = expert outputs `[B, E, D]`, gate stats per task (OMoE: the one gate's stats under
-    every task name), aux_losses["load_balance"] when enabled.
+    shared = expert outputs `[B, E, D]`, gate stats per task (OMoE: of its one gate, under
+    `(shared)`), aux_losses["load_balance"] when enabled.
     """
 
     def __init__(self, spec: ModelSpec, p: MMoEParams, shared_gate: bool = False):
@@ -82,12 +82,7 @@ class MMoE(nn.Module):
             outputs = self.towers(mix(w, experts)[0])  # one mixture [B, D] for every tower
         else:
             outputs = self.towers.forward_mixed(w, experts)  # tower t on gate t's mixture
-        if self.shared_gate:
-            means, entropy = gate_outputs(["shared"], w)
-            means = dict.fromkeys(self.task_names, means["shared"])
-            entropy = dict.fromkeys(self.task_names, entropy["shared"])
-        else:
-            means, entropy = gate_outputs(self.task_names, w)
+        means, entropy = gate_outputs(list(self.gate_experts()), w)
         aux = {}
         if self.load_balance_weight > 0:
             aux["load_balance"] = self.load_balance_weight * load_balance_loss(w)
@@ -95,6 +90,11 @@ class MMoE(nn.Module):
             outputs, aux_losses=aux, gate_means=means, gate_entropy=entropy,
             shared=experts.transpose(0, 1),
         )
+
+    def gate_experts(self) -> dict[str, list[str]]:
+        """Gate key -> names of the experts it weighs, in gate order (every gate sees all E)."""
+        experts = [f"expert_{e}" for e in range(self.experts.n)]
+        return {k: experts for k in ([SHARED_GATE] if self.shared_gate else self.task_names)}
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Encoder, experts, gate projection (and, for OMoE, the one gate)."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from manytask.models.encoders import EncoderParams, InputEncoder
-from manytask.models.gates import SoftmaxGates, gate_outputs, mix
+from manytask.models.gates import SHARED_GATE, SoftmaxGates, gate_outputs, mix
 from manytask.models.layers import ACTIVATIONS, Activation, StackedMLP, last_linear
 from manytask.models.spec import ModelOutput, ModelSpec
 from manytask.models.towers import Towers
@@ -77,7 +77,8 @@ class ExtractionLevel(nn.Module):
 
     forward(task_in `[B, in]` (first level) or `[T, B, in]`, shared_in `[B, in]`) ->
     (task reps `[T, B, D]`, shared rep `[B, D]` or None on the last level,
-    task gate weights `[T, B, K+S]`, every expert's output `[T*K+S, B, D]`).
+    gate weights: task gates `[T, B, K+S]` then, but on the last level, the shared gate
+    `[1, B, T*K+S]`; every expert's output `[T*K+S, B, D]`).
     """
 
     def __init__(self, T: int, in_dim: int, p: PLEParams, last: bool):
@@ -98,7 +99,7 @@ class ExtractionLevel(nn.Module):
 
     def forward(
         self, task_in: torch.Tensor, shared_in: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
         T, K, S = self.T, self.K, self.S
         h = task_in
         for layer in self.task_experts:
@@ -109,8 +110,18 @@ class ExtractionLevel(nn.Module):
         w = self.task_gates(task_in)  # [T, B, K+S]
         own = torch.cat([h, shared_out.unsqueeze(0).expand(T, S, B, D)], dim=1)  # [T, K+S, B, D]
         task_out = mix(w, own)  # [T, B, D]
-        shared_next = None if self.shared_gate is None else mix(self.shared_gate(shared_in), experts)[0]
-        return task_out, shared_next, w, experts
+        if self.shared_gate is None:
+            return task_out, None, [w], experts
+        w_shared = self.shared_gate(shared_in)  # [1, B, T*K+S]
+        return task_out, mix(w_shared, experts)[0], [w, w_shared], experts
+
+    def gate_experts(self, task_names: list[str]) -> dict[str, list[str]]:
+        """Gate key (without level) -> the experts it weighs, named `<task>.<k>` / `shared.<s>`."""
+        shared = [f"shared.{s}" for s in range(self.S)]
+        gates = {t: [f"{t}.{k}" for k in range(self.K)] + shared for t in task_names}
+        if self.shared_gate is not None:
+            gates[SHARED_GATE] = [f"{t}.{k}" for t in task_names for k in range(self.K)] + shared
+        return gates
 
     def task_parameters(self, t: int) -> list[tuple[nn.Parameter, int]]:
         """Task t's experts and gate as (stacked tensor, slice index)."""
@@ -120,7 +131,8 @@ class ExtractionLevel(nn.Module):
 
 class PLE(nn.Module):
     """forward(inputs, source_id) -> outputs {task: `[B, out_dim]`}, shared = the last level's
-    expert outputs `[B, T*K+S, D]`, gate stats under `<task>/level<l>` (l counts from 0)."""
+    expert outputs `[B, T*K+S, D]`, gate stats under `<task>/level<l>` (l counts from 0) and,
+    for every level but the last, the shared gate's under `(shared)/level<l>`."""
 
     def __init__(self, spec: ModelSpec, p: PLEParams):
         super().__init__()
@@ -140,10 +152,12 @@ class PLE(nn.Module):
         means: dict[str, torch.Tensor] = {}
         entropy: dict[str, torch.Tensor] = {}
         for level, module in enumerate(self.levels):
-            task_rep, shared_next, w, experts = module(task_rep, shared_rep)
-            m, e = gate_outputs([f"{t}/level{level}" for t in self.task_names], w)
-            means.update(m)
-            entropy.update(e)
+            task_rep, shared_next, weights, experts = module(task_rep, shared_rep)
+            keys = [f"{t}/level{level}" for t in self.task_names] + [f"{SHARED_GATE}/level{level}"]
+            for gate_keys, w in zip((keys[:-1], keys[-1:]), weights):
+                m, e = gate_outputs(gate_keys, w)
+                means.update(m)
+                entropy.update(e)
             if shared_next is not None:
                 shared_rep = shared_next
         return ModelOutput(
@@ -152,6 +166,15 @@ class PLE(nn.Module):
             gate_entropy=entropy,
             shared=experts.transpose(0, 1),
         )
+
+    def gate_experts(self) -> dict[str, list[str]]:
+        """Gate key -> the experts it weighs, in gate order, named `level<l>/<task>.<k>` or
+        `level<l>/shared.<s>` (the same expert has the same name in every gate seeing it)."""
+        return {
+            f"{gate}/level{lv}": [f"level{lv}/{e}" for e in experts]
+            for lv, level in enumerate(self.levels)
+            for gate, experts in level.gate_experts(self.task_names).items()
+        }
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Encoder, shared experts and shared gates of every level."""

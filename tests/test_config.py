@@ -1,5 +1,6 @@
 """Recipes: loading, overrides, and errors that name the key, the file and the fix."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,13 @@ def test_label_for_unknown_task_and_unlabelled_task(tmp_path):
         load_config(write(tmp_path, BASE.replace("b: y_b}", "bb: y_b}")))
     with pytest.raises(ConfigError, match="'tasks.c'.*no source labels this task"):
         load_config(write(tmp_path, BASE + "  c: {type: binary}\n"))
+
+
+@pytest.mark.parametrize("name", ["a/b", "click rate", "(shared)"])
+def test_task_name_that_cannot_be_a_metric_key_is_refused(tmp_path, name):
+    recipe = BASE.replace("a: y_a", f"'{name}': y_a").replace("  a: {type", f"  '{name}': {{type")
+    with pytest.raises(ConfigError, match=rf"'tasks.{re.escape(name)}'.*only letters, digits"):
+        load_config(write(tmp_path, recipe))
 
 
 def test_zero3_refuses_what_needs_full_shared_gradients(tmp_path):

@@ -20,9 +20,11 @@ def faults_of_one_step():
     x.fill_(1.0)
     del x
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-for _ in range(12):  # the first steps grow the heap until freed blocks coalesce and fit
+# The first steps grow the heap until freed blocks coalesce into one the step fits in: 2 to
+# 13 steps in repeated runs on the CI machine (it depends on where small objects land).
+for _ in range(30):
     faults_of_one_step()
-print(applied, max(faults_of_one_step() for _ in range(3)))
+print(applied, max(faults_of_one_step() for _ in range(5)))
 """
 
 

@@ -17,11 +17,19 @@ import torch
 from conftest import write_recipe
 from PIL import Image
 
-from manytask.config import MonitorConfig, load_config
+from manytask.config import ModelConfig, MonitorConfig, load_config
 from manytask.data_pipeline.synthetic import prepare_demo
+from manytask.models import build_model
+from manytask.models.spec import FieldSpec, ModelSpec, TaskSpec
 from manytask.trainer.logger import read_metrics
 from manytask.trainer.loop import train
-from manytask.trainer.monitor import GateHealth, TaskAffinity, cosine_matrix, gate_health
+from manytask.trainer.monitor import (
+    GateHealth,
+    TaskAffinity,
+    cosine_matrix,
+    gate_experts_of,
+    gate_health,
+)
 from manytask.trainer.report import write_report
 
 PAIR = "affinity/regress_a/regress_b"
@@ -142,6 +150,30 @@ def test_gate_health_silent_on_healthy_gates():
     healthy = gates(ctr=[0.4, 0.3, 0.2, 0.1], cvr=[0.1, 0.2, 0.3, 0.4])
     assert health.check(job, healthy) == {"gates/collapsed": 0.0, "gates/dead_experts": 0.0}
     assert said == []
-    # PLE: gates are grouped per level; an expert one task ignores is alive if another uses it.
+    # Without expert names, gates are grouped per level suffix and expert position.
     ple = {"a/level0": [0.001, 0.5, 0.499], "b/level0": [0.5, 0.001, 0.499]}
     assert gate_health(ple, MonitorConfig()) == ([], [])
+
+
+def test_gate_health_follows_the_model_expert_names_across_ple_gates():
+    """PLE, 2 tasks, 1 own + 1 shared expert per level, 2 levels: position 0 of each task gate
+    is that task's own expert, which the level's shared gate sees at another position."""
+    spec = ModelSpec(
+        inputs={"x": FieldSpec("float32", (4,))},
+        tasks={"a": TaskSpec("regression", 1), "b": TaskSpec("binary", 1)},
+        sources=["s"],
+    )
+    model = build_model(ModelConfig("ple", {"num_levels": 2, "task_experts": 1, "shared_experts": 1}), spec)
+    names = gate_experts_of(model)
+    assert names["(shared)/level0"] == ["level0/a.0", "level0/b.0", "level0/shared.0"]
+    assert names["a/level1"] == ["level1/a.0", "level1/shared.0"]
+    means = {
+        "a/level0": [0.001, 0.999], "b/level0": [0.6, 0.4],
+        "(shared)/level0": [0.3, 0.3, 0.4],  # a's own level-0 expert is used by the shared gate
+        "a/level1": [0.002, 0.998], "b/level1": [0.5, 0.5],  # level 1 has no shared gate
+    }
+    collapsed, dead = gate_health(means, MonitorConfig(collapse_threshold=0.99), names)
+    assert collapsed == ["a/level0", "a/level1"]
+    assert dead == ["level1/a.0"]  # level0/a.0 lives on through the shared gate
+    # by position alone, a's dead level-1 expert hides behind b's live one at the same index
+    assert gate_health(means, MonitorConfig(collapse_threshold=0.99))[1] == []

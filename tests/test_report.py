@@ -8,7 +8,7 @@ from PIL import Image
 from manytask.config import Config
 from manytask.trainer.logger import MetricsLogger
 from manytask.trainer.plots import affinity_heatmap, gate_heatmap
-from manytask.trainer.report import write_report
+from manytask.trainer.report import gate_keys, write_report
 
 TASKS = ["ctr", "cvr"]
 
@@ -56,6 +56,17 @@ def test_report_skips_charts_without_metrics(tmp_path):
     logger.log(1, {"train/a/loss": 1.0})
     logger.finish()
     assert [p.name for p in write_report(tmp_path)] == ["loss_a.png", "train_loss.png"]
+
+
+def test_report_reads_ple_and_shared_gate_keys():
+    row = {"step": 5, "gates/a/entropy": 0.5}
+    for gate, width in (("a", 2), ("a/level0", 3), ("(shared)/level0", 5), ("(shared)", 2)):
+        row |= {f"gates/{gate}/expert_{e}": 1.0 / width for e in range(width)}
+    found = gate_keys([row])
+    assert {g: sorted(v) for g, v in found.items()} == {
+        "a": [0, 1], "a/level0": [0, 1, 2], "(shared)/level0": [0, 1, 2, 3, 4], "(shared)": [0, 1],
+    }
+    assert found["(shared)/level0"][4] == "gates/(shared)/level0/expert_4"
 
 
 def test_heatmaps_render(tmp_path):

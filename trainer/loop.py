@@ -29,6 +29,7 @@ from manytask.trainer.memory import keep_freed_memory
 from manytask.trainer.monitor import (
     GateHealth,
     TaskAffinity,
+    gate_experts_of,
     gate_means_from_metrics,
     log_affinity_heatmap,
 )
@@ -217,7 +218,8 @@ def build_job(cfg: Config) -> Job:
         cfg=cfg, info=info, run=run, specs=specs, data=data, sampler=sampler, engine=engine,
         weighting=weighting, weighting_opt=weighting_opt, logger=None,  # type: ignore[arg-type]
         ckpt=Checkpointer(run.ckpt, info, cfg.checkpoint.keep_last), preempt=PreemptionFlag().install(),
-        affinity=TaskAffinity(cfg.monitor, list(specs)), gate_health=GateHealth(cfg.monitor),
+        affinity=TaskAffinity(cfg.monitor, list(specs)),
+        gate_health=GateHealth(cfg.monitor, gate_experts_of(engine.module)),
         samples_per_task={t: 0 for t in specs}, last_shared=list(engine.module.last_shared_parameters()),
         shared_params=[p for p in engine.module.shared_parameters() if p.requires_grad],
     )

@@ -194,37 +194,45 @@ def gate_means_from_metrics(metrics: dict[str, float]) -> dict[str, list[float]]
     return {g: [v[i] for i in sorted(v)] for g, v in means.items()}
 
 
-def gate_health(gates: dict[str, list[float]], cfg: MonitorConfig) -> tuple[list[str], list[str]]:
+def gate_health(
+    gates: dict[str, list[float]], cfg: MonitorConfig, experts: dict[str, list[str]] | None = None
+) -> tuple[list[str], list[str]]:
     """(collapsed gates, dead experts) for batch-mean gate weights {gate: [E]}.
 
     Collapsed: a gate (of at least 2 experts) giving one expert more than
     `collapse_threshold` of its weight, i.e. routing nearly every sample to that expert.
-    Dead: expert index e below `dead_threshold` in every gate that sees it. Gates are grouped
-    by their key's level suffix (`<task>/level<l>` for PLE, none for MMoE), since gates of
-    different levels choose among different experts; dead experts are named `expert_<e>` or
-    `level<l>/expert_<e>`.
+    Dead: an expert below `dead_threshold` in every gate that sees it. `experts` (the model's
+    `gate_experts()`) names the expert behind each gate position, so that e.g. PLE's task
+    gates and shared gate, which order their experts differently, count the same expert once.
+    A gate it does not name is read as `expert_<e>`, prefixed by its key's level suffix
+    (`<task>/level<l>` -> `level<l>/expert_<e>`).
     """
     collapsed = [g for g, w in gates.items() if len(w) >= 2 and max(w) > cfg.collapse_threshold]
-    groups: dict[str, list[list[float]]] = {}
+    seen: dict[str, list[float]] = {}
     for gate, weights in gates.items():
-        level = gate.split("/", 1)[1] + "/" if "/" in gate else ""
-        groups.setdefault(level, []).append(weights)
-    dead = []
-    for level, members in groups.items():
-        width = max(len(w) for w in members)
-        for e in range(width):
-            seen = [w[e] for w in members if e < len(w)]
-            if all(v < cfg.dead_threshold for v in seen):
-                dead.append(f"{level}expert_{e}")
+        names = (experts or {}).get(gate)
+        if names is None or len(names) != len(weights):
+            level = gate.split("/", 1)[1] + "/" if "/" in gate else ""
+            names = [f"{level}expert_{e}" for e in range(len(weights))]
+        for name, value in zip(names, weights):
+            seen.setdefault(name, []).append(value)
+    dead = [name for name, values in seen.items() if all(v < cfg.dead_threshold for v in values)]
     return collapsed, dead
+
+
+def gate_experts_of(model: Any) -> dict[str, list[str]] | None:
+    """The model's `gate_experts()` (gate key -> expert names), None for a model without gates."""
+    names = getattr(model, "gate_experts", None)
+    return names() if callable(names) else None
 
 
 class GateHealth:
     """Checks the logged gate means at every log step: `gates/collapsed` (number of collapsed
     gates) and `gates/dead_experts` (number of dead experts), warning when either set grows."""
 
-    def __init__(self, cfg: MonitorConfig):
+    def __init__(self, cfg: MonitorConfig, experts: dict[str, list[str]] | None = None):
         self.cfg = cfg
+        self.experts = experts  # the model's gate_experts(), when it has gates
         self.collapsed: list[str] = []
         self.dead: list[str] = []
 
@@ -232,7 +240,7 @@ class GateHealth:
         gates = gate_means_from_metrics(gate_metrics)
         if not gates:
             return {}
-        collapsed, dead = gate_health(gates, self.cfg)
+        collapsed, dead = gate_health(gates, self.cfg, self.experts)
         new_collapsed = [g for g in collapsed if g not in self.collapsed]
         if new_collapsed:
             job.run.say(

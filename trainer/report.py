@@ -3,7 +3,7 @@
 Writes into `RUN_DIR/report/`:
 - `loss_<task>.png`: train loss and validation metrics of one task over steps;
 - `train_loss.png`: every task's train loss and the total `train/loss` together;
-- `gates.png`: per task, mean gate weight of each expert (rows) over logged steps (columns);
+- `gates.png`: per gate, mean gate weight of each expert (rows) over logged steps (columns);
 - `affinity.png`: the last logged `affinity/<a>/<b>` gradient cosines as a task × task matrix;
 - `sampler.png`, `weights.png`: sampler probabilities and loss weights per task over steps.
 Charts whose metrics were never logged are skipped.
@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from manytask.trainer.logger import read_metrics, safe_file_name
 from manytask.trainer.plots import affinity_heatmap
 
-EXPERT_KEY = re.compile(r"^gates/(?P<task>[^/]+)/expert_(?P<expert>\d+)$")
+# the gate is a task, `<task>/level<l>` (PLE), `(shared)` or `(shared)/level<l>`
+EXPERT_KEY = re.compile(r"^gates/(?P<gate>.+)/expert_(?P<expert>\d+)$")
 Series = tuple[list[int], list[float]]
 
 
@@ -98,17 +99,23 @@ def task_loss_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return written
 
 
-def gate_figure(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """`gates.png`: for each task an experts × logged-steps heatmap of mean gate weights."""
+def gate_keys(rows: list[dict[str, Any]]) -> dict[str, dict[int, str]]:
+    """gate -> {expert index: metric key} of every `gates/<gate>/expert_<i>` logged."""
     experts: dict[str, dict[int, str]] = defaultdict(dict)
     for m in keys_matching(rows, EXPERT_KEY.pattern):
-        experts[m["task"]][int(m["expert"])] = m.string
+        experts[m["gate"]][int(m["expert"])] = m.string
+    return dict(experts)
+
+
+def gate_figure(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """`gates.png`: for each gate an experts × logged-steps heatmap of mean gate weights."""
+    experts = gate_keys(rows)
     if not experts:
         return []
 
     fig = Figure(figsize=(10, 1.0 + 1.8 * len(experts)), layout="constrained")
     axes = fig.subplots(len(experts), 1, squeeze=False)[:, 0]
-    for ax, (task, by_index) in zip(axes, experts.items()):
+    for ax, (gate, by_index) in zip(axes, experts.items()):
         keys = [by_index[i] for i in sorted(by_index)]
         logged = [row for row in rows if any(row.get(k) is not None for k in keys)]
         grid = np.array([[np.nan if r.get(k) is None else r[k] for r in logged] for k in keys])
@@ -116,7 +123,7 @@ def gate_figure(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_yticks(range(len(keys)), [f"e{i}" for i in sorted(by_index)])
         ticks = np.linspace(0, len(logged) - 1, num=min(len(logged), 8)).round().astype(int)
         ax.set_xticks(ticks, [str(logged[i]["step"]) for i in ticks])
-        ax.set_ylabel(task)
+        ax.set_ylabel(gate)
         fig.colorbar(image, ax=ax, label="mean weight")
     axes[-1].set_xlabel("step")
     fig.suptitle("gate utilization over time")
