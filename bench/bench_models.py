@@ -1,6 +1,8 @@
 """MMoE training-step speed: batched experts vs the looped-experts way, and task scaling.
 
-Run: `.venv/bin/python -m bench.bench_models` (< 90 s on 2 CPU cores).
+Run: `.venv/bin/python -m bench.bench_models` (< 90 s on 2 CPU cores). On a machine with a GPU
+it runs there (`--device cpu` to stay on the CPU); `--smoke` shrinks every size to check the
+script in seconds (tests/test_bench_smoke.py).
 
 1. One training step (forward, masked losses, backward, Adam step) of manytask's MMoE against a
    reference written the way LibMTL / DeepCTR-Torch write it (an nn.ModuleList of experts run
@@ -18,6 +20,7 @@ Goals: batched >= 1.25x looped at E=8, >= 60% of the matmul FLOP/s, <= 2x from 2
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -36,6 +39,7 @@ BATCH, IN, HIDDEN, TOWER = 1024, 256, 256, [16]
 # and DeepCTR-Torch's MMoE defaults (experts (256, 128), towers (64,)).
 SCALING_SIZES = [([HIDDEN], TOWER), ([512, 256], TOWER), ([256, 128], [64])]
 REPEATS, STEPS = 40, 1
+DEVICE = torch.device("cpu")  # set by main()
 
 
 class LoopedMMoE(nn.Module):
@@ -69,12 +73,13 @@ def make_spec(num_tasks: int) -> ModelSpec:
 
 
 def make_step(model: nn.Module, spec: ModelSpec, batched: bool):
-    """A closure running one training step on a fixed random batch."""
+    """A closure running one training step on a fixed random batch (on DEVICE)."""
     g = torch.Generator().manual_seed(0)
-    inputs = {"x": torch.randn(BATCH, IN, generator=g)}
-    source_id = torch.zeros(BATCH, dtype=torch.long)
-    labels = {t: torch.randint(0, 2, (BATCH,), generator=g).float() for t in spec.tasks}
-    masks = {t: torch.rand(BATCH, generator=g) < 0.8 for t in spec.tasks}
+    inputs = {"x": torch.randn(BATCH, IN, generator=g).to(DEVICE)}
+    source_id = torch.zeros(BATCH, dtype=torch.long, device=DEVICE)
+    labels = {t: torch.randint(0, 2, (BATCH,), generator=g).float().to(DEVICE) for t in spec.tasks}
+    masks = {t: (torch.rand(BATCH, generator=g) < 0.8).to(DEVICE) for t in spec.tasks}
+    model.to(DEVICE)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> None:
@@ -88,10 +93,17 @@ def make_step(model: nn.Module, spec: ModelSpec, batched: bool):
     return step
 
 
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def time_steps(step, n: int = STEPS) -> float:
+    sync()
     start = time.perf_counter()
     for _ in range(n):
         step()
+    sync()
     return (time.perf_counter() - start) / n
 
 
@@ -109,7 +121,7 @@ def interleaved(steps: dict) -> dict:
 
 def plain_matmul(m: int, k: int, n: int):
     """A closure running one `torch.mm` [m, k] @ [k, n] (2mkn FLOPs)."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+    a, b = torch.randn(m, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
     return lambda: torch.mm(a, b)
 
 
@@ -124,13 +136,23 @@ def mmoe(spec: ModelSpec, num_experts: int) -> nn.Module:
     return build_model(ModelConfig("mmoe", params), spec)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global DEVICE, BATCH, IN, HIDDEN, SCALING_SIZES, REPEATS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
+    args = parser.parse_args(argv)
+    DEVICE = torch.device(args.device)
+    if args.smoke:
+        BATCH, IN, HIDDEN, REPEATS = 64, 16, 16, 2
+        SCALING_SIZES = [([16], TOWER), ([16, 8], [4])]
     keep_freed_memory()  # as in a manytask training process (trainer/memory.py)
-    torch.set_num_threads(2)
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(2)
     torch.manual_seed(0)
     start = time.perf_counter()
-    print(f"MMoE train step, batch {BATCH}, in {IN}, expert hidden {HIDDEN}, towers {TOWER}, "
-          f"{torch.get_num_threads()} threads")
+    where = f"{torch.get_num_threads()} threads" if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
+    print(f"MMoE train step, batch {BATCH}, in {IN}, expert hidden {HIDDEN}, towers {TOWER}, {where}")
     print(f"{'E':>3} {'looped ms':>10} {'batched ms':>11} {'speed-up':>9} {'GFLOP/s':>8} {'of mm':>6}")
     spec = make_spec(2)
     for E in (4, 8, 16):

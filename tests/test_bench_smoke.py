@@ -1,0 +1,31 @@
+"""The benchmarks still run (tiny sizes, no timing asserted): `make bench` must not rot between
+the runs whose figures the README quotes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_model_benchmark_runs_on_the_cpu_path_a_gpu_would_take():
+    out = run("bench.bench_models", "--device", "cpu", "--smoke")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("4 ", "8 ", "16")]
+    assert [r[0] for r in rows] == ["4", "8", "16"]
+    for r in rows:
+        looped, batched, ratio = float(r[1]), float(r[2]), float(r[3].rstrip("x"))
+        assert looped > 0 and batched > 0 and abs(ratio - looped / batched) < 0.1 * ratio  # ms rounded
+    assert out.count("T=64:") == 2  # one task-scaling row per smoke size
+
+
+def test_gpu_benchmark_measures_on_cpu_when_asked():
+    out = run("bench.bench_gpu", "--cpu")
+    assert "| 256 | fp32 |" in out and "| 1024 | fp32 |" in out
