@@ -14,7 +14,8 @@ script in seconds (tests/test_bench_smoke.py).
 Times are the fastest of REPEATS alternating repetitions (robust to other processes' load).
 3. Batched step time at T = 2, 16, 64 tasks with the same experts, next to the growth of the
    step's matmul FLOPs (the floor for the time ratio), for three expert/tower sizes. On CPU
-   the gate mixture is fused into the first tower layer (models/mixed_linear.py).
+   the gate mixture is fused into the first tower layer (models/mixed_linear.py) and the
+   towers' width-1 output layers run as M=1 GEMMs (models/layers.py stacked_dot).
 Goals: batched >= 1.25x looped at E=8, >= 60% of the matmul FLOP/s, <= 2x from 2 to 64 tasks.
 """
 
