@@ -34,7 +34,9 @@ class ModelOutput:
     """outputs:      task -> [B, out_dim] raw scores (logits for classification).
     aux_losses:   name -> scalar added to the total loss (soft-sharing penalty, load balance).
     gate_means:   gate key -> [E] batch-mean gate weight per expert (detached); gate key is
-                  the task name, or `<task>/level<l>` for stacked extraction layers.
+                  the task name, `<task>/level<l>` for stacked extraction layers, or
+                  `(shared)[/level<l>]` for a gate every task shares (the model's
+                  `gate_experts()` names the expert behind each position).
     gate_entropy: gate key -> scalar mean per-sample gate entropy (detached).
     shared:       the shared representation the towers read, for MGDA-UB and task affinity
                   (any shape with leading batch dim), or None.
