@@ -91,7 +91,9 @@ class _StackedDot(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_row = grad_y.transpose(1, 2)  # [n, 1, B]
         grad_x = grad_y * weight.transpose(1, 2) if ctx.needs_input_grad[0] else None
-        grad_w = torch.bmm(grad_row, x).transpose(1, 2) if ctx.needs_input_grad[1] else None
+        # [n, 1, in] viewed as [n, in, 1]: the parameter's own strides (DDP's bucket views
+        # warn about, and copy, a gradient laid out otherwise)
+        grad_w = torch.bmm(grad_row, x).view(weight.shape) if ctx.needs_input_grad[1] else None
         grad_b = grad_row.sum(-1) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 

@@ -85,7 +85,8 @@ def ddp_reference(tmp_path_factory, demo_shards) -> Path:
     """One uninterrupted 2-rank DDP run (2 DataLoader workers per rank, W&B offline) that the
     learning, logging and resume tests all read: its run directory."""
     tmp = tmp_path_factory.mktemp("ddp_reference")
-    torchrun(small_recipe(tmp, demo_shards, "ref", logging={"wandb": True, "heatmap_every": 10}))
+    proc = torchrun(small_recipe(tmp, demo_shards, "ref", logging={"wandb": True, "heatmap_every": 10}))
+    (tmp / "ref" / "stderr.txt").write_text(proc.stderr)  # what both ranks printed there
     return tmp / "ref" / "run"
 
 

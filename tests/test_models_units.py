@@ -163,6 +163,9 @@ def test_stacked_dot_matches_baddbmm_and_gradchecks():
     assert torch.autograd.gradcheck(stacked_dot, (x, weight, bias))
     assert not out_dim_one_fast(x, torch.randn(5, 7, 2, dtype=torch.float64))  # width 2: baddbmm
 
+    (grad_w,) = torch.autograd.grad(stacked_dot(x, weight, bias).sum(), weight)
+    assert grad_w.stride() == weight.stride()  # the gradient layout contract DDP relies on
+
     layer = StackedLinear(5, 7, 1).double()
     scale = torch.arange(11.0, dtype=torch.float64)[:, None]
     for relu in (False, True):

@@ -46,6 +46,13 @@ def test_ddp_two_ranks_learns_and_logs_gates_to_wandb(ddp_reference):
     assert {"weights/click", "sampler/synthetic/prob", "perf/samples_per_s"} <= keys
 
 
+def test_ddp_run_raises_no_warnings(ddp_reference):
+    """A clean run prints no UserWarning: e.g. DDP's "Grad strides do not match bucket view
+    strides" when a model's gradient is laid out unlike its parameter (then DDP copies it)."""
+    stderr = (ddp_reference.parent / "stderr.txt").read_text()
+    assert "Warning" not in stderr, stderr[-3000:]
+
+
 def test_deepspeed_zero2_two_ranks_learns(deepspeed_reference):
     assert_every_task_learned(read_jsonl(deepspeed_reference))
 
