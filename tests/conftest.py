@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, nprocs: int = 2) -> dict:
+    """Run `worker(rank, port, out)` in `nprocs` real processes (a free TCP port for their
+    process group, a shared dict for results); returns what the ranks put into `out`."""
+    out = mp.Manager().dict()
+    mp.spawn(worker, args=(free_port(), out), nprocs=nprocs, join=True)
+    return dict(out)
 
 
 @pytest.fixture(scope="session")

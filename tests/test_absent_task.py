@@ -5,11 +5,10 @@ and on 2 real DDP ranks where the task is present on one rank only."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 
 from manytask.config import Config, DataConfig, ModelConfig, SourceConfig, TaskConfig, TrainerConfig
 from manytask.data_pipeline.batch import Batch
@@ -93,11 +92,7 @@ def _ddp_worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_ddp_task_absent_on_one_rank_no_hang_and_frozen_when_absent_everywhere():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(port, out), nprocs=2, join=True)
+    out = spawn_ranks(_ddp_worker)
     assert out[0]["b_frozen"] and out[1]["b_frozen"]
     assert out[0]["c_moved"] and out[1]["c_moved"]
     assert all(torch.equal(x, y) for x, y in zip(out[0]["params"], out[1]["params"])), "ranks agree"

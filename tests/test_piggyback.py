@@ -6,10 +6,9 @@ backward that synchronises nothing is still summed (sent alone)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 from torch import nn
 
 from manytask.trainer import distributed as D
@@ -78,11 +77,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_agreement_vector_rides_on_the_gradient_all_reduce():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    out = spawn_ranks(_worker)
     for rank in (0, 1):
         assert out[rank]["calls"] == [False, True]  # two buckets in one synchronised backward
         assert out[rank]["first"] == [1.0]
