@@ -73,6 +73,7 @@ class MMoE(nn.Module):
         num_gates = 1 if shared_gate else len(self.task_names)
         self.gates = SoftmaxGates(num_gates, gate_in, p.num_experts, p.gate_temperature, p.gate_dropout)
         self.towers = Towers(self.experts.out_dim, p.tower_hidden, spec.tasks, p.activation)
+        self.gate_keys = list(self.gate_experts())  # in gate order
 
     def forward(self, inputs: dict[str, torch.Tensor], source_id: torch.Tensor) -> ModelOutput:
         h = self.encoder(inputs)  # [B, F]
@@ -82,7 +83,7 @@ class MMoE(nn.Module):
             outputs = self.towers(mix(w, experts)[0])  # one mixture [B, D] for every tower
         else:
             outputs = self.towers.forward_mixed(w, experts)  # tower t on gate t's mixture
-        means, entropy = gate_outputs(list(self.gate_experts()), w)
+        means, entropy = gate_outputs(self.gate_keys, w)
         aux = {}
         if self.load_balance_weight > 0:
             aux["load_balance"] = self.load_balance_weight * load_balance_loss(w)

@@ -145,6 +145,11 @@ class PLE(nn.Module):
             self.levels.append(ExtractionLevel(T, d, p, last=level == p.num_levels - 1))
             d = self.levels[-1].out_dim
         self.towers = Towers(d, p.tower_hidden, spec.tasks, p.activation)
+        # per level: the task gates' keys, then the shared gate's (its weights come in that order)
+        self.gate_keys = [
+            ([f"{t}/level{lv}" for t in self.task_names], [f"{SHARED_GATE}/level{lv}"])
+            for lv in range(p.num_levels)
+        ]
 
     def forward(self, inputs: dict[str, torch.Tensor], source_id: torch.Tensor) -> ModelOutput:
         x = self.encoder(inputs)  # [B, F]
@@ -153,8 +158,7 @@ class PLE(nn.Module):
         entropy: dict[str, torch.Tensor] = {}
         for level, module in enumerate(self.levels):
             task_rep, shared_next, weights, experts = module(task_rep, shared_rep)
-            keys = [f"{t}/level{level}" for t in self.task_names] + [f"{SHARED_GATE}/level{level}"]
-            for gate_keys, w in zip((keys[:-1], keys[-1:]), weights):
+            for gate_keys, w in zip(self.gate_keys[level], weights):
                 m, e = gate_outputs(gate_keys, w)
                 means.update(m)
                 entropy.update(e)

@@ -55,9 +55,12 @@ class Towers(nn.Module):
         return x.index_select(0, getattr(self, f"_index{g}"))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._by_task([group(self._group_input(x, g)) for g, group in enumerate(self.groups)])
+
+    def _by_task(self, group_outputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Group outputs `[n, B, out]` -> {task: `[B, out]`} in task order."""
         out: dict[str, torch.Tensor] = {}
-        for g, group in enumerate(self.groups):
-            y = group(self._group_input(x, g))  # [n, B, out]
+        for g, y in enumerate(group_outputs):
             # unbind: one backward op for the whole group, not a zero-filled [n, B, out] per task
             for t, y_t in zip(self.group_tasks[g], y.unbind(0)):
                 out[self.task_names[t]] = y_t
@@ -72,14 +75,12 @@ class Towers(nn.Module):
         """
         if not use_fused(w, experts.shape[-1]):
             return self(mix(w, experts))
-        out: dict[str, torch.Tensor] = {}
+        ys = []
         for g, group in enumerate(self.groups):
             first = group.layers[0]
             h = mixed_linear(self._group_input(w, g), experts, first.weight, first.bias)
-            y = group.after_layer(h, 0)  # [n, B, out]
-            for t, y_t in zip(self.group_tasks[g], y.unbind(0)):
-                out[self.task_names[t]] = y_t
-        return {name: out[name] for name in self.task_names}
+            ys.append(group.after_layer(h, 0))  # [n, B, out]
+        return self._by_task(ys)
 
     def task_parameters(self) -> dict[str, list[tuple[nn.Parameter, int | None]]]:
         """task -> its tower's parameters as (stacked tensor, slice index)."""
