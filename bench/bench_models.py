@@ -32,6 +32,7 @@ from manytask.config import ModelConfig
 from manytask.models import build_model
 from manytask.models.losses import task_losses
 from manytask.models.spec import FieldSpec, ModelSpec, TaskSpec
+from manytask.trainer.engines import optimizer_impl
 from manytask.trainer.memory import keep_freed_memory
 
 BATCH, IN, HIDDEN, TOWER = 1024, 256, 256, [16]
@@ -81,7 +82,9 @@ def make_step(model: nn.Module, spec: ModelSpec, batched: bool):
     labels = {t: torch.randint(0, 2, (BATCH,), generator=g).float().to(DEVICE) for t in spec.tasks}
     masks = {t: (torch.rand(BATCH, generator=g) < 0.8).to(DEVICE) for t in spec.tasks}
     model.to(DEVICE)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    params = list(model.parameters())
+    # the optimizer implementation manytask's trainer picks (fused on CPU and CUDA), for both
+    opt = torch.optim.Adam(params, lr=1e-4, **optimizer_impl(params))
 
     def step() -> None:
         out = model(inputs, source_id)

@@ -69,6 +69,7 @@ def overhead(tmp: Path, data: Path, rounds: int = 12, steps: int = 40) -> tuple[
     """Samples/s of `train_step` and of the hand loop, and the median of their paired ratios."""
     from manytask.config import load_config
     from manytask.models.losses import task_losses
+    from manytask.trainer.engines import optimizer_impl
     from manytask.trainer.loop import build_job, train_step
 
     torch.set_num_threads(2)
@@ -79,8 +80,9 @@ def overhead(tmp: Path, data: Path, rounds: int = 12, steps: int = 40) -> tuple[
     job.data = MemoryBatches(batches)
 
     model = job.engine.module
-    # the same optimizer implementation as the engine (foreach), so only framework overhead differs
-    hand_opt = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, foreach=True)
+    # the same optimizer implementation as the engine, so only framework overhead differs
+    params = list(model.parameters())
+    hand_opt = torch.optim.AdamW(params, lr=cfg.trainer.lr, **optimizer_impl(params))
 
     def hand_step(b):
         out = model(b.inputs, b.source_id)

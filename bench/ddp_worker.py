@@ -29,6 +29,7 @@ def main(recipe: str, out: str, rounds: int, steps: int) -> None:
     from manytask.models import build_model
     from manytask.models.losses import task_losses
     from manytask.trainer import distributed as D
+    from manytask.trainer.engines import optimizer_impl
     from manytask.trainer.loop import build_job, train_step
     from manytask.trainer.specs import build_model_spec
 
@@ -39,7 +40,8 @@ def main(recipe: str, out: str, rounds: int, steps: int) -> None:
     torch.manual_seed(0)
     bare_module = build_model(cfg.model, build_model_spec(cfg)[1])
     bare = nn.parallel.DistributedDataParallel(bare_module) if world > 1 else bare_module
-    bare_opt = torch.optim.AdamW(bare_module.parameters(), lr=cfg.trainer.lr, foreach=True)
+    bare_params = list(bare_module.parameters())
+    bare_opt = torch.optim.AdamW(bare_params, lr=cfg.trainer.lr, **optimizer_impl(bare_params))
     batches = [job.data.next_batch([batch]) for _ in range(8)]
 
     def bare_step(b) -> None:

@@ -33,7 +33,7 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     latest = (run_dir / "ckpt" / LATEST).read_text().strip()
     path = run_dir / "ckpt" / latest
     if (path / "deepspeed").exists():
-        state = torch.load(path / "deepspeed" / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
+        state = torch.load(path / "deepspeed" / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=True)
         return state["module"]
     return torch.load(path / "common.pt", weights_only=True)["engine"]["model"]
 

@@ -119,3 +119,30 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, demo_shards):
     big = first_step_params(128, 1, "big")
     accumulated = first_step_params(64, 2, "acc")
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(big, accumulated))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_optimizer_is_fused_where_it_can_be_and_updates_like_foreach(tmp_path, demo_shards, optimizer):
+    """The trainer's optimizer takes torch's fused kernel for CPU/CUDA float parameters (one
+    pass per parameter); its update equals the foreach implementation's to rounding."""
+    from manytask.trainer.engines import make_optimizer, optimizer_impl
+
+    cfg = load_config(write_recipe(tmp_path, demo_shards), [*QUIET, f"trainer.optimizer={optimizer}",
+                                                            "trainer.weight_decay=0.01"])
+    torch.manual_seed(0)
+    start = [torch.randn(33, 17), torch.randn(5)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    params = {impl: [torch.nn.Parameter(p.clone()) for p in start] for impl in ("fused", "foreach")}
+    opts = {impl: make_optimizer(cfg, ps, fused=impl == "fused") for impl, ps in params.items()}
+    assert opts["fused"].defaults["fused"] and not opts["foreach"].defaults.get("fused")
+    for step_grads in grads:
+        for impl, opt in opts.items():
+            for p, g in zip(params[impl], step_grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(params["fused"], params["foreach"]):
+        assert not torch.equal(a, start[0] if a.shape == start[0].shape else start[1])
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # a parameter the fused kernels do not take (not floating point) falls back to foreach
+    ints = torch.nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)
+    assert optimizer_impl([*params["fused"], ints]) == {"foreach": True}

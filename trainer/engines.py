@@ -50,13 +50,27 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def optimizer_impl(params: list[nn.Parameter], fused: bool = True) -> dict[str, bool]:
+    """Keyword arguments choosing torch's fastest optimizer implementation for `params`.
+
+    fused: one kernel per parameter doing the whole update in one pass over its state, on CPU
+    as on CUDA. Adam on 16M CPU parameters: 14 ms against 51 ms for foreach and 59 ms for
+    torch's CPU default, the per-tensor loop (one `Optimizer.step` of a 2048-4096-2048 MLP).
+    foreach (one op over all tensors at a time) where a parameter is on another device or not
+    floating point, or when the caller asks for it.
+    """
+    if fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def make_optimizer(cfg: Config, params: list[nn.Parameter], fused: bool = True) -> torch.optim.Optimizer:
     t = cfg.trainer
-    # foreach: one fused kernel per op over all tensors (torch defaults to a per-tensor loop on CPU).
+    impl = optimizer_impl(params, fused)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, foreach=True)
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, **impl)
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, foreach=True)
+    return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **impl)
 
 
 def task_slices_of(module: nn.Module) -> dict[str, list[tuple[nn.Parameter, int | None]]]:
@@ -194,7 +208,9 @@ class DeepSpeedEngine:
         params = [p for p in model.parameters() if p.requires_grad]
         # Unless the embedded config names a DeepSpeed optimizer, ZeRO wraps torch's own: its
         # state (step count included) round-trips exactly, so resumed runs stay bitwise equal.
-        client_opt = None if "optimizer" in ds_config else make_optimizer(cfg, params)
+        # foreach, not fused: ZeRO swaps its flat partitions into the param groups afterwards,
+        # and that combination is what the resume tests cover.
+        client_opt = None if "optimizer" in ds_config else make_optimizer(cfg, params, fused=False)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=params,
