@@ -7,9 +7,11 @@ script in seconds (tests/test_bench_smoke.py).
 1. One training step (forward, masked losses, backward, Adam step) of manytask's MMoE against a
    reference written the way LibMTL / DeepCTR-Torch write it (an nn.ModuleList of experts run
    in a Python loop and stacked, one gate and one tower module per task, mixture as
-   `(w[..., None] * e).sum(1)`), same sizes, same run, alternating repetitions; E = 4, 8, 16.
+   `(w[..., None] * e).sum(1)`), same sizes, same run, alternating repetitions; E = 4, 8, 16,
+   and E = 8 at DeepCTR-Torch's default sizes (there the second expert layer and the towers
+   are GEMMs that run no faster batched than looped on a CPU).
 2. The achieved FLOP/s of the batched step (matmul FLOPs of forward + backward counted by
-   torch's FlopCounterMode) as a fraction of one plain `torch.mm` of the expert layer's size,
+   torch's FlopCounterMode) as a fraction of one plain `torch.mm` of the first expert layer's size,
    timed in the same interleaved repetitions.
 Every closure runs once per repetition, alternating, REPEATS times. A ratio is the median over
 repetitions of the ratio within one repetition (the two steps ran moments apart, so a slow spell
@@ -47,20 +49,26 @@ REPEATS, STEPS = 40, 1
 DEVICE = torch.device("cpu")  # set by main()
 
 
+def relu_mlp(in_dim: int, dims: list[int], last_relu: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, out_dim in enumerate(dims):
+        layers.append(nn.Linear(in_dim, out_dim))
+        if last_relu or i < len(dims) - 1:
+            layers.append(nn.ReLU())
+        in_dim = out_dim
+    return nn.Sequential(*layers)
+
+
 class LoopedMMoE(nn.Module):
     """The reference: experts, gates and towers as ModuleLists run one by one."""
 
-    def __init__(self, in_dim: int, num_experts: int, hidden: int, tasks: dict[str, TaskSpec]):
+    def __init__(self, in_dim: int, num_experts: int, experts: list[int], tower: list[int],
+                 tasks: dict[str, TaskSpec]):
         super().__init__()
         self.tasks = list(tasks)
-        self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU()) for _ in range(num_experts)
-        )
+        self.experts = nn.ModuleList(relu_mlp(in_dim, experts, True) for _ in range(num_experts))
         self.gates = nn.ModuleList(nn.Linear(in_dim, num_experts) for _ in tasks)
-        self.towers = nn.ModuleList(
-            nn.Sequential(nn.Linear(hidden, TOWER[0]), nn.ReLU(), nn.Linear(TOWER[0], s.out_dim))
-            for s in tasks.values()
-        )
+        self.towers = nn.ModuleList(relu_mlp(experts[-1], [*tower, s.out_dim], False) for s in tasks.values())
 
     def forward(self, inputs: dict[str, torch.Tensor], source_id: torch.Tensor):
         x = inputs["x"]
@@ -142,8 +150,8 @@ def step_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def mmoe(spec: ModelSpec, num_experts: int) -> nn.Module:
-    params = {"num_experts": num_experts, "expert_hidden": [HIDDEN], "tower_hidden": TOWER}
+def mmoe(spec: ModelSpec, num_experts: int, experts: list[int], tower: list[int]) -> nn.Module:
+    params = {"num_experts": num_experts, "expert_hidden": experts, "tower_hidden": tower}
     return build_model(ModelConfig("mmoe", params), spec)
 
 
@@ -166,17 +174,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"MMoE train step, batch {BATCH}, in {IN}, expert hidden {HIDDEN}, towers {TOWER}, {where}")
     print(f"{'E':>3} {'looped ms':>10} {'batched ms':>11} {'speed-up':>9} {'GFLOP/s':>8} {'of mm':>6}")
     spec = make_spec(2)
-    for E in (4, 8, 16):
-        batched = make_step(mmoe(spec, E), spec, batched=True)
-        looped = make_step(LoopedMMoE(IN, E, HIDDEN, spec.tasks), spec, batched=False)
-        t = interleaved({"looped": looped, "batched": batched, "mm": plain_matmul(BATCH, IN, E * HIDDEN)})
-        mm_flops = 2 * BATCH * IN * E * HIDDEN
+    # the sizes above for E = 4, 8, 16, then DeepCTR-Torch's MMoE defaults at E = 8
+    for E, experts, tower in [(4, [HIDDEN], TOWER), (8, [HIDDEN], TOWER), (16, [HIDDEN], TOWER),
+                              (8, *SCALING_SIZES[-1])]:
+        batched = make_step(mmoe(spec, E, experts, tower), spec, batched=True)
+        looped = make_step(LoopedMMoE(IN, E, experts, tower, spec.tasks), spec, batched=False)
+        width = E * experts[0]
+        t = interleaved({"looped": looped, "batched": batched, "mm": plain_matmul(BATCH, IN, width)})
+        mm_flops = 2 * BATCH * IN * width
         med = {k: statistics.median(v) for k, v in t.items()}
         # achieved / peak = (step FLOPs / t_batched) / (mm FLOPs / t_mm), per repetition
         of_mm = ratio(t["mm"], t["batched"]) * step_flops(batched) / mm_flops
+        size = "" if experts == [HIDDEN] else f"   experts {experts}, towers {tower}"
         print(f"{E:>3} {med['looped'] * 1e3:>10.1f} {med['batched'] * 1e3:>11.1f} "
               f"{ratio(t['looped'], t['batched']):>8.2f}x {of_mm * mm_flops / med['mm'] / 1e9:>8.1f} {of_mm:>6.0%}"
-              f"   (mm {BATCH}x{IN}x{E * HIDDEN}: {mm_flops / med['mm'] / 1e9:.1f} GFLOP/s)")
+              f"   (mm {BATCH}x{IN}x{width}: {mm_flops / med['mm'] / 1e9:.1f} GFLOP/s){size}")
 
     # The goal (<= 2x from 2 to 64 tasks) can only hold where the experts carry most of the
     # step: the per-task work (gate, mixture, tower) is fixed by the sizes, so each row prints

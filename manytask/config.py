@@ -97,7 +97,7 @@ class WeightingConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"  # torch's fused kernel (foreach under DeepSpeed)
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

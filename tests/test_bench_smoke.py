@@ -19,10 +19,11 @@ def run(*args: str) -> str:
 def test_model_benchmark_runs_on_the_cpu_path_a_gpu_would_take():
     out = run("bench.bench_models", "--device", "cpu", "--smoke")
     rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("4 ", "8 ", "16")]
-    assert [r[0] for r in rows] == ["4", "8", "16"]
+    assert [r[0] for r in rows] == ["4", "8", "16", "8"]  # the last at DeepCTR-Torch's sizes
     for r in rows:
         looped, batched, ratio = float(r[1]), float(r[2]), float(r[3].rstrip("x"))
-        assert looped > 0 and batched > 0 and abs(ratio - looped / batched) < 0.1 * ratio  # ms rounded
+        # the ratio is a median of per-repetition ratios, the times medians: close, not equal
+        assert looped > 0 and batched > 0 and abs(ratio - looped / batched) < 0.25 * ratio
     assert out.count("T=64:") == 2  # one task-scaling row per smoke size
 
 
