@@ -101,8 +101,8 @@ class _StackedDot(torch.autograd.Function):
 class StackedLinear(nn.Module):
     """n independent linear layers in one tensor: weight `[n, in, out]`, bias `[n, out]`.
 
-    forward: `[B, in]` (the same input for every member: one GEMM) or `[n, B, in]` (one
-    `baddbmm`) -> `[n, B, out]`. Initialised like n separate `nn.Linear` layers.
+    forward: `[B, in]` (the same input for every member) or `[n, B, in]` -> `[n, B, out]`, one
+    `baddbmm` either way. Initialised like n separate `nn.Linear` layers.
     """
 
     def __init__(self, n: int, in_dim: int, out_dim: int):
@@ -120,15 +120,13 @@ class StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         """relu=True applies ReLU in place on the fresh matmul output (one tensor fewer)."""
         if x.dim() == 2:
-            # One input for all members: a single [B, in] @ [in, n*out] GEMM (the weight copy
-            # is small next to it). Unlike a baddbmm over an expanded input, the backward never
-            # materialises an [n, B, in] input gradient. Returns a [n, B, out] view of a
-            # contiguous [B, n, out], which is the layout `gates.mix` reads.
-            n, in_dim, out_dim = self.weight.shape
-            w = self.weight.permute(1, 0, 2).reshape(in_dim, n * out_dim)
-            y = torch.addmm(self.bias.reshape(1, n * out_dim), x, w)
-            y = torch.relu_(y) if relu else y
-            return y.view(x.shape[0], n, out_dim).transpose(0, 1)
+            # One input for all members, expanded (no copy) to one baddbmm over the weights as
+            # stored: no permuted weight copy in the forward, and the weight gradient comes out
+            # of its bmm in the parameter's own layout. Measured against one [B, in] @
+            # [in, n*out] GEMM (a permuted weight copy, a [B, n, out] output): the bench MMoE
+            # step (E = 8) is 6-8% faster this way, also when x requires grad (the backward
+            # then sums an [n, B, in] input gradient).
+            x = x.expand(self.n, *x.shape)
         if out_dim_one_fast(x, self.weight):
             y = stacked_dot(x, self.weight, self.bias)
         else:
