@@ -42,7 +42,7 @@ from manytask.trainer.memory import keep_freed_memory
 
 BATCH, IN, HIDDEN, TOWER = 1024, 256, 256, [16]
 # (expert widths, tower widths) for the task-scaling rows: the one-layer experts of part 1,
-# where 64 tasks' own FLOPs equal the experts'; two-layer experts as in recommender MMoEs;
+# where 64 tasks' own FLOPs exceed the exper'; two-layer experts as in recommender MMoEs;
 # and DeepCTR-Torch's MMoE defaults (experts (256, 128), towers (64,)).
 SCALING_SIZES = [([HIDDEN], TOWER), ([512, 256], TOWER), ([256, 128], [64])]
 REPEATS, STEPS = 40, 1
@@ -144,8 +144,15 @@ def plain_matmul(m: int, k: int, n: int):
     return lambda: torch.mm(a, b)
 
 
+def _baddbmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    batch, m, k = a_shape
+    return 2 * batch * m * k * b_shape[-1]
+
+
 def step_flops(step) -> float:
-    with FlopCounterMode(display=False) as counter:
+    """Matmul FLOPs of one step. torch's counter has no formula for the in-place `baddbmm_`
+    (mixed_linear's weight-gradient accumulation), so it is given the out-of-place one."""
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: _baddbmm_flops}) as counter:
         step()
     return float(counter.get_total_flops())
 
