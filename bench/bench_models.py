@@ -42,7 +42,7 @@ from manytask.trainer.memory import keep_freed_memory
 
 BATCH, IN, HIDDEN, TOWER = 1024, 256, 256, [16]
 # (expert widths, tower widths) for the task-scaling rows: the one-layer experts of part 1,
-# where 64 tasks' own FLOPs exceed the exper'; two-layer experts as in recommender MMoEs;
+# where 64 tasks' own FLOPs exceed the experts'; two-layer experts as in recommender MMoEs;
 # and DeepCTR-Torch's MMoE defaults (experts (256, 128), towers (64,)).
 SCALING_SIZES = [([HIDDEN], TOWER), ([512, 256], TOWER), ([256, 128], [64])]
 REPEATS, STEPS = 40, 1
