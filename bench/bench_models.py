@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     DEVICE = torch.device(args.device)
     if args.smoke:
-        BATCH, IN, HIDDEN, REPEATS = 64, 16, 16, 2
+        BATCH, IN, HIDDEN, REPEATS = 64, 16, 16, 3
         SCALING_SIZES = [([16], TOWER), ([16, 8], [4])]
     keep_freed_memory()  # as in a manytask training process (trainer/memory.py)
     if DEVICE.type == "cpu":
