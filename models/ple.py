@@ -48,8 +48,8 @@ class PLEParams:
 class GroupedLinear(nn.Module):
     """G groups of K linear layers: weight `[G, K, in, out]`, bias `[G, K, out]`.
 
-    forward, as one matmul: `[B, in]` (one input for every expert), `[G, B, in]` (group g's K
-    experts read input g) or `[G, K, B, in]` (every expert its own) -> `[G, K, B, out]`.
+    forward, as one batched matmul: `[B, in]` (one input for every expert), `[G, B, in]` (group
+    g's K experts read input g) or `[G, K, B, in]` (every expert its own) -> `[G, K, B, out]`.
     """
 
     def __init__(self, groups: int, k: int, in_dim: int, out_dim: int):
@@ -63,9 +63,10 @@ class GroupedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         G, K, in_dim, out = self.weight.shape
         bias = self.bias.unsqueeze(2)  # [G, K, 1, out]
-        if x.dim() == 2:  # [B, in] @ [in, G*K*out]: one GEMM
-            y = x @ self.weight.permute(2, 0, 1, 3).reshape(in_dim, G * K * out)
-            return y.view(-1, G, K, out).permute(1, 2, 0, 3) + bias
+        if x.dim() == 2:  # one baddbmm over the G*K experts, the input expanded (as StackedLinear)
+            w = self.weight.view(G * K, in_dim, out)
+            y = torch.baddbmm(self.bias.view(G * K, 1, out), x.expand(G * K, *x.shape), w)
+            return y.view(G, K, -1, out)
         if x.dim() == 3:  # [G, B, in] @ [G, in, K*out]: one bmm, the input is not repeated K times
             y = torch.bmm(x, self.weight.permute(0, 2, 1, 3).reshape(G, in_dim, K * out))
             return y.view(G, -1, K, out).permute(0, 2, 1, 3) + bias
