@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from manytask.config import ModelConfig
 from manytask.models import build_model
+from manytask.models.layers import mlp
 from manytask.models.losses import task_losses
 from manytask.models.spec import FieldSpec, ModelSpec, TaskSpec
 from manytask.trainer.engines import optimizer_impl
@@ -49,16 +50,6 @@ REPEATS, STEPS = 40, 1
 DEVICE = torch.device("cpu")  # set by main()
 
 
-def relu_mlp(in_dim: int, dims: list[int], last_relu: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, out_dim in enumerate(dims):
-        layers.append(nn.Linear(in_dim, out_dim))
-        if last_relu or i < len(dims) - 1:
-            layers.append(nn.ReLU())
-        in_dim = out_dim
-    return nn.Sequential(*layers)
-
-
 class LoopedMMoE(nn.Module):
     """The reference: experts, gates and towers as ModuleLists run one by one."""
 
@@ -66,9 +57,10 @@ class LoopedMMoE(nn.Module):
                  tasks: dict[str, TaskSpec]):
         super().__init__()
         self.tasks = list(tasks)
-        self.experts = nn.ModuleList(relu_mlp(in_dim, experts, True) for _ in range(num_experts))
+        self.experts = nn.ModuleList(mlp(in_dim, experts) for _ in range(num_experts))
         self.gates = nn.ModuleList(nn.Linear(in_dim, num_experts) for _ in tasks)
-        self.towers = nn.ModuleList(relu_mlp(experts[-1], [*tower, s.out_dim], False) for s in tasks.values())
+        self.towers = nn.ModuleList(mlp(experts[-1], [*tower, s.out_dim], last_activation=False)
+                                    for s in tasks.values())
 
     def forward(self, inputs: dict[str, torch.Tensor], source_id: torch.Tensor):
         x = inputs["x"]

@@ -62,11 +62,11 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         G, K, in_dim, out = self.weight.shape
-        bias = self.bias.unsqueeze(2)  # [G, K, 1, out]
         if x.dim() == 2:  # one baddbmm over the G*K experts, the input expanded (as StackedLinear)
             w = self.weight.view(G * K, in_dim, out)
             y = torch.baddbmm(self.bias.view(G * K, 1, out), x.expand(G * K, *x.shape), w)
             return y.view(G, K, -1, out)
+        bias = self.bias.unsqueeze(2)  # [G, K, 1, out]
         if x.dim() == 3:  # [G, B, in] @ [G, in, K*out]: one bmm, the input is not repeated K times
             y = torch.bmm(x, self.weight.permute(0, 2, 1, 3).reshape(G, in_dim, K * out))
             return y.view(G, -1, K, out).permute(0, 2, 1, 3) + bias
