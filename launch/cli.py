@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from manytask.schema import ConfigError
 
@@ -133,5 +134,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The `manytask` command (and `python -m manytask.launch.cli`)."""
+    if "RANK" not in os.environ:  # not a torchrun / DeepSpeed worker
+        sys.exit(main())
+    # A torchrun / DeepSpeed worker: the status must be the run's, never a crash in teardown.
+    try:
+        code = main()
+    except SystemExit as err:  # argparse errors, --help
+        if err.code is not None and not isinstance(err.code, int):
+            print(err.code, file=sys.stderr)
+        code = err.code if isinstance(err.code, int) else int(err.code is not None)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    from manytask.trainer import distributed as D
+
+    D.exit_worker(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

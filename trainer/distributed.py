@@ -7,11 +7,14 @@ nanoGPT; the device is CUDA (bound to LOCAL_RANK, backend nccl) when a GPU is pr
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -90,6 +93,28 @@ def _restart_safe_store(world: int, timeout: datetime.timedelta) -> dist.Store |
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End this torchrun worker process now, with exit status `code`, skipping interpreter
+    finalization.
+
+    Gloo's C++ worker threads can outlive `destroy_process_group` when a library still holds
+    a process group (DeepSpeed keeps its data-parallel group). If such a thread releases a
+    tensor while the interpreter is finalizing, it takes the GIL, glibc unwinds it through a
+    noexcept frame and the rank dies with SIGABRT ("terminate called without an active
+    exception") after the run has finished, and torchrun reports the job as failed. See
+    pytorch/pytorch#179291. So: run the atexit hooks (W&B, multiprocessing, the loaders')
+    while the interpreter is whole, flush, and leave.
+    """
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
 
 
 def is_initialized() -> bool:
