@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from manytask.models.mixed_linear import mixed_linear
+
 Activation = Literal["relu", "gelu", "silu", "tanh"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -102,7 +104,9 @@ class StackedLinear(nn.Module):
     """n independent linear layers in one tensor: weight `[n, in, out]`, bias `[n, out]`.
 
     forward: `[B, in]` (the same input for every member) or `[n, B, in]` -> `[n, B, out]`, one
-    `baddbmm` either way. Initialised like n separate `nn.Linear` layers.
+    `baddbmm` either way. With `mix` (gate weights `[n, B, E]`), x is E expert outputs
+    `[E, B, in]` and member k reads their mixture Σ_e mix[k, :, e] · x[e] (`mixed_linear`).
+    Initialised like n separate `nn.Linear` layers.
     """
 
     def __init__(self, n: int, in_dim: int, out_dim: int):
@@ -117,8 +121,13 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False, mix: torch.Tensor | None = None) -> torch.Tensor:
         """relu=True applies ReLU in place on the fresh matmul output (one tensor fewer)."""
+        if mix is not None:
+            # Inside this module's forward, not beside it: ZeRO-3 gathers a module's partitioned
+            # parameters around its forward and its backward, which mixed_linear's use.
+            y = mixed_linear(mix, x, self.weight, self.bias)
+            return torch.relu_(y) if relu else y
         if x.dim() == 2:
             # One input for all members, expanded (no copy) to one baddbmm over the weights as
             # stored: no permuted weight copy in the forward, and the weight gradient comes out

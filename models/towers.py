@@ -12,7 +12,7 @@ from torch import nn
 
 from manytask.models.gates import mix
 from manytask.models.layers import Activation, StackedMLP
-from manytask.models.mixed_linear import mixed_linear, use_fused
+from manytask.models.mixed_linear import use_fused
 from manytask.models.spec import TaskSpec
 
 
@@ -77,8 +77,7 @@ class Towers(nn.Module):
             return self(mix(w, experts))
         ys = []
         for g, group in enumerate(self.groups):
-            first = group.layers[0]
-            h = mixed_linear(self._group_input(w, g), experts, first.weight, first.bias)
+            h = group.layers[0](experts, mix=self._group_input(w, g))
             ys.append(group.after_layer(h, 0))  # [n, B, out]
         return self._by_task(ys)
 

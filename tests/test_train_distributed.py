@@ -73,6 +73,29 @@ def test_deepspeed_zero3_two_ranks_learns_and_starts_like_zero2(tmp_path, demo_s
         assert first3[key] == pytest.approx(first2[key], rel=1e-5), key
 
 
+def test_deepspeed_zero3_fused_mixture_towers_train_like_zero2(tmp_path, demo_shards):
+    """Wide experts put the towers on the fused mixture path (`mixed_linear`, which reads the
+    tower weights inside its own autograd Function): under ZeRO-3, whose parameters are
+    partitioned outside forward/backward, the first steps' losses follow ZeRO-2's."""
+    from manytask.models.mixed_linear import CHUNK_ELEMENTS
+
+    width, batch = 6144, 64
+    assert len(TASKS) * batch * width > CHUNK_ELEMENTS  # the fused path, not the plain mixture
+    model = {"name": "mmoe", "params": {"num_experts": 3, "expert_hidden": [width], "tower_hidden": [8]}}
+    losses = {}
+    for stage in (2, 3):
+        recipe = small_recipe(tmp_path, demo_shards, f"zero{stage}", model=model,
+                              engine={"name": "deepspeed", "deepspeed": {"zero_optimization": {"stage": stage}}},
+                              data={"num_workers": 0, "batch_size": batch}, trainer={"max_steps": 4})
+        torchrun(recipe)
+        rows = [r for r in read_jsonl(tmp_path / f"zero{stage}" / "run") if "train/loss" in r]
+        losses[stage] = [[r[f"train/{t}/loss"] for t in TASKS] for r in rows]
+    assert len(losses[3]) == len(losses[2]) == 4
+    for step, (l2, l3) in enumerate(zip(losses[2], losses[3]), start=1):
+        assert l3 == pytest.approx(l2, rel=1e-4), f"step {step}"
+    assert losses[3][-1] != pytest.approx(losses[3][0], rel=1e-3)  # the weights did move
+
+
 @pytest.mark.parametrize("weighting,accum", [("gradnorm", 1), ("mgda", 2), ("dwa", 1), ("worst_case", 2), ("pcgrad", 2)])
 def test_each_weighting_runs_under_two_rank_ddp(tmp_path, demo_shards, weighting, accum):
     """Every weighting's own collectives interleave with the DDP step's (whose agreement rides
