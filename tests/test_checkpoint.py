@@ -99,3 +99,53 @@ def test_everything_loads_with_weights_only(tmp_path):
     save(ck, 5)
     for f in (tmp_path / "step_00000005").glob("*.pt"):
         torch.load(f, weights_only=True)
+
+
+class _Payload:
+    """Unpickling this creates a file: what a tampered checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_deepspeed_files_load_weights_only_and_tampered_ones_are_refused(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from manytask.trainer.checkpoint import CheckpointError
+    from manytask.trainer.ds_checkpoint import WeightsOnlyCheckpointEngine, use_weights_only_loading
+
+    class Engine:  # what use_weights_only_loading touches of a DeepSpeed engine
+        checkpoint_engine = TorchCheckpointEngine()
+
+    engine = Engine()
+    use_weights_only_loading(engine)
+    loader = engine.checkpoint_engine
+    assert isinstance(loader, WeightsOnlyCheckpointEngine)
+
+    # What ZeRO writes into its optimizer files round-trips (legacy format, as DeepSpeed saves).
+    good = tmp_path / "optim_states.pt"
+    loader.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                 "state": {"exp_avg": torch.ones(3)}}, str(good))
+    state = loader.load(str(good))
+    assert state["zero_stage"] is ZeroStageEnum.gradients and state["loss_scaler"].cur_scale == 1.0
+    assert torch.equal(state["state"]["exp_avg"], torch.ones(3))
+
+    marker = tmp_path / "code_ran"
+    bad = tmp_path / "tampered_optim_states.pt"
+    torch.save({"state": _Payload(marker)}, bad)
+    with pytest.raises(CheckpointError, match="tampered_optim_states.pt"):
+        loader.load(str(bad))
+    assert not marker.exists()
+
+    class Custom(TorchCheckpointEngine):  # a user's own engine is left alone
+        pass
+
+    engine.checkpoint_engine = Custom()
+    use_weights_only_loading(engine)
+    assert type(engine.checkpoint_engine) is Custom

@@ -73,10 +73,11 @@ def test_deepspeed_zero3_two_ranks_learns_and_starts_like_zero2(tmp_path, demo_s
         assert first3[key] == pytest.approx(first2[key], rel=1e-5), key
 
 
-def test_deepspeed_zero3_fused_mixture_towers_train_like_zero2(tmp_path, demo_shards):
+def test_deepspeed_zero3_fused_mixture_towers_train_like_zero2_and_resume(tmp_path, demo_shards):
     """Wide experts put the towers on the fused mixture path (`mixed_linear`, which reads the
     tower weights inside its own autograd Function): under ZeRO-3, whose parameters are
-    partitioned outside forward/backward, the first steps' losses follow ZeRO-2's."""
+    partitioned outside forward/backward, the first steps' losses follow ZeRO-2's. Its
+    partitioned checkpoint then resumes."""
     from manytask.models.mixed_linear import CHUNK_ELEMENTS
 
     width, batch = 6144, 64
@@ -94,6 +95,12 @@ def test_deepspeed_zero3_fused_mixture_towers_train_like_zero2(tmp_path, demo_sh
     for step, (l2, l3) in enumerate(zip(losses[2], losses[3]), start=1):
         assert l3 == pytest.approx(l2, rel=1e-4), f"step {step}"
     assert losses[3][-1] != pytest.approx(losses[3][0], rel=1e-3)  # the weights did move
+
+    # The ZeRO-3 shards load back (weights-only) and the run goes on from step 4.
+    proc = torchrun(tmp_path / "zero3" / "recipe.yaml", "trainer.max_steps=6")
+    assert "at step 4" in proc.stdout
+    rows = [r for r in read_jsonl(tmp_path / "zero3" / "run") if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("weighting,accum", [("gradnorm", 1), ("mgda", 2), ("dwa", 1), ("worst_case", 2), ("pcgrad", 2)])

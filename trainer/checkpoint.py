@@ -12,7 +12,8 @@ Layout under `<run.dir>/ckpt/`:
 A checkpoint is written into `.tmp-step_…` and renamed into place only after every rank has
 written its files and COMPLETE is there; `latest` is updated after the rename. A crash or kill
 at any moment therefore leaves either the previous checkpoint or the new one, never a broken
-`latest`. Everything is loaded with `torch.load(weights_only=True)`.
+`latest`. Everything is loaded with `torch.load(weights_only=True)`, DeepSpeed's files too
+(`ds_checkpoint`).
 """
 
 from __future__ import annotations

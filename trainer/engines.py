@@ -197,11 +197,14 @@ class DeepSpeedEngine:
 
     The recipe's trainer settings fill whatever the embedded config leaves out (micro batch,
     accumulation, clipping, optimizer, bf16 on GPU), so one recipe runs on every engine.
-    DeepSpeed checkpoints (ZeRO shards) are written by DeepSpeed itself: see `save` / `load`.
+    DeepSpeed checkpoints (ZeRO shards) are written by DeepSpeed itself and read back
+    weights-only (`ds_checkpoint`): see `save` / `load`.
     """
 
     def __init__(self, cfg: Config, model: nn.Module, info: DistInfo):
         import deepspeed
+
+        from manytask.trainer.ds_checkpoint import use_weights_only_loading
 
         self.cfg, self.info, self.kind = cfg, info, "deepspeed"
         ds_config = deepspeed_config(cfg, info)
@@ -218,6 +221,7 @@ class DeepSpeedEngine:
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         )
+        use_weights_only_loading(self.model)
         self.module = self.model.module
         self.grad_accum = cfg.trainer.grad_accum
         self.task_slices = task_slices_of(self.module)
