@@ -123,12 +123,7 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, relu: bool = False, mix: torch.Tensor | None = None) -> torch.Tensor:
         """relu=True applies ReLU in place on the fresh matmul output (one tensor fewer)."""
-        if mix is not None:
-            # Inside this module's forward, not beside it: ZeRO-3 gathers a module's partitioned
-            # parameters around its forward and its backward, which mixed_linear's use.
-            y = mixed_linear(mix, x, self.weight, self.bias)
-            return torch.relu_(y) if relu else y
-        if x.dim() == 2:
+        if mix is None and x.dim() == 2:
             # One input for all members, expanded (no copy) to one baddbmm over the weights as
             # stored: no permuted weight copy in the forward, and the weight gradient comes out
             # of its bmm in the parameter's own layout. Against one [B, in] @ [in, n*out] GEMM
@@ -136,7 +131,11 @@ class StackedLinear(nn.Module):
             # 4-13% faster for E = 4..16, and 5.6% at E = 8 when x requires grad (the backward
             # then sums an [n, B, in] input gradient).
             x = x.expand(self.n, *x.shape)
-        if out_dim_one_fast(x, self.weight):
+        if mix is not None:
+            # Inside this module's forward, not beside it: ZeRO-3 gathers a module's partitioned
+            # parameters around its forward and its backward, which mixed_linear's use.
+            y = mixed_linear(mix, x, self.weight, self.bias)
+        elif out_dim_one_fast(x, self.weight):
             y = stacked_dot(x, self.weight, self.bias)
         else:
             y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)

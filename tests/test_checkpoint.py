@@ -139,9 +139,15 @@ def test_deepspeed_files_load_weights_only_and_tampered_ones_are_refused(tmp_pat
     marker = tmp_path / "code_ran"
     bad = tmp_path / "tampered_optim_states.pt"
     torch.save({"state": _Payload(marker)}, bad)
-    with pytest.raises(CheckpointError, match="tampered_optim_states.pt"):
+    with pytest.raises(CheckpointError, match="tampered_optim_states.pt") as refused:
         loader.load(str(bad))
     assert not marker.exists()
+    assert "GLOBAL getattr" in str(refused.value)  # names what it refused (how Path.touch pickles)
+
+    truncated = tmp_path / "truncated_optim_states.pt"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated_optim_states.pt.*corrupt or truncated"):
+        loader.load(str(truncated))
 
     class Custom(TorchCheckpointEngine):  # a user's own engine is left alone
         pass

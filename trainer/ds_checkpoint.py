@@ -30,12 +30,27 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         try:
             with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
                 return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+            refused = _refused_global(err)
+            if refused:
+                raise CheckpointError(
+                    f"refusing to load DeepSpeed checkpoint file {path}: {refused}; only tensors, "
+                    f"plain containers and DeepSpeed's loss scaler / ZeRO stage / fragment "
+                    f"addresses are loaded"
+                ) from err
             raise CheckpointError(
-                f"refusing to load DeepSpeed checkpoint file {path}: it holds objects beyond tensors, "
-                f"plain containers and DeepSpeed's loss scaler / ZeRO stage / fragment addresses "
-                f"({str(err).splitlines()[-1] if str(err) else type(err).__name__})"
+                f"cannot read DeepSpeed checkpoint file {path} (corrupt or truncated?): "
+                f"{type(err).__name__}: {err}"
             ) from err
+
+
+def _refused_global(err: Exception) -> str | None:
+    """The weights-only unpickler's reason ("Unsupported global: GLOBAL x.y ..."), if it refused."""
+    marker = "WeightsUnpickler error: "
+    for line in str(err).splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1].split(". ")[0]
+    return None
 
 
 def use_weights_only_loading(engine: Any) -> None:
