@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -145,7 +146,23 @@ def scaling(tmp: Path, data: Path, batch: int, rounds: int = 6, steps: int = 10)
 
 
 # ---------------------------------------------------------------- 3. checkpoints
-def checkpoint_times(tmp: Path, model: torch.nn.Module) -> tuple[float, float, int]:
+class _Engine:
+    """A model and its optimizer as one checkpoint part, as the trainer registers them."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer):
+        self.model, self.opt = model, opt
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+
+
+def checkpoint_times(tmp: Path, model: torch.nn.Module, checksums: bool = True) -> tuple[float, float, int]:
+    """Seconds to save (with the finiteness check and, if asked, per-file checksums) and to
+    verify + load a checkpoint of `model` and its AdamW state; its size in bytes."""
     from manytask.trainer.checkpoint import Checkpointer
     from manytask.trainer.distributed import DistInfo
 
@@ -153,16 +170,28 @@ def checkpoint_times(tmp: Path, model: torch.nn.Module) -> tuple[float, float, i
     for p in model.parameters():  # one step so the optimizer holds its full state
         p.grad = torch.ones_like(p)
     opt.step()
-    ck = Checkpointer(tmp / f"ck_{id(model)}", DistInfo(), keep_last=1)
-    state = {"engine": {"model": model.state_dict(), "optimizer": opt.state_dict()}, "tasks": []}
+    ck = Checkpointer(tmp / f"ck_{id(model)}_{checksums}", DistInfo(), keep_last=1, checksums=checksums)
+    ck.register("engine", _Engine(model, opt), must_be_finite=True)
     t = time.perf_counter()
-    path = ck.save(1, state, {"stream": {}})
+    path = ck.save(1)
     save_s = time.perf_counter() - t
     t = time.perf_counter()
-    ck.load(path)
+    ck.restore(ck.load(ck.resolve("auto")))
     load_s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in path.iterdir())
+    shutil.rmtree(ck.root)
     return save_s, load_s, size
+
+
+def checksum_cost(tmp: Path, model: torch.nn.Module, rounds: int = 3) -> tuple[float, float]:
+    """Median ratio (save with checksums / without, verify+load / load) over paired rounds."""
+    save_ratio, load_ratio = [], []
+    for _ in range(rounds):
+        with_s, with_l, _ = checkpoint_times(tmp, model, checksums=True)
+        without_s, without_l, _ = checkpoint_times(tmp, model, checksums=False)
+        save_ratio.append(with_s / without_s)
+        load_ratio.append(with_l / without_l)
+    return statistics.median(save_ratio), statistics.median(load_ratio)
 
 
 def time_to_first_step(tmp: Path, data: Path) -> tuple[float, float]:
@@ -254,6 +283,9 @@ def main() -> None:
             save_s, load_s, size = checkpoint_times(tmp, model)
             print(f"   {name:>10} {n / 1e6:7.2f}M params  {size / 2**20:8.1f} MiB   "
                   f"save {save_s:6.2f}s ({size / 2**20 / save_s:6.0f} MiB/s)   load {load_s:6.2f}s")
+        save_ratio, load_ratio = checksum_cost(tmp, big)
+        print(f"   checksums (xxh3 of every file, verified on resume), ~100M: save {save_ratio:.2f}x, "
+              f"verify + load {load_ratio:.2f}x of the same without (median of 3 paired rounds; goal save <= 1.15x)")
 
         fresh, resumed = time_to_first_step(tmp, data)
         print(f"\n4. time to first step: fresh {fresh:.1f}s   resumed {resumed:.1f}s   "

@@ -16,27 +16,53 @@ from manytask.trainer.checkpoint import (
 from manytask.trainer.distributed import DistInfo
 
 
+class Box:
+    """A stateful part holding a plain dict (what every registered part looks like)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+def checkpointer(root, keep_last: int = 3) -> Checkpointer:
+    ck = Checkpointer(root, DistInfo(), keep_last=keep_last)
+    ck.header = {"tasks": ["a", "b"], "config": {}}
+    ck.register("engine", Box({}), must_be_finite=True)
+    ck.register("stream", Box({}), per_rank=True)
+    return ck
+
+
 def common(step: int) -> dict:
     return {"step": step, "tasks": ["a", "b"], "engine": {"model": {"w": torch.full((2, 3), float(step))}}}
 
 
 def save(ck: Checkpointer, step: int):
-    return ck.save(step, common(step), {"stream": {"pos": step}, "rng": torch.get_rng_state()})
+    ck.parts["engine"].obj.state = {"model": {"w": torch.full((2, 3), float(step))}}
+    ck.parts["stream"].obj.state = {"pos": step}
+    return ck.save(step)
 
 
 def test_save_load_round_trip_and_keep_last(tmp_path):
-    ck = Checkpointer(tmp_path, DistInfo(), keep_last=2)
+    ck = checkpointer(tmp_path, keep_last=2)
     for step in (10, 20, 30):
         save(ck, step)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000020", "step_00000030"]
     assert (tmp_path / LATEST).read_text().strip() == "step_00000030"
     loaded = ck.load(ck.resolve("auto"))
     assert loaded.common["step"] == 30 and loaded.rank_state["stream"] == {"pos": 30}
+    fresh = checkpointer(tmp_path)
+    fresh.restore(loaded)
+    assert fresh.parts["stream"].obj.state == {"pos": 30}
     assert torch.equal(loaded.common["engine"]["model"]["w"], torch.full((2, 3), 30.0))
 
 
 def test_interrupted_save_is_invisible(tmp_path):
-    ck = Checkpointer(tmp_path, DistInfo())
+    ck = checkpointer(tmp_path)
     save(ck, 10)
     # A save killed half-way leaves a temporary directory and, at worst, a step dir without
     # its COMPLETE marker: neither is ever chosen.
@@ -50,7 +76,7 @@ def test_interrupted_save_is_invisible(tmp_path):
 
 
 def test_corrupt_latest_is_skipped_with_warning(tmp_path):
-    ck = Checkpointer(tmp_path, DistInfo())
+    ck = checkpointer(tmp_path)
     save(ck, 10)
     save(ck, 20)
     (tmp_path / "step_00000020" / COMMON).write_bytes(b"\x80garbage")
@@ -59,7 +85,7 @@ def test_corrupt_latest_is_skipped_with_warning(tmp_path):
 
 
 def test_explicit_bad_path_and_never(tmp_path):
-    ck = Checkpointer(tmp_path, DistInfo())
+    ck = checkpointer(tmp_path)
     save(ck, 10)
     assert ck.resolve("never") is None
     with pytest.raises(CheckpointError, match="cannot resume from .*nope: no such directory"):
@@ -79,7 +105,7 @@ def test_mismatched_checkpoint_is_refused_naming_what_differs(tmp_path):
 
 
 def test_failed_save_warns_and_keeps_previous(tmp_path, monkeypatch):
-    ck = Checkpointer(tmp_path, DistInfo())
+    ck = checkpointer(tmp_path)
     save(ck, 10)
 
     def disk_full(*args, **kwargs):
@@ -95,7 +121,7 @@ def test_failed_save_warns_and_keeps_previous(tmp_path, monkeypatch):
 
 
 def test_everything_loads_with_weights_only(tmp_path):
-    ck = Checkpointer(tmp_path, DistInfo())
+    ck = checkpointer(tmp_path)
     save(ck, 5)
     for f in (tmp_path / "step_00000005").glob("*.pt"):
         torch.load(f, weights_only=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from conftest import DEEPSPEED, REFERENCE_STEPS, ROOT, small_recipe, torchrun
 
-from manytask.trainer.checkpoint import LATEST
+from manytask.trainer.checkpoint import LATEST, read_model_state
 from manytask.trainer.wandb_offline import find_offline_runs, read_history
 
 STEPS = REFERENCE_STEPS
@@ -31,11 +31,7 @@ def losses(run_dir: Path) -> dict[int, dict[str, float]]:
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     latest = (run_dir / "ckpt" / LATEST).read_text().strip()
-    path = run_dir / "ckpt" / latest
-    if (path / "deepspeed").exists():
-        state = torch.load(path / "deepspeed" / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=True)
-        return state["module"]
-    return torch.load(path / "common.pt", weights_only=True)["engine"]["model"]
+    return read_model_state(run_dir / "ckpt" / latest)[1]
 
 
 def start(recipe: Path, *overrides: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.Popen:

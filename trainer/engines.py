@@ -17,6 +17,7 @@ import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -268,12 +269,30 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def save(self, directory: str, client_state: dict[str, Any]) -> None:
-        self.model.save_checkpoint(directory, tag="deepspeed", client_state=client_state)
+    # The checkpoint interface (`trainer.checkpoint.Stateful` plus own files): DeepSpeed writes
+    # its model and ZeRO-partitioned optimizer itself, so the state dict is empty and
+    # `save_files` / `load_files` carry everything (read back weights-only, `ds_checkpoint`).
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-    def load(self, directory: str) -> dict[str, Any]:
-        _, client_state = self.model.load_checkpoint(directory, tag="deepspeed")
-        return client_state or {}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_files(self, directory: Path) -> None:
+        self.model.save_checkpoint(str(directory), tag="deepspeed")
+
+    def load_files(self, directory: Path) -> None:
+        self.model.load_checkpoint(str(directory), tag="deepspeed")
+
+    def finite_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """What must be finite before a checkpoint: this rank's parameters and its partition
+        of the optimizer state."""
+        yield from ((f"model.{n}", p.data) for n, p in self.module.named_parameters())
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for i, state in enumerate(inner.state.values()):
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    yield f"optimizer.state.{i}.{key}", value
 
 
 def deepspeed_config(cfg: Config, info: DistInfo) -> dict[str, Any]:

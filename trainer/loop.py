@@ -223,6 +223,7 @@ def build_job(cfg: Config) -> Job:
         samples_per_task={t: 0 for t in specs}, last_shared=list(engine.module.last_shared_parameters()),
         shared_params=[p for p in engine.module.shared_parameters() if p.requires_grad],
     )
+    register_state(job)
     restore(job)
     job.logger = MetricsLogger(run.path, cfg, info.is_rank0, resume_step=job.step, run_id=job.wandb_run_id)
     job.wandb_run_id = job.logger.run_id
@@ -230,28 +231,55 @@ def build_job(cfg: Config) -> Job:
 
 
 # --------------------------------------------------------------------------- state
-def common_state(job: Job) -> dict[str, Any]:
-    state = {
-        "step": job.step,
-        "tasks": job.tasks,
-        "config": job.cfg.to_dict(),
-        "sampler": job.sampler.state_dict(),
-        "weighting": job.weighting.state_dict(),
-        "samples_per_task": dict(job.samples_per_task),
-        "nonfinite_steps": job.nonfinite_steps,
-        "wandb_run_id": job.wandb_run_id,
-        "monitor": {"affinity": job.affinity.state_dict(), "gates": job.gate_health.state_dict()},
-    }
+class TrainCounters:
+    """The job's own counters as a checkpoint part: step, samples per task, skipped steps and
+    the W&B run id (reused on resume so the W&B run continues)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def state_dict(self) -> dict[str, Any]:
+        job = self.job
+        return {"step": job.step, "samples_per_task": dict(job.samples_per_task),
+                "nonfinite_steps": job.nonfinite_steps, "wandb_run_id": job.wandb_run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        job = self.job
+        job.step = int(state["step"])
+        job.samples_per_task = dict(state["samples_per_task"])
+        job.nonfinite_steps = int(state["nonfinite_steps"])
+        job.wandb_run_id = state.get("wandb_run_id")
+
+
+class RNGStates:
+    """This rank's python / numpy / torch RNG states as a checkpoint part."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return D.rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        D.load_rng_state(state)
+
+
+def register_state(job: Job) -> None:
+    """Every stateful part of the job, registered once by name with the checkpointer."""
+    ckpt = job.ckpt
+    ckpt.header = {"config": job.cfg.to_dict(), "tasks": job.tasks}
+    ckpt.register("engine", job.engine, must_be_finite=True)  # model, optimizer, LR schedule
+    ckpt.register("sampler", job.sampler)
+    ckpt.register("weighting", job.weighting, must_be_finite=True)
     if job.weighting_opt is not None:
-        state["weighting_opt"] = job.weighting_opt.state_dict()
-    if job.engine.kind != "deepspeed":
-        state["engine"] = job.engine.state_dict()
-    return state
+        ckpt.register("weighting_opt", job.weighting_opt, must_be_finite=True)
+    ckpt.register("affinity", job.affinity)
+    ckpt.register("gate_health", job.gate_health)
+    ckpt.register("train", TrainCounters(job))
+    ckpt.register("stream", job.data, per_rank=True)
+    # A new world size re-seeds the RNGs (README: "A different world size on resume").
+    ckpt.register("rng", RNGStates(), per_rank=True, same_world_only=True)
 
 
 def save(job: Job) -> None:
-    rank_state = {"stream": job.data.state_dict(), "rng": D.rng_state()}
-    path = job.ckpt.save(job.step, common_state(job), rank_state, engine=job.engine)
+    path = job.ckpt.save(job.step)
     if path is not None:
         job.run.say(f"checkpoint step {job.step} -> {path}")
 
@@ -261,25 +289,8 @@ def restore(job: Job) -> None:
     if path is None:
         return
     loaded = job.ckpt.load(path)
-    common = loaded.common
-    check_compatible(common, job.tasks, job.engine.module.state_dict(), path)
-    if job.engine.kind == "deepspeed":
-        job.engine.load(str(path / "deepspeed"))
-    else:
-        job.engine.load_state_dict(common["engine"])
-    job.sampler.load_state_dict(common["sampler"])
-    job.weighting.load_state_dict(common["weighting"])
-    if job.weighting_opt is not None and "weighting_opt" in common:
-        job.weighting_opt.load_state_dict(common["weighting_opt"])
-    job.affinity.load_state_dict(common["monitor"]["affinity"])
-    job.gate_health.load_state_dict(common["monitor"]["gates"])
-    job.step = int(common["step"])
-    job.samples_per_task = dict(common["samples_per_task"])
-    job.nonfinite_steps = int(common["nonfinite_steps"])
-    job.wandb_run_id = common.get("wandb_run_id")
-    job.data.load_state_dict(loaded.rank_state["stream"])
-    if loaded.same_world:
-        D.load_rng_state(loaded.rank_state["rng"])
+    check_compatible(loaded.common, job.tasks, job.engine.module.state_dict(), path)
+    job.ckpt.restore(loaded)
     job.run.say(f"resumed from {path} at step {job.step}")
 
 

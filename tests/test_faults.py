@@ -1,0 +1,40 @@
+"""Faults injected on purpose into real 2-rank runs: the promised outcome, each time.
+
+A damaged newest checkpoint (256 bytes overwritten inside `common.pt`, or inside one rank's
+file) is never loaded: the relaunch falls back to the previous checkpoint, says which file
+was bad, and finishes with exactly the uninterrupted run's model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import torchrun
+from test_checkpoint_verified import damage
+from test_resume import assert_same_run
+
+from manytask.trainer.checkpoint import COMMON, LATEST
+
+
+def copy_of(reference: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the finished reference run (checkpoints 40 and 60) and its recipe."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("wandb"))
+    recipe = tmp_path / "recipe.yaml"
+    shutil.copy(reference.parent / "recipe.yaml", recipe)
+    return run, recipe
+
+
+@pytest.mark.parametrize("bad_file", [COMMON, "rank_00001.pt"])
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, ddp_reference, bad_file):
+    run, recipe = copy_of(ddp_reference, tmp_path)
+    newest = run / "ckpt" / "step_00000060"
+    assert (run / "ckpt" / LATEST).read_text().strip() == newest.name
+    damage(newest / bad_file)
+    proc = torchrun(recipe, f"run.dir={run}", "logging.wandb=false")
+    out = proc.stdout + proc.stderr
+    assert f"skipping checkpoint {newest}: corrupt {bad_file}" in out, out[-3000:]
+    assert f"resumed from {run / 'ckpt' / 'step_00000040'} at step 40" in out
+    assert_same_run(run, ddp_reference)  # steps 41..60 again, bit for bit
