@@ -25,16 +25,20 @@ def _train(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     from manytask.config import dump_config, load_config
+    from manytask.trainer.preflight import check_recipe
 
-    print(dump_config(load_config(args.recipe, args.overrides)), end="")
+    cfg = load_config(args.recipe, args.overrides)
+    check_recipe(cfg)
+    print(dump_config(cfg), end="")
     return 0
 
 
 def _launch(args: argparse.Namespace) -> int:
     from manytask.config import load_config
     from manytask.launch.torchrun import launch
+    from manytask.trainer.preflight import check_recipe
 
-    load_config(args.recipe, args.overrides)  # fail fast, before starting N processes
+    check_recipe(load_config(args.recipe, args.overrides))  # one error, before starting N processes
     return launch(args)
 
 

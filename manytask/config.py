@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from manytask.schema import ConfigError, closest, load_dataclass, to_dict
+from manytask.schema import ConfigError, at_least, closest, load_dataclass, require, to_dict
 
 # Task names become metric keys (`loss/<task>`, `gates/<task>/expert_<e>`): no '/' or spaces.
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -30,6 +30,12 @@ class RunConfig:
     dir: str = "runs/run"  # holds config.yaml, logs, metrics.jsonl, wandb/, ckpt/
     seed: int = 0
     resume: str = "auto"  # auto | never | path to a checkpoint directory
+    lock_lease: float = 600.0  # seconds: a run lock not refreshed for this long is stale
+
+    def validate(self, file: str | None) -> None:
+        require(self.resume in ("auto", "never") or Path(self.resume).is_dir(), file, "run.resume", self.resume,
+                "auto, never or an existing checkpoint directory")
+        require(self.lock_lease > 0, file, "run.lock_lease", self.lock_lease, "seconds > 0")
 
 
 @dataclass
@@ -59,8 +65,9 @@ class DataConfig:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"'data.sources' in {file}: source names must be unique, got {names}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"'data.batch_size' in {file}: expected a positive int, got {self.batch_size}")
+        at_least(file, "data", 1, batch_size=self.batch_size, val_batch_size=self.val_batch_size)
+        at_least(file, "data", 0, num_workers=self.num_workers, shuffle_buffer=self.shuffle_buffer,
+                 val_max_batches=self.val_max_batches)
 
 
 @dataclass
@@ -87,6 +94,11 @@ class SamplerConfig:
     alpha_end: float = 0.1  # ... to this at max_steps
     weights: dict[str, float] = field(default_factory=dict)  # manual: source -> weight
 
+    def validate(self, file: str | None) -> None:
+        require(self.temperature > 0, file, "sampler.temperature", self.temperature, "a number > 0")
+        at_least(file, "sampler", 1, size_cap=self.size_cap)
+        at_least(file, "sampler.weights", 0, **self.weights)
+
 
 @dataclass
 class WeightingConfig:
@@ -111,6 +123,16 @@ class TrainerConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = 100  # stop anyway after this many skipped steps
 
+    def validate(self, file: str | None) -> None:
+        at_least(file, "trainer", 1, max_steps=self.max_steps, grad_accum=self.grad_accum,
+                 eval_every=self.eval_every, log_every=self.log_every)
+        at_least(file, "trainer", 0, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
+                 weight_decay=self.weight_decay, max_nonfinite=self.max_nonfinite)
+        require(self.lr > 0, file, "trainer.lr", self.lr, "a learning rate > 0")
+        require(0 <= self.min_lr_ratio <= 1, file, "trainer.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), file, "trainer.betas",
+                self.betas, "two numbers in [0, 1)")
+
 
 @dataclass
 class EngineConfig:
@@ -124,6 +146,9 @@ class CheckpointConfig:
     every: int = 500  # steps; a checkpoint is also written at the end and on preemption
     keep_last: int = 3
 
+    def validate(self, file: str | None) -> None:
+        at_least(file, "checkpoint", 1, every=self.every, keep_last=self.keep_last)
+
 
 @dataclass
 class LoggingConfig:
@@ -135,6 +160,9 @@ class LoggingConfig:
     heatmap_every: int = 100  # gate-utilization heatmap image every N steps (0 = never)
     progress: bool = True
 
+    def validate(self, file: str | None) -> None:
+        at_least(file, "logging", 0, heatmap_every=self.heatmap_every)
+
 
 @dataclass
 class MonitorConfig:
@@ -144,6 +172,13 @@ class MonitorConfig:
     affinity_window: int = 5  # consecutive negative measurements before a conflict warning
     collapse_threshold: float = 0.9  # one expert above this mean weight for every task
     dead_threshold: float = 0.01  # an expert below this mean weight in every gate
+
+    def validate(self, file: str | None) -> None:
+        at_least(file, "monitor", 0, affinity_every=self.affinity_every)
+        at_least(file, "monitor", 1, affinity_window=self.affinity_window)
+        for key in ("collapse_threshold", "dead_threshold"):
+            value = getattr(self, key)
+            require(0 <= value <= 1, file, f"monitor.{key}", value, "a number in [0, 1]")
 
 
 @dataclass
@@ -163,7 +198,8 @@ class Config:
     def validate(self, file: str | None) -> None:
         if not self.tasks:
             raise ConfigError(f"'tasks' in {file}: at least one task is required")
-        for task in self.tasks:
+        for task, spec in self.tasks.items():
+            at_least(file, f"tasks.{task}", 0, out_dim=spec.out_dim, loss_weight=spec.loss_weight)
             if not TASK_NAME.fullmatch(task):
                 raise ConfigError(
                     f"'tasks.{task}' in {file}: a task name may hold only letters, digits, '_', "
@@ -186,6 +222,7 @@ class Config:
                     f"(add it to some data.sources[].labels)"
                 )
 
+        self._check_params(file)
         if self.engine.name == "deepspeed" and self.weighting.name == "pcgrad":
             raise ConfigError(
                 f"'weighting.name' in {file}: pcgrad rewrites the shared gradients between "
@@ -193,6 +230,16 @@ class Config:
                 "ddp (or auto) with pcgrad, or another weighting under DeepSpeed"
             )
         self._check_zero3(file)
+
+    def _check_params(self, file: str | None) -> None:
+        """model.name / weighting.name against the registries, and their `params:` blocks
+        against the registered dataclasses (keys, types, ranges): wrong ones fail here, not
+        in every rank at build time."""
+        from manytask.models import model_params
+        from manytask.trainer.weightings import weighting_params
+
+        model_params(self.model, file)
+        weighting_params(self.weighting, file)
 
     def _check_zero3(self, file: str | None) -> None:
         """ZeRO-3 partitions every parameter across ranks: gradients with respect to the full

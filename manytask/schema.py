@@ -108,6 +108,18 @@ def _convert(hint: Any, value: Any, key: str, file: str | None) -> Any:
     return value
 
 
+def require(ok: bool, file: str | None, key: str, value: Any, expected: str) -> None:
+    """ConfigError "'key' in file: expected <expected>, got <value>" unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{_where(file, key)}: expected {expected}, got {value!r}")
+
+
+def at_least(file: str | None, section: str, minimum: float, **values: float) -> None:
+    """Every `section.<name>` in `values` must be >= `minimum` (NaN is not)."""
+    for name, value in values.items():
+        require(value >= minimum, file, f"{section}.{name}", value, f"a number >= {minimum}")
+
+
 def load_dataclass(cls: type[T], data: Any, file: str | None = None, prefix: str = "") -> T:
     """Build `cls` from a mapping, validating keys and types.
 

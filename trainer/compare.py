@@ -28,8 +28,7 @@ from typing import Any
 import yaml
 
 from manytask.config import Config, ModelConfig, config_from_dict, dump_config
-from manytask.models import conditioned, mmoe, multi_head, ple, soft_sharing, timeseries
-from manytask.schema import load_dataclass
+from manytask.models import MODELS, model_params
 from manytask.trainer.evaluate import HIGHER_IS_BETTER
 from manytask.trainer.logger import MetricsLogger, read_metrics, safe_file_name
 
@@ -37,19 +36,6 @@ Say = Callable[[str], None]
 
 # The metric each task type is judged by (it is added to a task's `metrics` when missing).
 PRIMARY_METRIC = {"binary": "auc", "multilabel": "auc", "multiclass": "accuracy", "regression": "mse", "forecast": "mse"}
-
-# A single-task baseline gets the hidden widths one task's path has in the multi-task model
-# (shared part, then tower), so both see the same depth and width per task.
-TASK_PATH_WIDTHS: dict[str, tuple[type, tuple[str, ...]]] = {
-    "multi_head": (multi_head.MultiHeadParams, ("hidden", "tower_hidden")),
-    "mmoe": (mmoe.MMoEParams, ("expert_hidden", "tower_hidden")),
-    "omoe": (mmoe.MMoEParams, ("expert_hidden", "tower_hidden")),
-    "ple": (ple.PLEParams, ("expert_hidden", "tower_hidden")),
-    "soft_sharing": (soft_sharing.SoftSharingParams, ("hidden", "tower_hidden")),
-    "conditioned": (conditioned.ConditionedParams, ("hidden", "post_hidden", "tower_hidden")),
-    "timeseries": (timeseries.TimeSeriesParams, ("hidden", "tower_hidden")),
-}
-
 
 @dataclass
 class CompareRow:
@@ -86,10 +72,12 @@ def single_task_params(model: ModelConfig) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if "encoder" in model.params:
         params["encoder"] = model.params["encoder"]
-    if model.name in TASK_PATH_WIDTHS:
-        cls, keys = TASK_PATH_WIDTHS[model.name]
-        p = load_dataclass(cls, dict(model.params), prefix="model.params")
-        params["hidden"] = [w for key in keys for w in getattr(p, key)]
+    # The baseline gets the hidden widths one task's path has in the multi-task model (shared
+    # part, then tower; the model's registry entry names them), so both see the same depth and
+    # width per task.
+    if MODELS[model.name].task_path:
+        p = model_params(model)
+        params["hidden"] = [w for key in MODELS[model.name].task_path for w in getattr(p, key)]
         params["activation"] = p.activation
         params["dropout"] = getattr(p, "dropout", 0.0)
     return params

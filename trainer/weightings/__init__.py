@@ -6,6 +6,8 @@ Adding a method: one file defining a `Weighting` subclass (with a `Params` datac
 
 from __future__ import annotations
 
+from typing import Any
+
 from manytask.config import TaskConfig, WeightingConfig
 from manytask.schema import ConfigError, closest, load_dataclass
 from manytask.trainer.weightings.base import Weighting, WeightingContext
@@ -30,17 +32,27 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
 }
 
 
+def weighting_class(name: str, file: str | None = None) -> type[Weighting]:
+    """The registry entry for `weighting.name` (its `Params` is the dataclass of
+    `weighting.params`); ConfigError naming the closest weighting otherwise."""
+    if name not in WEIGHTINGS:
+        near = closest(name, WEIGHTINGS)
+        fix = f"; did you mean '{near}'?" if near else ""
+        where = f" in {file}" if file else ""
+        raise ConfigError(f"'weighting.name'{where}: unknown weighting '{name}'{fix} (known: {', '.join(WEIGHTINGS)})")
+    return WEIGHTINGS[name]
+
+
+def weighting_params(cfg: WeightingConfig, file: str | None = None) -> Any:
+    """`cfg.params` checked against the method's `Params` dataclass (keys, types, ranges)."""
+    return load_dataclass(weighting_class(cfg.name, file).Params, cfg.params, file=file, prefix="weighting.params")
+
+
 def build_weighting(cfg: WeightingConfig, tasks: dict[str, TaskConfig]) -> Weighting:
     """The weighting named by `cfg.name`, its `cfg.params` validated against the method's
     `Params` dataclass (an unknown key names the closest valid one). Raises ConfigError.
     """
-    if cfg.name not in WEIGHTINGS:
-        near = closest(cfg.name, WEIGHTINGS)
-        fix = f"; did you mean '{near}'?" if near else ""
-        raise ConfigError(f"'weighting.name': unknown weighting '{cfg.name}'{fix} (known: {', '.join(WEIGHTINGS)})")
-    cls = WEIGHTINGS[cfg.name]
-    params = load_dataclass(cls.Params, cfg.params, prefix="weighting.params")
-    return cls(tasks, params)
+    return weighting_class(cfg.name)(tasks, weighting_params(cfg))
 
 
-__all__ = ["WEIGHTINGS", "Weighting", "WeightingContext", "build_weighting", "min_norm_weights"]
+__all__ = ["WEIGHTINGS", "Weighting", "WeightingContext", "build_weighting", "weighting_class", "weighting_params", "min_norm_weights"]
