@@ -51,6 +51,16 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+def restart_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """After a resume whose recipe changed the LR or its schedule: peak LR `lr`, and the
+    current step's LR from the new schedule at once (LambdaLR's own `base * factor(step)`)."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def optimizer_impl(params: list[nn.Parameter], fused: bool = True) -> dict[str, bool]:
     """Keyword arguments choosing torch's fastest optimizer implementation for `params`.
 

@@ -22,7 +22,7 @@ from manytask.models.losses import task_losses
 from manytask.models.spec import TaskSpec
 from manytask.trainer import distributed as D
 from manytask.trainer.checkpoint import Checkpointer, check_compatible
-from manytask.trainer.engines import autocast, build_engine
+from manytask.trainer.engines import autocast, build_engine, restart_schedule
 from manytask.trainer.evaluate import evaluate
 from manytask.trainer.logger import MetricsLogger
 from manytask.trainer.memory import keep_freed_memory
@@ -35,6 +35,7 @@ from manytask.trainer.monitor import (
 )
 from manytask.trainer.preemption import PreemptionFlag
 from manytask.trainer.progress import Progress
+from manytask.trainer.recipe_changes import SCHEDULE_KEYS, check_resume_changes
 from manytask.trainer.run_dir import RunDir
 from manytask.trainer.specs import build_model_spec
 from manytask.trainer.task_sampler import TaskSampler
@@ -285,13 +286,29 @@ def save(job: Job) -> None:
 
 
 def restore(job: Job) -> None:
+    """Resume from the checkpoint `run.resume` names, if any, then record what runs.
+
+    The recipe is compared with the checkpoint's first: a difference a resume cannot apply
+    is refused (ResumeRefused, every rank) before any file is written; the ones it can
+    (`recipe_changes.APPLIED_ON_RESUME`) are announced, the LR schedule follows the new
+    recipe from the resumed step on, and `config.yaml` / `config_history.jsonl` record them.
+    """
     path = job.ckpt.resolve(job.cfg.run.resume)
-    if path is None:
-        return
-    loaded = job.ckpt.load(path)
-    check_compatible(loaded.common, job.tasks, job.engine.module.state_dict(), path)
-    job.ckpt.restore(loaded)
-    job.run.say(f"resumed from {path} at step {job.step}")
+    changes: dict[str, tuple[Any, Any]] = {}
+    if path is not None:
+        loaded = job.ckpt.load(path)
+        changes = check_resume_changes(loaded.common.get("config", {}), job.cfg.to_dict(), str(path))
+        check_compatible(loaded.common, job.tasks, job.engine.module.state_dict(), path)
+        job.ckpt.restore(loaded)
+        if changes.keys() & SCHEDULE_KEYS:
+            restart_schedule(job.engine.scheduler, job.cfg.trainer.lr)
+            if job.weighting_opt is not None:
+                for group in job.weighting_opt.param_groups:
+                    group["lr"] = job.cfg.trainer.lr
+        job.run.say(f"resumed from {path} at step {job.step}")
+        for key, (old, new) in changes.items():
+            job.run.say(f"  recipe change applied from step {job.step}: {key}: {old!r} -> {new!r}")
+    job.run.record_config(job.cfg, job.step, path, changes)
 
 
 # --------------------------------------------------------------------------- loop

@@ -1,8 +1,16 @@
-"""The run directory: resolved config, train.log, metrics.jsonl, wandb/, ckpt/ (rank 0 writes)."""
+"""The run directory: resolved config, its history, train.log, metrics.jsonl, wandb/, ckpt/.
+
+Rank 0 writes. `config.yaml` is written only once the run knows what it will run (after a
+resume accepted the recipe), and always holds that; `config_history.jsonl` gets one line per
+start or resume with the keys that changed.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
+from typing import Any
 
 from manytask.config import Config, dump_config
 from manytask.trainer.distributed import DistInfo
@@ -14,7 +22,6 @@ class RunDir:
         self.info = info
         if info.is_rank0:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "config.yaml").write_text(dump_config(cfg))
 
     @property
     def ckpt(self) -> Path:
@@ -23,6 +30,18 @@ class RunDir:
     @property
     def log_file(self) -> Path:
         return self.path / "train.log"
+
+    def record_config(self, cfg: Config, step: int, resumed_from: Path | None,
+                      changes: dict[str, tuple[Any, Any]]) -> None:
+        """Write `config.yaml` (what runs now) and append this start to `config_history.jsonl`."""
+        if not self.info.is_rank0:
+            return
+        (self.path / "config.yaml").write_text(dump_config(cfg))
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
+                 "resumed_from": str(resumed_from) if resumed_from else None,
+                 "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}
+        with open(self.path / "config_history.jsonl", "a") as fh:
+            fh.write(json.dumps(entry, default=str) + "\n")
 
     def say(self, text: str) -> None:
         """Print on rank 0 and append to train.log."""
