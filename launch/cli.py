@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from manytask.schema import ConfigError
 
@@ -14,13 +15,15 @@ def _train(args: argparse.Namespace) -> int:
     from manytask.config import dump_config, load_config
     from manytask.trainer import distributed as D
     from manytask.trainer.loop import train
+    from manytask.trainer.preemption import last_stop_signal
 
     cfg = load_config(args.recipe, args.overrides)
     if os.environ.get("RANK", "0") == "0":
         print(f"# resolved config ({args.recipe})\n{dump_config(cfg)}", flush=True)
     train(cfg)
     D.shutdown()
-    return 0
+    # Ctrl-C of a lone process: checkpointed and stopped; the shell's status for an interrupt.
+    return 130 if last_stop_signal() == "SIGINT" and "RANK" not in os.environ else 0
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -37,8 +40,11 @@ def _launch(args: argparse.Namespace) -> int:
     from manytask.config import load_config
     from manytask.launch.torchrun import launch
     from manytask.trainer.preflight import check_recipe
+    from manytask.trainer.run_lock import check_unlocked
 
-    check_recipe(load_config(args.recipe, args.overrides))  # one error, before starting N processes
+    cfg = load_config(args.recipe, args.overrides)
+    check_recipe(cfg)  # one error, before starting N processes
+    check_unlocked(Path(cfg.run.dir), cfg.run.lock_lease)
     return launch(args)
 
 
@@ -126,15 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from manytask.trainer.run_lock import RunLocked
+
+    # Every rank of a job meets the same recipe error: rank 0 (or a lone process) says it once.
+    speaks = os.environ.get("RANK", "0") == "0"
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
-        print(f"manytask: config error: {err}", file=sys.stderr)
+        if speaks:
+            print(f"manytask: config error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, RunLocked) as err:
         if os.environ.get("MANYTASK_DEBUG"):
             raise
-        print(f"manytask: error: {err}", file=sys.stderr)
+        if speaks:
+            print(f"manytask: error: {err}", file=sys.stderr)
         return 2
 
 
@@ -143,6 +155,9 @@ def run() -> None:
     if "RANK" not in os.environ:  # not a torchrun / DeepSpeed worker
         sys.exit(main())
     # A torchrun / DeepSpeed worker: the status must be the run's, never a crash in teardown.
+    from manytask.trainer.preemption import die_with_parent
+
+    die_with_parent()  # a launcher killed outright still stops (and checkpoints) its ranks
     try:
         code = main()
     except SystemExit as err:  # argparse errors, --help

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
+
+from manytask.trainer.preemption import STOP_SIGNALS, die_with_parent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,12 +41,75 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
 
 
 def launch(args: argparse.Namespace) -> int:
-    """Replace this process with torchrun, so SIGTERM from SLURM/Kubernetes reaches torchrun's
-    agent (which forwards it to every rank) instead of ending a wrapper."""
+    """Run torchrun as a child and stay in charge of signals; returns the exit status.
+
+    SIGTERM / SIGUSR1 / SIGINT to this launcher are passed to every local rank as SIGTERM:
+    each finishes its step, all checkpoint together and exit 0, so torchrun and this launcher
+    exit 0 (130 after a SIGINT, as shells expect). torchrun runs in its own session — a
+    terminal's Ctrl-C reaches only the launcher, which decides — and gets SIGTERM from the
+    kernel if the launcher dies, even by SIGKILL; the ranks likewise follow torchrun
+    (`die_with_parent`), so no worker outlives its launcher.
+    """
     env = dict(os.environ)
     # One BLAS/OpenMP thread per rank unless the user chose otherwise: N ranks on N cores.
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = torchrun_command(args)
     sys.stdout.flush()
-    os.execve(cmd[0], cmd, env)
-    return 1  # not reached
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    stop = StopForwarder(proc.pid)
+    previous = {sig: signal.signal(sig, stop.request) for sig in STOP_SIGNALS}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                stop.forward()  # ranks started after the signal get it too
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.signal == signal.SIGINT and code == 0:
+        return 130
+    return code
+
+
+class StopForwarder:
+    """Remembers a stop signal and passes SIGTERM to each rank (torchrun's children) once."""
+
+    def __init__(self, torchrun_pid: int):
+        self.torchrun_pid = torchrun_pid
+        self.signal: int | None = None
+        self.told: set[int] = set()
+
+    def request(self, signum: int, frame: object) -> None:
+        self.signal = signum
+        self.forward()
+
+    def forward(self) -> None:
+        if self.signal is None:
+            return
+        for pid in rank_pids(self.torchrun_pid):
+            if pid not in self.told:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                    self.told.add(pid)
+                except ProcessLookupError:
+                    pass
+
+
+def rank_pids(torchrun_pid: int) -> list[int]:
+    """PIDs of torchrun's worker processes (its children running manytask), from /proc."""
+    pids = []
+    for task in Path(f"/proc/{torchrun_pid}/task").glob("*"):
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    ranks = []
+    for pid in pids:
+        try:
+            if b"manytask.launch.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                ranks.append(pid)
+        except OSError:
+            continue
+    return ranks

@@ -38,3 +38,44 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, ddp_r
     assert f"skipping checkpoint {newest}: corrupt {bad_file}" in out, out[-3000:]
     assert f"resumed from {run / 'ckpt' / 'step_00000040'} at step 40" in out
     assert_same_run(run, ddp_reference)  # steps 41..60 again, bit for bit
+
+
+# --------------------------------------------------------------------------- the run lock
+def test_run_lock_refuses_a_live_owner_and_takes_over_stale_ones(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from manytask.trainer.run_lock import LOCK_FILE, RunLock, RunLocked, read_owner
+
+    first = RunLock(tmp_path, lease=60)
+    me = first.acquire()
+    with pytest.raises(RunLocked, match=f"in use by another job \\(pid {os.getpid()} on host {me.host}"):
+        RunLock(tmp_path, lease=60).acquire()
+    first.refresh()
+    assert read_owner(tmp_path / LOCK_FILE).refreshed >= me.started
+    first.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+    # A lock left by a process that is gone (this host): taken over with a warning.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = RunLock(tmp_path, lease=60)
+    gone.acquire()
+    gone._stop.set()
+    text = (tmp_path / LOCK_FILE).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {int(dead.stdout)}')
+    (tmp_path / LOCK_FILE).write_text(text)
+    taker = RunLock(tmp_path, lease=60)
+    with pytest.warns(UserWarning, match=f"taking over stale run lock .*process {int(dead.stdout)} on this host is gone"):
+        taker.acquire()
+    taker._stop.set()
+
+    # A live owner (another host, say) that stopped refreshing for longer than the lease.
+    text = (tmp_path / LOCK_FILE).read_text()
+    owner = read_owner(tmp_path / LOCK_FILE)
+    (tmp_path / LOCK_FILE).write_text(text.replace(f'"refreshed": {owner.refreshed}', f'"refreshed": {time.time() - 120}'))
+    taker = RunLock(tmp_path, lease=60)
+    with pytest.warns(UserWarning, match="last refreshed 1[12]\\d s ago \\(lease 60 s\\)"):
+        taker.acquire()
+    taker.release()
+    assert not (tmp_path / LOCK_FILE).exists()

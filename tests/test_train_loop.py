@@ -4,6 +4,7 @@ clear message; several sources are mixed or sampled one per step; accumulation i
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,9 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, poisoned):
     assert all(np.isfinite(v) for v in val.values()), "the model stayed finite"
     first = logged[0]
     assert val["val/click/loss"] < first["val/click/loss"]
-    assert "non-finite loss, step skipped" in (tmp_path / "run" / "train.log").read_text()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "non-finite loss, step skipped" in log
+    assert re.search(r"non-finite loss, step skipped \(tasks click=nan, regress_a=nan, regress_b=nan; \d+ so far\)", log), log
 
 
 def test_nonfinite_stop_names_the_step_and_tasks(tmp_path, poisoned):

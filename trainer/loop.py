@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from manytask.trainer.preemption import PreemptionFlag
 from manytask.trainer.progress import Progress
 from manytask.trainer.recipe_changes import SCHEDULE_KEYS, check_resume_changes
 from manytask.trainer.run_dir import RunDir
+from manytask.trainer.run_lock import RunLock, RunLocked
 from manytask.trainer.specs import build_model_spec
 from manytask.trainer.task_sampler import TaskSampler
 from manytask.trainer.weightings import build_weighting
@@ -64,6 +66,7 @@ class Job:
     cfg: Config
     info: D.DistInfo
     run: RunDir
+    lock: RunLock
     specs: dict[str, TaskSpec]
     data: MultiSourceLoader
     sampler: TaskSampler
@@ -204,6 +207,39 @@ def build_job(cfg: Config) -> Job:
     info = D.init_distributed(cfg.engine.backend, deepspeed=cfg.engine.name == "deepspeed")
     D.seed_everything(cfg.run.seed, info.rank)
     run = RunDir(cfg, info)
+    lock = hold_run_dir(run, cfg, info)
+    try:
+        job = _build_parts(cfg, info, run, lock)
+        register_state(job)
+        restore(job)
+        job.logger = MetricsLogger(run.path, cfg, info.is_rank0, resume_step=job.step, run_id=job.wandb_run_id)
+    except BaseException:
+        lock.release()
+        raise
+    job.wandb_run_id = job.logger.run_id
+    return job
+
+
+def hold_run_dir(run: RunDir, cfg: Config, info: D.DistInfo) -> RunLock:
+    """Rank 0 takes the run directory's lock (every rank raises RunLocked if another job has it)."""
+    lock = RunLock(run.path, cfg.run.lock_lease)
+    refused = None
+    if info.is_rank0:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                lock.acquire()
+            except RunLocked as err:
+                refused = str(err)
+        for warning in caught:  # a stale lock taken over: say so in train.log too
+            run.say(f"warning: {warning.message}")
+    refused = D.broadcast_object(refused)
+    if refused:
+        raise RunLocked(refused)
+    return lock
+
+
+def _build_parts(cfg: Config, info: D.DistInfo, run: RunDir, lock: RunLock) -> Job:
     specs, model_spec = build_model_spec(cfg)
     model = build_model(cfg.model, model_spec)
     weighting = build_weighting(cfg.weighting, cfg.tasks).to(info.device)
@@ -215,8 +251,8 @@ def build_job(cfg: Config) -> Job:
         [s.name for s in cfg.data.sources], source_sizes(cfg), cfg.sampler, cfg.run.seed,
         cfg.trainer.max_steps, cfg.data.batch_size,
     )
-    job = Job(
-        cfg=cfg, info=info, run=run, specs=specs, data=data, sampler=sampler, engine=engine,
+    return Job(
+        cfg=cfg, info=info, run=run, lock=lock, specs=specs, data=data, sampler=sampler, engine=engine,
         weighting=weighting, weighting_opt=weighting_opt, logger=None,  # type: ignore[arg-type]
         ckpt=Checkpointer(run.ckpt, info, cfg.checkpoint.keep_last), preempt=PreemptionFlag().install(),
         affinity=TaskAffinity(cfg.monitor, list(specs)),
@@ -224,11 +260,6 @@ def build_job(cfg: Config) -> Job:
         samples_per_task={t: 0 for t in specs}, last_shared=list(engine.module.last_shared_parameters()),
         shared_params=[p for p in engine.module.shared_parameters() if p.requires_grad],
     )
-    register_state(job)
-    restore(job)
-    job.logger = MetricsLogger(run.path, cfg, info.is_rank0, resume_step=job.step, run_id=job.wandb_run_id)
-    job.wandb_run_id = job.logger.run_id
-    return job
 
 
 # --------------------------------------------------------------------------- state
@@ -322,6 +353,10 @@ def train(cfg: Config) -> dict[str, float]:
     job = build_job(cfg)
     t = cfg.trainer
     try:
+        if job.step >= t.max_steps:
+            job.run.say(f"run {job.run.path} already finished: it is at step {job.step}, trainer.max_steps is "
+                        f"{t.max_steps}; nothing to train (raise trainer.max_steps to continue it)")
+            return {}
         if job.step == 0:
             job.logger.log(0, run_eval(job))
         progress = Progress(job.info.is_rank0 and cfg.logging.progress, job.step, t.max_steps)
@@ -335,7 +370,8 @@ def train(cfg: Config) -> dict[str, float]:
                 job.samples_per_task[task] += n
             if result.skipped:
                 job.nonfinite_steps += 1
-                job.run.say(f"step {job.step}: non-finite loss, step skipped ({job.nonfinite_steps} so far)")
+                job.run.say(f"step {job.step}: non-finite loss, step skipped ({nonfinite_tasks(result)}; "
+                            f"{job.nonfinite_steps} so far)")
                 if t.on_nonfinite == "stop" or job.nonfinite_steps > t.max_nonfinite:
                     raise NonFiniteLossError(
                         f"non-finite loss at step {job.step} (per-task losses {result.losses}); "
@@ -368,6 +404,15 @@ def train(cfg: Config) -> dict[str, float]:
         job.preempt.uninstall()
         job.logger.finish()
         job.data.close()
+        job.lock.release()
+
+
+def nonfinite_tasks(result: StepResult) -> str:
+    """Which tasks' losses were NaN/inf in a skipped step, for the message."""
+    bad = [t for t, v in result.losses.items() if result.counts[t] > 0 and not math.isfinite(v)]
+    if bad:
+        return "tasks " + ", ".join(f"{t}={result.losses[t]}" for t in bad)
+    return "every task's loss finite: the loss weighting or an auxiliary loss"
 
 
 def log_metrics(job: Job, result: StepResult, samples_per_s: float) -> dict[str, float]:
