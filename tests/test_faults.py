@@ -79,3 +79,16 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_stale_ones(tmp_path):
         taker.acquire()
     taker.release()
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_damaged_deepspeed_file_falls_back_and_resumes_exactly(tmp_path, deepspeed_reference):
+    """DeepSpeed's own ZeRO files are checksummed too: one rank's optimizer shard damaged."""
+    run, recipe = copy_of(deepspeed_reference, tmp_path)
+    newest = run / "ckpt" / "step_00000060"
+    shard = sorted((newest / "engine").rglob("*rank_1*optim_states.pt")) or sorted((newest / "engine").rglob("*.pt"))
+    damage(shard[0])
+    proc = torchrun(recipe, f"run.dir={run}", "logging.wandb=false")
+    out = proc.stdout + proc.stderr
+    assert f"skipping checkpoint {newest}: corrupt {shard[0].relative_to(newest)}" in out, out[-3000:]
+    assert "resumed from" in out and "step_00000040 at step 40" in out
+    assert_same_run(run, deepspeed_reference)
