@@ -97,11 +97,11 @@ def test_sigkill_of_launcher_leaves_no_worker(tmp_path, demo_shards):
 
 
 def test_ctrl_c_of_a_single_process_checkpoints(tmp_path, demo_shards):
-    recipe = small_recipe(tmp_path, demo_shards, "job", data={"num_workers": 0}, trainer={"max_steps": 400})
+    recipe = small_recipe(tmp_path, demo_shards, "job", trainer={"max_steps": 400})  # 2 DataLoader workers
     run = tmp_path / "job" / "run"
     proc = launch(recipe, "train")
     wait_for_step(run, 8, proc)
-    os.kill(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole process group, workers too
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
     step = stopped_at(out)
