@@ -40,11 +40,13 @@ def _launch(args: argparse.Namespace) -> int:
     from manytask.config import load_config
     from manytask.launch.torchrun import launch
     from manytask.trainer.preflight import check_recipe
+    from manytask.trainer.recipe_changes import check_before_launch
     from manytask.trainer.run_lock import check_unlocked
 
     cfg = load_config(args.recipe, args.overrides)
     check_recipe(cfg)  # one error, before starting N processes
     check_unlocked(Path(cfg.run.dir), cfg.run.lock_lease)
+    check_before_launch(cfg)
     return launch(args)
 
 
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from manytask.trainer.checkpoint import CheckpointError
     from manytask.trainer.run_lock import RunLocked
 
     # Every rank of a job meets the same recipe error: rank 0 (or a lone process) says it once.
@@ -148,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         if speaks:
             print(f"manytask: error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:  # possibly one rank's own: every rank says it
+        if os.environ.get("MANYTASK_DEBUG"):
+            raise
+        rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+        print(f"manytask: checkpoint error{rank}: {err}", file=sys.stderr)
+        return 1
 
 
 def run() -> None:

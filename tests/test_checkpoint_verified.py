@@ -103,3 +103,29 @@ def test_read_model_state_returns_config_and_weights_or_names_the_problem(tmp_pa
     damage(path / COMMON)
     with pytest.raises(CheckpointError, match=f"{path}: corrupt common.pt"):
         read_model_state(path)
+
+
+def test_training_job_refuses_to_checkpoint_nan_weights(tmp_path, demo_shards):
+    """The trainer's own registry: a parameter turned NaN stops the run at its next
+    checkpoint with the parameter's name; the previous checkpoint stays the latest."""
+    from conftest import write_recipe
+
+    from manytask.config import load_config
+    from manytask.trainer.loop import build_job, save
+
+    recipe = write_recipe(tmp_path, demo_shards, logging={"wandb": False, "progress": False})
+    job = build_job(load_config(recipe, ["data.num_workers=0"]))
+    try:
+        save(job)
+        name, param = next(iter(job.engine.module.named_parameters()))
+        param.data[0] = float("nan")
+        job.step = 10
+        with pytest.raises(CheckpointError, match=f"step 10: 'engine.model.{name}' holds NaN or inf values \\(rank 0\\)"):
+            save(job)
+        assert (tmp_path / "run" / "ckpt" / LATEST).read_text().strip() == "step_00000000"
+        assert not (tmp_path / "run" / "ckpt" / "step_00000010").exists()
+    finally:
+        job.preempt.uninstall()
+        job.logger.finish()
+        job.data.close()
+        job.lock.release()

@@ -67,5 +67,9 @@ def test_other_changes_are_refused_before_any_file_is_written(finished, capsys):
     assert "trainer.lr" not in err.split("Keys that may change")[0], "only refused keys are listed"
     after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")}
     assert after == before, "no file written or touched"
+    # `manytask launch` refuses the same before it starts a single process, once.
+    assert main(["launch", "--nproc", "2", str(recipe), "weighting.name=dwa"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("refusing to resume") == 1 and "weighting.name: 'uncertainty' -> 'dwa'" in err
     # A fresh start in the same directory is the user's explicit choice.
     assert train(recipe, "weighting.name=dwa", "run.resume=never", "trainer.max_steps=5") == 0

@@ -14,7 +14,7 @@ Layout under `<run.dir>/ckpt/`:
         common.pt       rank 0: {"step", "config", "tasks", <every replicated part by name>}
         rank_00000.pt   every rank: {<every per-rank part by name>}
         engine/         files a part wrote itself (DeepSpeed's ZeRO-sharded model/optimizer)
-        COMPLETE        written last: JSON {step, world_size, files: {path: {bytes, xxh3}}}
+        COMPLETE        written last: JSON {step, world_size, files: {path: {bytes, xxh3}}, config}
     latest              name of the newest complete checkpoint, replaced atomically
 
 A checkpoint is written into `.tmp-step_…` and renamed into place only after every rank has
@@ -262,7 +262,8 @@ class Checkpointer:
             return None
         if self.info.is_rank0:
             files = {name: d for _, ds in gathered for name, d in ds.items()}
-            marker = {"step": step, "world_size": self.info.world_size, "files": dict(sorted(files.items()))}
+            marker = {"step": step, "world_size": self.info.world_size, "files": dict(sorted(files.items())),
+                      "config": self.header.get("config")}  # readable without unpickling (launch checks)
             _atomic_write_text(tmp / COMPLETE, json.dumps(marker, indent=0))
             if final.exists():
                 shutil.rmtree(final)

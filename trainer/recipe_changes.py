@@ -11,9 +11,13 @@ new value.
 from __future__ import annotations
 
 import fnmatch
+import json
+from pathlib import Path
 from typing import Any
 
+from manytask.config import Config
 from manytask.schema import ConfigError
+from manytask.trainer.checkpoint import COMPLETE, checkpoints
 
 # fnmatch patterns over dotted keys; sources and tasks are named by their names.
 APPLIED_ON_RESUME = (
@@ -76,3 +80,20 @@ def check_resume_changes(saved: dict[str, Any], now: dict[str, Any], checkpoint:
             f"change on resume: {', '.join(APPLIED_ON_RESUME)}"
         )
     return changes
+
+
+def check_before_launch(cfg: Config) -> None:
+    """ResumeRefused now, before any process starts, if the checkpoint the job would resume
+    from (the newest with a COMPLETE marker, or `run.resume`'s) was written with a recipe this
+    one may not change. Reads only the marker; the job itself verifies and checks again."""
+    if cfg.run.resume == "never":
+        return
+    paths = checkpoints(Path(cfg.run.dir) / "ckpt") if cfg.run.resume == "auto" else [Path(cfg.run.resume)]
+    for path in paths:
+        try:
+            saved = json.loads((path / COMPLETE).read_text()).get("config")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(saved, dict):
+            check_resume_changes(saved, cfg.to_dict(), str(path))
+        return
