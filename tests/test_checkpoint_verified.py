@@ -125,7 +125,4 @@ def test_training_job_refuses_to_checkpoint_nan_weights(tmp_path, demo_shards):
         assert (tmp_path / "run" / "ckpt" / LATEST).read_text().strip() == "step_00000000"
         assert not (tmp_path / "run" / "ckpt" / "step_00000010").exists()
     finally:
-        job.preempt.uninstall()
-        job.logger.finish()
-        job.data.close()
-        job.lock.release()
+        job.close()

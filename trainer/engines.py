@@ -27,8 +27,6 @@ from manytask.config import Config
 from manytask.trainer import distributed as D
 from manytask.trainer.distributed import DistInfo
 
-ENGINES = ("single", "ddp", "deepspeed")
-
 
 def resolve_engine_name(cfg: Config, info: DistInfo) -> str:
     name = cfg.engine.name
@@ -94,7 +92,7 @@ def _task_slices(by_task: dict, tasks: list[str]) -> list[tuple[nn.Parameter, in
 
 
 @dataclass
-class _Frozen:
+class AbsentTaskSnapshot:
     """Snapshot of parameters/slices (and their optimizer state) to put back after a step."""
 
     items: list[tuple[nn.Parameter, int | None, torch.Tensor, dict[str, torch.Tensor]]] = field(
@@ -102,7 +100,7 @@ class _Frozen:
     )
 
     @classmethod
-    def take(cls, optimizer: torch.optim.Optimizer, slices) -> _Frozen:
+    def take(cls, optimizer: torch.optim.Optimizer, slices) -> AbsentTaskSnapshot:
         frozen = cls()
         for param, idx in slices:
             if idx is None:
@@ -174,7 +172,7 @@ class TorchEngine:
         """Clip, step optimizer and LR schedule, zero grads; returns the pre-clip grad norm."""
         clip = self.cfg.trainer.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        frozen = _Frozen.take(self.optimizer, _task_slices(self.task_slices, absent_tasks)) if absent_tasks else None
+        frozen = AbsentTaskSnapshot.take(self.optimizer, _task_slices(self.task_slices, absent_tasks)) if absent_tasks else None
         self.optimizer.step()
         if frozen is not None:
             frozen.restore(self.optimizer)

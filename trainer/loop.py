@@ -89,6 +89,14 @@ class Job:
     def tasks(self) -> list[str]:
         return list(self.specs)
 
+    def close(self) -> None:
+        """Give back what the job holds: signal handlers, W&B, stream workers, the run lock."""
+        self.preempt.uninstall()
+        if self.logger is not None:
+            self.logger.finish()
+        self.data.close()
+        self.lock.release()
+
 
 @dataclass
 class Agreed:
@@ -208,13 +216,17 @@ def build_job(cfg: Config) -> Job:
     D.seed_everything(cfg.run.seed, info.rank)
     run = RunDir(cfg, info)
     lock = hold_run_dir(run, cfg, info)
+    job = None
     try:
         job = _build_parts(cfg, info, run, lock)
         register_state(job)
         restore(job)
         job.logger = MetricsLogger(run.path, cfg, info.is_rank0, resume_step=job.step, run_id=job.wandb_run_id)
     except BaseException:
-        lock.release()
+        if job is not None:
+            job.close()
+        else:
+            lock.release()
         raise
     job.wandb_run_id = job.logger.run_id
     return job
@@ -401,10 +413,7 @@ def train(cfg: Config) -> dict[str, float]:
         summarize(job, val)
         return val
     finally:
-        job.preempt.uninstall()
-        job.logger.finish()
-        job.data.close()
-        job.lock.release()
+        job.close()
 
 
 def nonfinite_tasks(result: StepResult) -> str:
