@@ -36,6 +36,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, ddp_r
     proc = torchrun(recipe, f"run.dir={run}", "logging.wandb=false")
     out = proc.stdout + proc.stderr
     assert f"skipping checkpoint {newest}: corrupt {bad_file}" in out, out[-3000:]
+    assert f"warning: skipping checkpoint {newest}: corrupt {bad_file}" in (run / "train.log").read_text()
     assert f"resumed from {run / 'ckpt' / 'step_00000040'} at step 40" in out
     assert_same_run(run, ddp_reference)  # steps 41..60 again, bit for bit
 

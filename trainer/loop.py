@@ -336,7 +336,11 @@ def restore(job: Job) -> None:
     (`recipe_changes.APPLIED_ON_RESUME`) are announced, the LR schedule follows the new
     recipe from the resumed step on, and `config.yaml` / `config_history.jsonl` record them.
     """
-    path = job.ckpt.resolve(job.cfg.run.resume)
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always")
+        path = job.ckpt.resolve(job.cfg.run.resume)
+    for warning in skipped:  # a damaged checkpoint passed over: say which file, in train.log too
+        job.run.say(f"warning: {warning.message}")
     changes: dict[str, tuple[Any, Any]] = {}
     if path is not None:
         loaded = job.ckpt.load(path)
