@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def torchrun_command(args: argparse.Namespace) -> list[str]:
+    # torchrun leaves stop signals alone (see `launch`); it still cleans up on SIGHUP/SIGQUIT.
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-           f"--max-restarts={args.max_restarts}"]
+           f"--max-restarts={args.max_restarts}", "--signals-to-handle=SIGHUP,SIGQUIT"]
     if args.rdzv_endpoint:
         cmd += [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
@@ -45,17 +46,19 @@ def launch(args: argparse.Namespace) -> int:
 
     SIGTERM / SIGUSR1 / SIGINT to this launcher are passed to every local rank as SIGTERM:
     each finishes its step, all checkpoint together and exit 0, so torchrun and this launcher
-    exit 0 (130 after a SIGINT, as shells expect). torchrun runs in its own session — a
-    terminal's Ctrl-C reaches only the launcher, which decides — and gets SIGTERM from the
-    kernel if the launcher dies, even by SIGKILL; the ranks likewise follow torchrun
-    (`die_with_parent`), so no worker outlives its launcher.
+    exit 0 (130 after a SIGINT, as shells expect). torchrun runs in its own session (a
+    terminal's Ctrl-C reaches only the launcher) and ignores these signals: when a scheduler
+    signals every process of the job at once (SLURM), the ranks stop cleanly and torchrun
+    waits for them instead of tearing them down and failing. It dies with the launcher,
+    even a SIGKILLed one, and the ranks then get SIGTERM from the kernel (`die_with_parent`),
+    so no worker outlives its launcher.
     """
     env = dict(os.environ)
     # One BLAS/OpenMP thread per rank unless the user chose otherwise: N ranks on N cores.
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = torchrun_command(args)
     sys.stdout.flush()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_torchrun_signals)
     stop = StopForwarder(proc.pid)
     previous = {sig: signal.signal(sig, stop.request) for sig in STOP_SIGNALS}
     try:
@@ -64,7 +67,7 @@ def launch(args: argparse.Namespace) -> int:
                 code = proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                stop.forward()  # ranks started after the signal get it too
+                stop.forward()  # again: a rank still starting up ignores it until it can stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -73,13 +76,20 @@ def launch(args: argparse.Namespace) -> int:
     return code
 
 
+def _torchrun_signals() -> None:
+    """In the torchrun child before exec: ignore the stop signals (inherited by the ranks
+    until they install their own handler) and die with the launcher."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
+
+
 class StopForwarder:
-    """Remembers a stop signal and passes SIGTERM to each rank (torchrun's children) once."""
+    """Remembers a stop signal and passes SIGTERM to the ranks (torchrun's children)."""
 
     def __init__(self, torchrun_pid: int):
         self.torchrun_pid = torchrun_pid
         self.signal: int | None = None
-        self.told: set[int] = set()
 
     def request(self, signum: int, frame: object) -> None:
         self.signal = signum
@@ -89,12 +99,10 @@ class StopForwarder:
         if self.signal is None:
             return
         for pid in rank_pids(self.torchrun_pid):
-            if pid not in self.told:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                    self.told.add(pid)
-                except ProcessLookupError:
-                    pass
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 def rank_pids(torchrun_pid: int) -> list[int]:

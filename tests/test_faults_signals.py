@@ -55,6 +55,24 @@ def test_sigterm_to_launcher_checkpoints_exits_0_and_resumes_exactly(tmp_path, d
     assert_same_run(run, ddp_reference)
 
 
+def test_sigterm_to_every_process_of_the_job_exits_0(tmp_path, demo_shards):
+    """What SLURM does at the end of a job's time: SIGTERM to the launcher, torchrun and every
+    rank at once. torchrun does not tear the ranks down; they checkpoint and all exit 0."""
+    recipe = small_recipe(tmp_path, demo_shards, "job", trainer={"max_steps": 5000})
+    run = tmp_path / "job" / "run"
+    proc = launch(recipe, "launch", "--nproc", "2")
+    wait_for_step(run, 5, proc)
+    pids = [int(line.split()[0]) for line in processes_running(recipe)]
+    assert len(pids) >= 4  # launcher, torchrun, 2 ranks (and their DataLoader workers)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out
+    step = stopped_at(out)
+    assert (run / "ckpt" / LATEST).read_text().strip() == f"step_{step:08d}"
+
+
 def test_second_job_refuses_naming_the_owner_and_sigint_exits_130_after_checkpoint(tmp_path, demo_shards, capsys):
     recipe = small_recipe(tmp_path, demo_shards, "job", trainer={"max_steps": 5000})
     run = tmp_path / "job" / "run"
