@@ -85,13 +85,22 @@ def _torchrun_signals() -> None:
 
 
 class StopForwarder:
-    """Remembers a stop signal and passes SIGTERM to the ranks (torchrun's children)."""
+    """Remembers a stop signal and passes SIGTERM to the ranks (torchrun's children); a second
+    stop signal kills them and torchrun at once."""
 
     def __init__(self, torchrun_pid: int):
         self.torchrun_pid = torchrun_pid
         self.signal: int | None = None
 
     def request(self, signum: int, frame: object) -> None:
+        if self.signal is not None:  # a second Ctrl-C: the user does not want to wait
+            print("manytask: second stop signal: killing the ranks without a checkpoint", file=sys.stderr, flush=True)
+            for pid in [*rank_pids(self.torchrun_pid), self.torchrun_pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
         self.signal = signum
         self.forward()
 
