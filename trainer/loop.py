@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,14 +236,11 @@ def hold_run_dir(run: RunDir, cfg: Config, info: D.DistInfo) -> RunLock:
     lock = RunLock(run.path, cfg.run.lock_lease)
     refused = None
     if info.is_rank0:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with run.warnings_said():  # a stale lock taken over
             try:
                 lock.acquire()
             except RunLocked as err:
                 refused = str(err)
-        for warning in caught:  # a stale lock taken over: say so in train.log too
-            run.say(f"warning: {warning.message}")
     refused = D.broadcast_object(refused)
     if refused:
         raise RunLocked(refused)
@@ -336,11 +332,8 @@ def restore(job: Job) -> None:
     (`recipe_changes.APPLIED_ON_RESUME`) are announced, the LR schedule follows the new
     recipe from the resumed step on, and `config.yaml` / `config_history.jsonl` record them.
     """
-    with warnings.catch_warnings(record=True) as skipped:
-        warnings.simplefilter("always")
+    with job.run.warnings_said():  # a damaged checkpoint passed over, naming the file
         path = job.ckpt.resolve(job.cfg.run.resume)
-    for warning in skipped:  # a damaged checkpoint passed over: say which file, in train.log too
-        job.run.say(f"warning: {warning.message}")
     changes: dict[str, tuple[Any, Any]] = {}
     if path is not None:
         loaded = job.ckpt.load(path)

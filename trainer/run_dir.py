@@ -7,8 +7,11 @@ start or resume with the keys that changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +53,12 @@ class RunDir:
         print(text, flush=True)
         with open(self.log_file, "a") as fh:
             fh.write(text + "\n")
+
+    @contextlib.contextmanager
+    def warnings_said(self) -> Iterator[None]:
+        """Warnings raised inside go to the console and train.log through `say` (rank 0)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for warning in caught:
+            self.say(f"warning: {warning.message}")
