@@ -129,7 +129,8 @@ def test_ctrl_c_of_a_single_process_checkpoints(tmp_path, demo_shards):
 def test_finished_run_started_again_says_so_and_exits_0(tmp_path, ddp_reference, capsys):
     run, recipe = copy_of(ddp_reference, tmp_path)
     before = (run / "metrics.jsonl").read_text()
-    assert main(["train", str(recipe), f"run.dir={run}", "logging.wandb=false"]) == 0
+    assert main(["train", str(recipe), f"run.dir={run}", "logging.wandb=true"]) == 0
+    assert not (run / "wandb").exists(), "no W&B run opened for nothing"
     out = capsys.readouterr().out
     assert "already finished: it is at step 60, trainer.max_steps is 60" in out
     assert "finished 60 steps. validation:" not in out

@@ -72,7 +72,7 @@ class Job:
     engine: Any
     weighting: Any
     weighting_opt: torch.optim.Optimizer | None
-    logger: MetricsLogger
+    logger: MetricsLogger | None  # None for a run that is already finished
     ckpt: Checkpointer
     preempt: PreemptionFlag
     affinity: TaskAffinity
@@ -220,14 +220,15 @@ def build_job(cfg: Config) -> Job:
         job = _build_parts(cfg, info, run, lock)
         register_state(job)
         restore(job)
-        job.logger = MetricsLogger(run.path, cfg, info.is_rank0, resume_step=job.step, run_id=job.wandb_run_id)
+        if job.step < cfg.trainer.max_steps:  # a finished run started again logs nothing, not even to W&B
+            job.logger = MetricsLogger(run.path, cfg, info.is_rank0, resume_step=job.step, run_id=job.wandb_run_id)
+            job.wandb_run_id = job.logger.run_id
     except BaseException:
         if job is not None:
             job.close()
         else:
             lock.release()
         raise
-    job.wandb_run_id = job.logger.run_id
     return job
 
 
