@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class ShardInfo:
     url: str  # as written in the manifest (relative urls resolve against the manifest's folder)
     samples: int
     members: list[int]  # samples per tar key, in tar order
+    offsets: list[int] = field(default_factory=list)  # byte offset of each key's first header (empty = unknown)
 
 
 @dataclass
@@ -91,6 +92,8 @@ class Manifest:
             entry: dict[str, Any] = {"url": s.url, "samples": int(s.samples)}
             if self.layout == "chunk" or any(m != 1 for m in s.members):
                 entry["members"] = [int(m) for m in s.members]
+            if s.offsets:
+                entry["offsets"] = [int(o) for o in s.offsets]
             shards.append(entry)
         return {
             "version": self.version,
@@ -215,7 +218,13 @@ def _parse_shard(entry: Any, i: int, layout: str, fail) -> list[ShardInfo]:
             raise fail(f"'{key}.members' sums to {sum(mem)} but 'samples' is {n} ({url})")
         if layout == "sample" and any(m != 1 for m in mem):
             raise fail(f"'{key}.members': the sample layout holds exactly 1 sample per key")
-        out.append(ShardInfo(url, n, list(mem)))
+        offsets = entry.get("offsets") if len(urls) == 1 else None
+        if offsets is not None and (
+            not isinstance(offsets, list) or len(offsets) != len(mem)
+            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        ):
+            raise fail(f"'{key}.offsets' must list one non-negative byte offset per tar key ({len(mem)})")
+        out.append(ShardInfo(url, n, list(mem), offsets=list(offsets or [])))
     return out
 
 

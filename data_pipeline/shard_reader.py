@@ -2,7 +2,9 @@
 
 Tar members follow the WebDataset convention `<key>.<field>.<ext>` (the key is the path up to
 the first dot of the base name). The shard is read sequentially (tarfile stream mode)
-over `webdataset.gopen(url)`, so local paths, `pipe:` commands and http urls all work; `.npy`
+over `remote.open_shard(url)`, so local paths, `pipe:` commands and http(s) urls all work; a
+reader that needs only some tar keys seeks to the first one's byte offset (the manifest's
+`offsets`, when recorded) and stops after the last one; `.npy`
 headers are parsed once per distinct header (numpy.lib.format) and payloads wrapped with
 `np.frombuffer`, which keeps the chunk layout at memcpy speed.
 
@@ -22,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import numpy.lib.format as npformat
-from webdataset import gopen
 
 from manytask.data_pipeline.manifest import FieldInfo
+from manytask.data_pipeline.remote import open_shard
 
 NPY_MAGIC = b"\x93NUMPY"
 # Errors that mean "this tar cannot be read further" (truncation, bad header, bad gzip, I/O).
@@ -148,40 +150,50 @@ def read_shard(
     members: list[int],
     *,
     start: int = 0,
+    stop: int | None = None,
+    offsets: list[int] | None = None,
     select: Container[int] | None = None,
     skip_corrupt: bool = False,
     manifest: str = "",
 ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
-    """Yield `(member index, key, data)` for the shard's tar keys from `start` on, in tar order.
+    """Yield `(member index, key, data)` for the shard's tar keys `start` to `stop` - 1 (default:
+    to the end), in tar order; the rest of the tar is not read.
 
     fields:  the fields to decode (others are passed over); `members`: samples per key from the
              manifest. data: field -> array `[n, *shape]` (chunk layout) or `shape` (sample
              layout; `.cls` fields are Python ints).
+    offsets: byte offset of each key's first tar header (manifest `offsets`; empty = unknown):
+             with it a plain `.tar` is opened at key `start` instead of read from byte 0.
     select:  only these member indices are decoded and yielded (validation splits).
     skip_corrupt: a bad key yields `data=None`; an unreadable tail yields `(i, None, None)` for
              every remaining manifest member. Otherwise ShardError (url, key, manifest, problem).
     """
     where = f"shard {url}" + (f" (manifest {manifest})" if manifest else "")
     expected = len(members)
+    end = expected if stop is None else min(stop, expected)
     wanted = {info.suffix(name): name for name, info in fields.items()}
     check = _MemberChecker(fields, layout)
 
     def wanted_member(i: int) -> bool:
-        return start <= i < expected and (select is None or i in select)
+        return start <= i < end and (select is None or i in select)
 
     def missing_from(i: int, why: str) -> Iterator[tuple[int, None, None]]:
         if not skip_corrupt:
             raise ShardError(f"{where}: {why}")
-        for j in range(max(i, start), expected):
+        for j in range(max(i, start), end):
             if select is None or j in select:
                 yield j, None, None
 
+    if start >= end:
+        return
+    seek = start > 0 and bool(offsets) and len(offsets or ()) == expected and url.endswith(".tar")
     try:
-        stream = gopen(url, "rb")
+        stream, at_offset = open_shard(url, offsets[start] if seek else 0)  # type: ignore[index]
     except Exception as err:  # noqa: BLE001 - any opener failure means "cannot open"
         yield from missing_from(0, f"cannot open shard ({type(err).__name__}: {err}); no sample key read")
         return
-    index, key, raw = -1, None, {}
+    # Keys are counted from the one the stream starts at.
+    index, key, raw = (start - 1 if seek and at_offset else -1), None, {}
     try:
         # A plain local .tar is read sequentially too, but payloads come straight from the file
         # (one copy); tarfile's stream buffer would copy each payload twice more. Pipes, urls
@@ -201,6 +213,8 @@ def read_shard(
                 if wanted_member(index):
                     yield _finish(index, key, raw, members, check, where, skip_corrupt)
                 index, key, raw = index + 1, parts[0], {}
+                if index >= end and end < expected:
+                    break  # past the last key asked for: the rest of the tar is not read
                 if index >= expected:
                     raise ShardError(
                         f"{where}: sample '{key}': the tar holds more keys than the {expected} "
@@ -233,7 +247,7 @@ def read_shard(
             pass
     if wanted_member(index):
         yield _finish(index, key, raw, members, check, where, skip_corrupt)
-    if index + 1 < expected:
+    if index + 1 < end:
         last = f"last complete sample '{key}'" if key is not None else "no sample key read"
         yield from missing_from(
             index + 1,

@@ -170,8 +170,8 @@ def test_config_checks_against_manifests(tmp_path):
         MultiSourceLoader(cfg_for([{**a, "inputs": ["z"]}]))
     with pytest.raises(ConfigError, match=r"input field 'x': float32 \[3\] in source 'a'.*float32 \[5\] in source 'b'"):
         MultiSourceLoader(cfg_for([a, b]))
-    with pytest.raises(ConfigError, match=r"source 'a' .*2 non-empty shards cannot feed 4 readers.*Fix"):
-        MultiSourceLoader(cfg_for([a], num_workers=2), rank=0, world_size=2)
+    with pytest.raises(ConfigError, match=r"source 'a' .*40 samples cannot feed 64 readers.*Fix"):
+        MultiSourceLoader(cfg_for([a], num_workers=2), rank=0, world_size=32)
     with pytest.raises(ConfigError, match=r"data\.sources\.a\.train: .*nowhere.*no manifest found"):
         MultiSourceLoader(cfg_for([{**a, "train": str(tmp_path / "nowhere")}]))
 

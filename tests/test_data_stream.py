@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -120,31 +119,6 @@ def test_resume_is_exact(root, tmp_path, workers):
             assert torch.equal(f.labels[task], r.labels[task])
             assert torch.equal(f.masks[task], r.masks[task])
     assert [len(b) for b in full] == [sum(c) for c in schedule]
-
-
-def test_workers_change_restarts_epoch_with_warning(root, tmp_path, caplog):
-    cfg = make_cfg(root)
-    loader = MultiSourceLoader(cfg)
-    for _ in range(30):
-        loader.next_batch([40, 10])  # 1200 samples of A: into epoch 1
-    state = loader.state_dict()
-    loader.close()
-    wide = MultiSourceLoader(cfg, rank=1, world_size=2)
-    with caplog.at_level(logging.WARNING):
-        wide.load_state_dict(state)
-    assert "Restarting epoch 1" in caplog.text
-    assert wide.epochs() == {"a": 1, "b": 1}
-    got = ids([wide.next_batch([50, 0])])
-    wide.close()
-    # Epoch 1 from its beginning under the new (rank 1 of 2) split.
-    stream = ShardStream(load_manifest(root / "a"), 1, 2, 0, 40, fields=["id"],
-                         block_size=wide.loaders[0].stream.block_size, salt=wide.loaders[0].stream.salt)
-    want = []
-    for block in stream.blocks(0, start=(1, 0, 0)):
-        want += block.data["id"].tolist()
-        if len(want) >= 50:
-            break
-    assert got == want[:50]
 
 
 def read_epoch(stream: ShardStream, worker: int, epoch: int) -> list[int]:
