@@ -47,7 +47,7 @@ class SourceConfig:
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     batch_size: int = 256  # per rank, per step (before gradient accumulation)
-    num_workers: int = 0  # DataLoader workers per source per rank
+    num_workers: int = 0  # reader processes per rank, shared by all sources (0 = in-process)
     shuffle_buffer: int = 8192  # samples shuffled together (a window of whole chunks)
     skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
     val_batch_size: int = 1024
