@@ -7,8 +7,9 @@ measures samples/s of
 - `plain`: tarfile stream mode + `np.frombuffer` over every member (the `.npy` header parsed
   once per distinct header, `.cls` with `int()`), no grouping, shuffling or batching — the
   floor any reader of these bytes pays;
-- `stream`: `SourceLoader` over a `ShardStream` (shuffle_buffer 8192, blocks of 4096 as in
-  MultiSourceLoader, `take(256)`), with 0 and 2 DataLoader workers, start-up excluded.
+- `stream`: a `SourceCursor` over a `ShardStream` (shuffle_buffer 8192, blocks of 4096 as in
+  MultiSourceLoader, `take(256)`), read in-process (0 workers) or by the rank's worker pool
+  (2 workers; blocks handed over in shared memory), start-up excluded.
 and prints the ratio stream / plain of the same layout (goal: >= 0.7).
 """
 
@@ -23,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manytask.data_pipeline.loader import MIN_BLOCK, SourceLoader
+from manytask.data_pipeline.loader import MIN_BLOCK, SourceCursor
 from manytask.data_pipeline.manifest import Manifest
 from manytask.data_pipeline.shard_reader import NpyDecoder, split_member_name
 from manytask.data_pipeline.shard_writer import write_shards
 from manytask.data_pipeline.stream import ShardStream
+from manytask.data_pipeline.worker_pool import InProcessBlocks, WorkerPool
 
 
 def make_data(root: Path, n: int, layout: str, shards: int) -> Manifest:
@@ -59,16 +61,18 @@ def plain_reader(m: Manifest) -> int:
 
 
 def stream_reader(m: Manifest, workers: int, total: int, batch: int = 256) -> tuple[int, float]:
-    """(samples, seconds) for `total` samples through SourceLoader, start-up excluded."""
+    """(samples, seconds) for `total` samples through a SourceCursor, start-up excluded."""
     stream = ShardStream(m, shuffle_buffer=8192, splits_per_rank=workers, block_size=MIN_BLOCK, name="bench")
-    loader = SourceLoader(stream, num_workers=workers)
-    loader.take(batch)  # starts the workers
+    cursor = SourceCursor(stream)
+    starts = [cursor.starts()]
+    blocks = InProcessBlocks([stream], starts) if workers == 0 else WorkerPool([stream], starts, workers)
+    cursor.take(batch, blocks, 0)  # starts the workers
     t0 = time.perf_counter()
     got = 0
     while got < total:
-        got += len(loader.take(batch)["x"])
+        got += len(cursor.take(batch, blocks, 0)["x"])
     seconds = time.perf_counter() - t0
-    loader.close()
+    blocks.close()
     return got, seconds
 
 

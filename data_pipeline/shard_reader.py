@@ -184,21 +184,28 @@ def read_shard(
             if select is None or j in select:
                 yield j, None, None
 
-    if start >= end:
+    def next_wanted(i: int) -> int | None:
+        return next((j for j in range(max(i, start), end) if select is None or j in select), None)
+
+    first = next_wanted(start)
+    if first is None:
         return
-    seek = start > 0 and bool(offsets) and len(offsets or ()) == expected and url.endswith(".tar")
+    indexed = bool(offsets) and len(offsets or ()) == expected and url.endswith(".tar")
+    seek = first > 0 and indexed
     try:
-        stream, at_offset = open_shard(url, offsets[start] if seek else 0)  # type: ignore[index]
+        stream, at_offset = open_shard(url, offsets[first] if seek else 0)  # type: ignore[index]
     except Exception as err:  # noqa: BLE001 - any opener failure means "cannot open"
         yield from missing_from(0, f"cannot open shard ({type(err).__name__}: {err}); no sample key read")
         return
     # Keys are counted from the one the stream starts at.
-    index, key, raw = (start - 1 if seek and at_offset else -1), None, {}
+    index, key, raw = (first - 1 if seek and at_offset else -1), None, {}
+    done = False  # every key asked for was read
     try:
         # A plain local .tar is read sequentially too, but payloads come straight from the file
         # (one copy); tarfile's stream buffer would copy each payload twice more. Pipes, urls
         # and compressed shards use tarfile's stream mode.
         direct = url.endswith(".tar") and _seekable(stream)
+        jump = direct and indexed  # skip unwanted keys by seeking to the next wanted one
         tar = tarfile.open(fileobj=stream, mode="r:" if direct else "r|*")
         source = stream if direct else tar.fileobj
         while True:
@@ -218,8 +225,16 @@ def read_shard(
                 if index >= expected:
                     raise ShardError(
                         f"{where}: sample '{key}': the tar holds more keys than the {expected} "
-                        f"listed in the manifest (stale manifest? re-run `manytask data index`)"
+                        f"listed in the manifest (stale manifest? re-run `manytask shards index`)"
                     )
+                if jump and not wanted_member(index):
+                    j = next_wanted(index)
+                    if j is None:
+                        done = True
+                        break
+                    tar.offset = offsets[j]  # type: ignore[index]  # next() reads the header there
+                    index, key = j - 1, None
+                    continue
             name = wanted.get(parts[1])
             if name is None or not wanted_member(index):
                 continue
@@ -247,8 +262,13 @@ def read_shard(
             pass
     if wanted_member(index):
         yield _finish(index, key, raw, members, check, where, skip_corrupt)
-    if index + 1 < end:
-        last = f"last complete sample '{key}'" if key is not None else "no sample key read"
+    if index + 1 < end and not done:
+        if key is not None:
+            last = f"last complete sample '{key}'"
+        elif seek and at_offset:
+            last = f"no key at byte {offsets[first]}, where the manifest puts key {first}"  # type: ignore[index]
+        else:
+            last = "no sample key read"
         yield from missing_from(
             index + 1,
             f"tar ends after {index + 1} of the {expected} keys the manifest lists "

@@ -26,7 +26,7 @@ block yields a first block only up to the next block boundary, so later boundari
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -165,6 +165,12 @@ class ShardStream:
                 f"data.num_workers or the number of processes."
             )
         self.partition = partition or Partition(self.n_readers)
+        # (field, shape, dtype) -> array to write a block's field into (worker_pool's slots).
+        self.out_buffer: Callable[[str, tuple, np.dtype], np.ndarray] | None = None
+        self.indexed = all(
+            len(s.offsets) == len(s.members) and s.url.endswith(".tar") and not s.url.startswith("pipe:")
+            for s in (manifest.shards[int(i)] for i in self.layout.shard_ids)
+        )
         self._orders: dict[int, EpochOrder] = {}
 
     def reader(self, worker: int) -> int:
@@ -221,13 +227,15 @@ class ShardStream:
             pos = pos if k == 0 else s  # a later interval may start inside the last window
             w0, w1 = order.window_of_position(pos), order.window_of_position(e - 1)
             first, end = order.window_members(w0)[0], order.window_members(w1)[1]
-            members = self._members(order, first, end)
+            # Shards with key offsets are read window by window, only the keys this reader
+            # needs; others are streamed through the whole run of windows.
+            members = None if self.indexed else self._members(order, first, end)
             try:
                 for w in range(w0, w1 + 1):
-                    arrays, rows_of_slot = self._read_window(order, w, members)
                     p0, p1 = order.window_positions(w)
                     perm = order.window_permutation(w, p1 - p0)
                     lo, hi = max(pos, p0), min(e, p1)
+                    arrays, rows_of_slot = self._read_window(order, w, members, perm[lo - p0 : hi - p0])
                     while lo < hi:
                         stop = min(p0 + ((lo - p0) // bs + 1) * bs, hi)
                         slots = perm[lo - p0 : stop - p0]
@@ -249,14 +257,22 @@ class ShardStream:
                         if offset:
                             rows = rows[offset:]
                             drop_left[0] -= offset
-                        data = {k: v[rows] for k, v in arrays.items()}
+                        data = {k: self._gather(k, v, rows) for k, v in arrays.items()}
                         # The end of the part is the start of the next epoch's part.
                         after = Position(epoch, index, skipped) if index < total else Position(epoch + 1, 0, skipped)
                         yield Block(worker, before, after, offset, len(rows), data, slot_ends)
                         lo = stop
                     pos = p1
             finally:
-                members.close()
+                if members is not None:
+                    members.close()
+
+    def _gather(self, name: str, window: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """window[rows], written where `out_buffer` says (a worker's shared slot) if set."""
+        if self.out_buffer is None:
+            return window[rows]
+        out = self.out_buffer(name, (len(rows), *window.shape[1:]), window.dtype)
+        return np.take(window, rows, axis=0, out=out, mode="clip")  # "raise" would buffer `out`
 
     def _empty(self) -> dict[str, np.ndarray]:
         return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.fields.items()}
@@ -272,23 +288,44 @@ class ShardStream:
             ):
                 yield info.members[i], data
 
-    def _read_window(self, order: EpochOrder, w: int, members: Iterator) -> tuple[dict, np.ndarray | None]:
-        """The window's samples as arrays [rows, ...] and, if some positions were corrupt,
-        position -> row (-1 for a skipped one; None when every position has its row)."""
-        a, b = order.window_members(w)
+    def _read_window(self, order: EpochOrder, w: int, members: Iterator | None,
+                     need: np.ndarray) -> tuple[dict, np.ndarray | None]:
+        """Window w's samples as arrays [rows, ...] and, unless every position has its row,
+        position -> row (-1 for a corrupt or unread one). need: the window-local positions
+        the reader will take; with `members` None only the keys holding them are read."""
+        m = self.manifest
+        pieces = list(order.shard_members(*order.window_members(w)))
+        sizes = np.concatenate([np.asarray(m.shards[sh].members[q0:q1], dtype=np.int64) for sh, q0, q1 in pieces])
         parts: list[dict] = []
-        valid: list[tuple[int, bool]] = []
-        for _ in range(b - a):
-            size, data = next(members)
-            valid.append((size, data is not None))
-            if data is not None:
-                parts.append(data)
-        arrays = stack_members(parts, self.fields, self.manifest.layout)
-        if all(ok for _, ok in valid):
+        ok = np.zeros(len(sizes), dtype=bool)
+        if members is None:
+            wanted = np.zeros(len(sizes), dtype=bool)
+            wanted[np.repeat(np.arange(len(sizes)), sizes)[need]] = True
+            k = 0
+            for shard, q0, q1 in pieces:
+                select = {q0 + int(i) for i in np.flatnonzero(wanted[k : k + q1 - q0])}
+                info = m.shards[shard]
+                if select:
+                    for i, _key, data in read_shard(
+                        m.shard_url(shard), self.fields, m.layout, info.members, start=q0, stop=q1,
+                        offsets=info.offsets, select=select, skip_corrupt=self.skip_corrupt, manifest=m.path,
+                    ):
+                        if data is not None:
+                            parts.append(data)
+                            ok[k + i - q0] = True
+                k += q1 - q0
+        else:
+            for j in range(len(sizes)):
+                _size, data = next(members)
+                if data is not None:
+                    parts.append(data)
+                    ok[j] = True
+        arrays = stack_members(parts, self.fields, m.layout)
+        if ok.all():
             return arrays, None
-        ok = np.repeat([v for _, v in valid], [s for s, _ in valid])
-        rows = np.cumsum(ok) - 1
-        rows[~ok] = -1
+        valid = np.repeat(ok, sizes)
+        rows = np.cumsum(valid) - 1
+        rows[~valid] = -1
         return arrays, rows
 
 

@@ -24,7 +24,7 @@ import signal
 import sys
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -72,14 +72,27 @@ class _Slots:
             at += prefetch * size
         self.total = max(at, ALIGN)
 
-    def write(self, buf: mmap.mmap, source: int, slot: int, data: dict[str, np.ndarray]) -> list[tuple]:
-        at, meta = self.offsets[source][slot], []
-        for name, _ in self.fields[source]:
-            arr = data[name]
-            np.ndarray(arr.shape, arr.dtype, buffer=buf, offset=at)[...] = arr
-            meta.append((name, arr.dtype.str, arr.shape, at))
-            at += _align(arr.nbytes)
-        return meta
+    def writer(self, buf: mmap.mmap, source: int, slot: int) -> Callable[[str, tuple, np.dtype], np.ndarray]:
+        """An `out_buffer` for ShardStream: each field's array laid out in the slot in turn."""
+        at = [self.offsets[source][slot]]
+
+        def out(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+            arr = np.ndarray(shape, dtype, buffer=buf, offset=at[0])
+            at[0] += _align(arr.nbytes)
+            return arr
+
+        return out
+
+    def meta(self, buf: mmap.mmap, data: dict[str, np.ndarray]) -> list[tuple]:
+        """Where the block's arrays (views of `buf`) lie, for `read` in the trainer."""
+        base = np.frombuffer(buf, np.uint8).ctypes.data
+        out = []
+        for name, arr in data.items():
+            at = arr.ctypes.data - base
+            if arr.size and not 0 <= at < len(buf):
+                raise RuntimeError(f"field '{name}' of a block is not in the worker's shared slot")
+            out.append((name, arr.dtype.str, arr.shape, at))
+        return out
 
     @staticmethod
     def read(buf: mmap.mmap, meta: list[tuple]) -> dict[str, np.ndarray]:
@@ -125,13 +138,14 @@ def _worker_main(worker: int, streams: list[ShardStream], starts: list[list[tupl
         i = next(k % n for k in range(turn, turn + n) if free[k % n] and not failed[k % n])
         turn = i + 1
         slot = free[i].popleft()
+        streams[i].out_buffer = slots.writer(buf, i, slot)  # the block is gathered into the slot
         try:
             block = next(gens[i])
         except BaseException as err:  # noqa: BLE001 - raised in the trainer instead
             failed[i] = True
             conn.send((i, slot, None, _portable(err)))
             continue
-        meta = slots.write(buf, i, slot, block.data)
+        meta = slots.meta(buf, block.data)
         block.data = {}
         conn.send((i, slot, block, meta))
 
