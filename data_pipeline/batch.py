@@ -72,58 +72,53 @@ class BatchBuilder:
         return self.src_fields[i]
 
     def __call__(self, parts: list[dict[str, np.ndarray] | None]) -> Batch:
-        """parts[i]: field -> writable array [n_i, ...] of source i, or None."""
-        present = [
-            (i, {k: torch.from_numpy(v) for k, v in p.items()}, _rows(p))
-            for i, p in enumerate(parts) if p is not None and _rows(p) > 0
-        ]
-        inputs = {}
-        for name, spec in self.inputs.items():
-            pieces = [p[name] if name in self.src_inputs[i] else _zeros(n, spec) for i, p, n in present]
-            inputs[name] = _cat(pieces, spec)
+        """parts[i]: field -> array [n_i, ...] of source i, or None. The arrays are copied
+        (they may be views of a worker's shared memory)."""
+        present = [(i, p, _rows(p)) for i, p in enumerate(parts) if p is not None and _rows(p) > 0]
+        sizes = [n for _, _, n in present]
+        total = sum(sizes)
+        inputs = {name: self._stack(name, spec, present, total, lambda i, f=name: f if f in self.src_inputs[i] else None)
+                  for name, spec in self.inputs.items()}
         labels, masks = {}, {}
         for task, spec in self.labels.items():
-            ys, ms = [], []
-            for i, p, n in present:
-                field = self.src_labels[i].get(task)
-                if field is None:
-                    ys.append(_zeros(n, spec))
-                    ms.append(torch.zeros(n, dtype=torch.bool))
-                else:
-                    y, m = _clean_label(p[field])
-                    ys.append(y)
-                    ms.append(m)
-            labels[task] = _cat(ys, spec)
-            masks[task] = torch.cat(ms) if ms else torch.zeros(0, dtype=torch.bool)
-        ids = [torch.full((n,), i, dtype=torch.long) for i, _, n in present]
-        batch = Batch(inputs, labels, masks, torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long))
+            y = self._stack(task, spec, present, total, lambda i, t=task: self.src_labels[i].get(t))
+            has = np.repeat([task in self.src_labels[i] for i, _, _ in present], sizes).astype(bool)
+            labels[task], masks[task] = y, torch.from_numpy(_clean_label(y.numpy(), has))
+        ids = torch.empty(total, dtype=torch.long)
+        ids.numpy()[:] = np.repeat([i for i, _, _ in present], sizes)
+        batch = Batch(inputs, labels, masks, ids)
         return batch.pin_memory() if self.pin else batch
+
+    @staticmethod
+    def _stack(name: str, spec: FieldSpec, present: list, total: int, field_of) -> torch.Tensor:
+        """One fresh tensor [total, ...] from the present sources' field (zeros where a source
+        lacks it). Always a fresh torch allocation, never a view into a block: a view's offset
+        (and so its alignment) depends on where a resumed stream's first block starts, which
+        changes SIMD reduction order and the last bit of a loss."""
+        out = torch.from_numpy(np.empty(0, spec.dtype)).new_empty((total, *spec.shape))
+        pieces = []
+        for i, p, n in present:
+            f = field_of(i)
+            pieces.append(p[f] if f is not None else np.zeros((n, *spec.shape), spec.dtype))
+        if pieces:
+            np.concatenate(pieces, out=out.numpy(), casting="same_kind")
+        return out
 
 
 def _rows(part: dict[str, Any]) -> int:
     return int(next(iter(part.values())).shape[0]) if part else 0
 
 
-def _zeros(n: int, spec: FieldSpec) -> torch.Tensor:
-    return torch.from_numpy(np.zeros((n, *spec.shape), dtype=spec.dtype))
-
-
-def _cat(pieces: list[torch.Tensor], spec: FieldSpec) -> torch.Tensor:
-    if not pieces:
-        return _zeros(0, spec)
-    # Always a fresh allocation, never a view into a block: a view's offset (and so its
-    # alignment) depends on where a resumed stream's first block starts, which changes SIMD
-    # reduction order and the last bit of a loss. One memcpy keeps resumed runs bitwise equal.
-    return torch.cat(pieces)
-
-
-def _clean_label(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(label with missing entries zeroed, mask [n]): NaN floats and negative ints are missing."""
-    if y.dtype == torch.bool:
-        return y, torch.ones(y.shape[0], dtype=torch.bool)
-    bad = torch.isnan(y) if y.is_floating_point() else y < 0
-    if y.dim() > 1:
-        bad = bad.flatten(1).any(1)
-    if not bool(bad.any()):
-        return y, ~bad
-    return y.masked_fill(bad.view(-1, *[1] * (y.dim() - 1)), 0), ~bad
+def _clean_label(y: np.ndarray, has: np.ndarray) -> np.ndarray:
+    """Mask [n] of usable labels (the source labels the task, no NaN float, no negative int);
+    `y` is zeroed in place where the mask is False."""
+    if y.dtype == np.bool_:
+        bad = np.zeros(len(y), dtype=bool)
+    else:
+        bad = np.isnan(y) if y.dtype.kind == "f" else y < 0
+        if y.ndim > 1:
+            bad = bad.reshape(len(y), -1).any(1)
+    mask = has & ~bad
+    if not mask.all():
+        y[~mask] = 0
+    return mask

@@ -47,8 +47,10 @@ from manytask.data_pipeline.worker_pool import InProcessBlocks, WorkerPool
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
 # Samples per block a worker sends: each block costs a fixed amount of hand-over work, so
-# blocks are at least this big even when batches are small.
+# blocks are at least this big even when batches are small. With many sources the budget is
+# split among them (read-ahead memory is per rank), down to MIN_SOURCE_BLOCK each.
 MIN_BLOCK = 4096
+MIN_SOURCE_BLOCK = 256
 
 
 @dataclass
@@ -87,13 +89,18 @@ class SourceCursor:
         self.skipped_base = 0  # skipped samples recorded under an older reader layout
         self.head: Block | None = None
         self.used = 0
+        self.finished: list[Block] = []  # consumed blocks whose data the last take may still show
 
     def starts(self) -> list[tuple[Position, int]]:
         """(position, drop) of every local reader, where its blocks should start."""
         return [(p, self.drop if w == self.next else 0) for w, p in enumerate(self.positions)]
 
     def take(self, n: int, blocks: Any, index: int) -> dict[str, np.ndarray]:
-        """The next n samples: field -> fresh writable array [n, ...]."""
+        """The next n samples: field -> array [n, ...], valid until the next `take` (it may
+        be a view of a worker's shared memory, whose slot is handed back then)."""
+        for done in self.finished:
+            blocks.release(index, done)
+        self.finished = []
         parts: list[dict[str, np.ndarray]] = []
         while n > 0:
             if self.head is None:
@@ -107,8 +114,7 @@ class SourceCursor:
             head = self.head
             k = min(n, head.size - self.used)
             if k:
-                part = {f: a[self.used : self.used + k] for f, a in head.data.items()}
-                parts.append({f: a.copy() for f, a in part.items()} if blocks.shared else part)
+                parts.append({f: a[self.used : self.used + k] for f, a in head.data.items()})
             self.used += k
             n -= k
             if self.used == head.size:  # fully consumed: the reader's position moves on
@@ -116,15 +122,21 @@ class SourceCursor:
                 self.next = (head.worker + 1) % self.readers
                 self.drop = self.drop_positions = 0
                 self.head = None
+                if n == 0:
+                    self.finished.append(head)  # the returned arrays may be its views
+                    continue
+                if k and blocks.shared:  # more to take: own the part, give the slot back now
+                    parts[-1] = {f: a.copy() for f, a in parts[-1].items()}
                 blocks.release(index, head)
         if not parts:
             return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.stream.fields.items()}
         if len(parts) == 1:
-            return {f: a if a.flags.writeable else a.copy() for f, a in parts[0].items()}
+            return parts[0]
         return {f: np.concatenate([p[f] for p in parts]) for f in parts[0]}
 
     def detach(self) -> None:
         """Forget the block in hand, keeping how much of it was used (before the workers stop)."""
+        self.finished = []
         if self.head is not None:
             self.drop = self.head.offset + self.used
             self.drop_positions = self.head.positions_consumed(self.drop)
@@ -181,7 +193,10 @@ class MultiSourceLoader:
     Construction checks every source's manifest against the recipe (ConfigError naming the
     source, manifest and field). Streams are seeded by (seed, source name, epoch, window);
     `seed` defaults to `cfg.run.seed`. `block_size`: samples per reader block (default
-    max(batch_size, MIN_BLOCK)). Use as a context manager or call `close()`.
+    max(batch_size, MIN_BLOCK) split among the sources, at least MIN_SOURCE_BLOCK). Memory is
+    a per-rank budget: `data.shuffle_buffer` samples of shuffle window in all, split evenly
+    among the sources (each at least one chunk), so 64 sources hold what 1 source holds.
+    Use as a context manager or call `close()`.
     """
 
     def __init__(
@@ -195,14 +210,17 @@ class MultiSourceLoader:
         self._build = BatchBuilder(cfg, self.sources)
         self.seed = cfg.run.seed if seed is None else seed
         self.num_workers = cfg.data.num_workers
-        self.block_size = block_size or max(cfg.data.batch_size, MIN_BLOCK)
+        n = len(self.names)
+        self.block_size = block_size or max(MIN_SOURCE_BLOCK, max(cfg.data.batch_size, MIN_BLOCK) // n)
+        buffer = cfg.data.shuffle_buffer
+        self.shuffle_window = -(-buffer // n) if buffer > 0 else 0  # samples per source
         self.cursors = [SourceCursor(self._stream(i)) for i in range(len(self.names))]
         self._blocks: InProcessBlocks | WorkerPool | None = None
 
     def _stream(self, i: int, partition: Partition | None = None, block_size: int | None = None) -> ShardStream:
         d, src = self.cfg.data, self.cfg.data.sources[i]
         return ShardStream(
-            self.sources.manifests[i], self.rank, self.world_size, self.seed, d.shuffle_buffer,
+            self.sources.manifests[i], self.rank, self.world_size, self.seed, self.shuffle_window,
             d.skip_corrupt, self._build.fields(i), splits_per_rank=self.num_workers,
             block_size=block_size or self.block_size, salt=source_salt(src.name), name=src.name,
             partition=partition,
