@@ -65,6 +65,9 @@ class BatchBuilder:
         self.src_inputs = [set(s.inputs) for s in cfg.data.sources]
         self.src_labels = [dict(s.labels) for s in cfg.data.sources]
         self.src_fields = [list(dict.fromkeys([*s.inputs, *s.labels.values()])) for s in cfg.data.sources]
+        # per output (input field or task): each source's field for it, or None
+        self.input_of = {f: [f if f in s.inputs else None for s in cfg.data.sources] for f in self.inputs}
+        self.label_of = {t: [s.labels.get(t) for s in cfg.data.sources] for t in self.labels}
         self.pin = torch.cuda.is_available()
 
     def fields(self, i: int) -> list[str]:
@@ -74,39 +77,36 @@ class BatchBuilder:
     def __call__(self, parts: list[dict[str, np.ndarray] | None]) -> Batch:
         """parts[i]: field -> array [n_i, ...] of source i, or None. The arrays are copied
         (they may be views of a worker's shared memory)."""
-        present = [(i, p, _rows(p)) for i, p in enumerate(parts) if p is not None and _rows(p) > 0]
+        rows = [_rows(p) if p is not None else 0 for p in parts]
+        present = [(i, p, n) for i, (p, n) in enumerate(zip(parts, rows)) if n > 0]
         sizes = [n for _, _, n in present]
         total = sum(sizes)
-        inputs = {name: self._stack(name, spec, present, total, lambda i, f=name: f if f in self.src_inputs[i] else None)
-                  for name, spec in self.inputs.items()}
+        inputs = {name: _stack(spec, present, total, self.input_of[name]) for name, spec in self.inputs.items()}
         labels, masks = {}, {}
         for task, spec in self.labels.items():
-            y = self._stack(task, spec, present, total, lambda i, t=task: self.src_labels[i].get(t))
-            has = np.repeat([task in self.src_labels[i] for i, _, _ in present], sizes).astype(bool)
+            fields = self.label_of[task]
+            y = _stack(spec, present, total, fields)
+            has = np.repeat([fields[i] is not None for i, _, _ in present], sizes).astype(bool)
             labels[task], masks[task] = y, torch.from_numpy(_clean_label(y.numpy(), has))
         ids = torch.empty(total, dtype=torch.long)
         ids.numpy()[:] = np.repeat([i for i, _, _ in present], sizes)
         batch = Batch(inputs, labels, masks, ids)
         return batch.pin_memory() if self.pin else batch
 
-    @staticmethod
-    def _stack(name: str, spec: FieldSpec, present: list, total: int, field_of) -> torch.Tensor:
-        """One fresh tensor [total, ...] from the present sources' field (zeros where a source
-        lacks it). Always a fresh torch allocation, never a view into a block: a view's offset
-        (and so its alignment) depends on where a resumed stream's first block starts, which
-        changes SIMD reduction order and the last bit of a loss."""
-        out = torch.from_numpy(np.empty(0, spec.dtype)).new_empty((total, *spec.shape))
-        pieces = []
-        for i, p, n in present:
-            f = field_of(i)
-            pieces.append(p[f] if f is not None else np.zeros((n, *spec.shape), spec.dtype))
-        if pieces:
-            np.concatenate(pieces, out=out.numpy(), casting="same_kind")
-        return out
-
-
 def _rows(part: dict[str, Any]) -> int:
     return int(next(iter(part.values())).shape[0]) if part else 0
+
+
+def _stack(spec: FieldSpec, present: list, total: int, field_of: list[str | None]) -> torch.Tensor:
+    """One fresh tensor [total, ...] from the present sources' fields (`field_of[source]`;
+    zeros where None). Always a fresh torch allocation, never a view into a block: a view's
+    offset (and so its alignment) depends on where a resumed stream's first block starts,
+    which changes SIMD reduction order and the last bit of a loss."""
+    out = torch.from_numpy(np.empty(0, spec.dtype)).new_empty((total, *spec.shape))
+    pieces = [p[f] if (f := field_of[i]) is not None else np.zeros((n, *spec.shape), spec.dtype) for i, p, n in present]
+    if pieces:
+        np.concatenate(pieces, out=out.numpy(), casting="same_kind")
+    return out
 
 
 def _clean_label(y: np.ndarray, has: np.ndarray) -> np.ndarray:

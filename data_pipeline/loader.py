@@ -50,7 +50,7 @@ STATE_VERSION = 2
 # blocks are at least this big even when batches are small. With many sources the budget is
 # split among them (read-ahead memory is per rank), down to MIN_SOURCE_BLOCK each.
 MIN_BLOCK = 4096
-MIN_SOURCE_BLOCK = 256
+MIN_SOURCE_BLOCK = 1024
 
 
 @dataclass
@@ -98,9 +98,14 @@ class SourceCursor:
     def take(self, n: int, blocks: Any, index: int) -> dict[str, np.ndarray]:
         """The next n samples: field -> array [n, ...], valid until the next `take` (it may
         be a view of a worker's shared memory, whose slot is handed back then)."""
-        for done in self.finished:
-            blocks.release(index, done)
-        self.finished = []
+        if self.finished:
+            for done in self.finished:
+                blocks.release(index, done)
+            self.finished = []
+        head, used = self.head, self.used
+        if head is not None and used + n < head.size:  # the common case: inside the block in hand
+            self.used = used + n
+            return {f: a[used : used + n] for f, a in head.data.items()}
         parts: list[dict[str, np.ndarray]] = []
         while n > 0:
             if self.head is None:
