@@ -256,7 +256,7 @@ def position_in(part: Intervals, index: int) -> tuple[int, int]:
 class ReaderPlan:
     """Every reader's slice of a fresh epoch: positions [bounds[i], bounds[i+1]) and the
     shards it may open, `first_shard[i]` to `last_shard[i]` (epoch order, inclusive; whole
-    shard groups, so a superset of what reading touches)."""
+    shard groups, so a superset of what reading touches; 0 and -1 for an empty slice)."""
 
     bounds: np.ndarray  # [readers + 1]
     first_shard: np.ndarray  # [readers]
@@ -273,6 +273,9 @@ def plan_readers(order: EpochOrder, n_readers: int) -> ReaderPlan:
     lo, hi = bounds[:-1], np.maximum(bounds[1:] - 1, bounds[:-1])
     s0 = np.searchsorted(order.shard_pos, lo, side="right") - 1
     s1 = np.searchsorted(order.shard_pos, hi, side="right") - 1
-    g0 = np.searchsorted(order.group_shard, s0, side="right") - 1
-    g1 = np.searchsorted(order.group_shard, s1, side="right") - 1
-    return ReaderPlan(bounds, order.group_shard[g0], order.group_shard[g1 + 1] - 1)
+    last = len(order.shard_pos) - 2
+    g0 = np.searchsorted(order.group_shard, np.minimum(s0, last), side="right") - 1
+    g1 = np.searchsorted(order.group_shard, np.minimum(s1, last), side="right") - 1
+    first, end = order.group_shard[g0], order.group_shard[g1 + 1] - 1
+    empty = bounds[1:] == bounds[:-1]  # more readers than samples: nothing to open
+    return ReaderPlan(bounds, np.where(empty, 0, first), np.where(empty, -1, end))
