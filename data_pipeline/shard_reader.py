@@ -53,10 +53,13 @@ def suffix_field(suffix: str) -> tuple[str, str]:
 
 
 class NpyDecoder:
-    """Decode `.npy` bytes with `np.frombuffer`; parsed headers are cached (a shard repeats them)."""
+    """Decode `.npy` bytes with `np.frombuffer`; parsed headers are cached (shards repeat them),
+    in one cache per process: a reader opens a shard once per shuffle window."""
+
+    _shared: dict[bytes, tuple] = {}
 
     def __init__(self) -> None:
-        self._cache: dict[bytes, tuple] = {}
+        self._cache = NpyDecoder._shared
 
     def __call__(self, buf: bytes) -> np.ndarray:
         if buf[:6] != NPY_MAGIC:
