@@ -88,8 +88,8 @@ class _Slots:
         base = np.frombuffer(buf, np.uint8).ctypes.data
         out = []
         for name, arr in data.items():
-            at = arr.ctypes.data - base
-            if arr.size and not 0 <= at < len(buf):
+            at = arr.ctypes.data - base if arr.size else 0  # an empty block has nothing to point at
+            if not 0 <= at < len(buf):
                 raise RuntimeError(f"field '{name}' of a block is not in the worker's shared slot")
             out.append((name, arr.dtype.str, arr.shape, at))
         return out

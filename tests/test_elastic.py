@@ -116,3 +116,18 @@ def test_two_ranks_then_one_then_three(root, tmp_path):
     assert all(s["sources"]["a"]["consumed"] == states[0]["sources"]["a"]["consumed"] for s in states)
     assert sum(map(len, reads)) > 600 + 240  # more than an epoch of both sources
     check_run(root, reads, states[0])
+
+
+def test_more_readers_than_positions_left(root, tmp_path):
+    """599 of 600 positions consumed in-process, resumed with 3 workers: one reader gets the
+    last position, two get nothing of that epoch (an empty block each) and all go on."""
+    loader = MultiSourceLoader(make_cfg(root, num_workers=0), block_size=16)
+    reads = [ids(loader.next_batch([599, 10]))]
+    torch.save(loader.state_dict(), tmp_path / "s.pt")
+    loader.close()
+    loader = MultiSourceLoader(make_cfg(root, num_workers=3), block_size=16)
+    loader.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    reads.append([i for _ in range(3) for i in ids(loader.next_batch([200, 10]))])
+    state = loader.state_dict()
+    loader.close()
+    check_run(root, reads, state)
