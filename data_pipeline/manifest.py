@@ -14,7 +14,8 @@
   (`train-{000000..000009}.tar`, whose `samples` is then an int for each shard or a list, and
   `members` one list for every shard or a list of lists) or anything `webdataset.gopen` opens
   (`pipe:cat x.tar`, `http://...`). `members` lists samples per tar key in tar order; the
-  sample layout may omit it (all 1).
+  sample layout may omit it (all 1). Optional `offsets`: the byte offset of each key's first
+  tar header, so a reader can seek (or ask with an http Range) straight to the keys it needs.
 
 Window sizes, shard splits and resume positions are all computed from this file alone.
 """

@@ -330,13 +330,15 @@ class ShardStream:
 
 
 def stack_members(parts: list[dict], fields: dict[str, FieldInfo], layout: str) -> dict[str, np.ndarray]:
-    """Decoded members (see `read_shard`) -> field -> one array [rows, ...] (a copy)."""
+    """Decoded members (see `read_shard`) -> field -> one array [rows, ...] (a copy, except for a
+    single chunk, whose read-only arrays are returned as they are)."""
     out = {}
     for name, info in fields.items():
         if not parts:
             out[name] = np.zeros((0, *info.shape), dtype=info.dtype)
         elif layout == "chunk":
-            out[name] = np.concatenate([p[name] for p in parts])
+            # one chunk: its arrays as read (blocks gather a copy from them anyway)
+            out[name] = parts[0][name] if len(parts) == 1 else np.concatenate([p[name] for p in parts])
         else:
             out[name] = np.asarray([p[name] for p in parts], dtype=info.dtype)
     return out
