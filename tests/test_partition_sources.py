@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import ROOT
 
@@ -52,3 +53,29 @@ def test_32_one_shard_sources_train_on_2_processes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 4
     assert any(k.startswith("val/task") for r in rows for k in r)  # evaluation ran too
+
+
+def test_one_worker_pool_serves_every_source(tmp_path):
+    """8 sources, data.num_workers=2: two reader processes in all (not 8 x 2), and every step
+    takes what the sampler asked of each source."""
+    import multiprocessing
+
+    from manytask.config import config_from_dict
+    from manytask.data_pipeline.loader import MultiSourceLoader
+    from manytask.data_pipeline.shard_writer import write_shards
+
+    sources = []
+    for i in range(8):
+        write_shards(tmp_path / f"s{i}", {"x": np.full((300, 2), i, np.float32), "y": np.zeros(300, np.float32)})
+        sources.append({"name": f"s{i}", "train": str(tmp_path / f"s{i}"), "inputs": ["x"], "labels": {"t": "y"}})
+    cfg = config_from_dict({"data": {"batch_size": 64, "num_workers": 2, "sources": sources},
+                            "tasks": {"t": {"type": "regression"}}})
+    before = set(multiprocessing.active_children())
+    with MultiSourceLoader(cfg) as loader:
+        for step in range(5):
+            counts = [(step + i) % 3 * 4 for i in range(8)]
+            batch = loader.next_batch(counts)
+            assert torch.bincount(batch.source_id, minlength=8).tolist() == counts
+            assert torch.equal(batch.inputs["x"][:, 0].long(), batch.source_id)  # each row from its source
+        assert len(set(multiprocessing.active_children()) - before) == 2
+    assert not set(multiprocessing.active_children()) - before  # closed with the loader
