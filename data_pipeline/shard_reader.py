@@ -208,6 +208,10 @@ def read_shard(
         # (one copy); tarfile's stream buffer would copy each payload twice more. Pipes, urls
         # and compressed shards use tarfile's stream mode.
         direct = url.endswith(".tar") and _seekable(stream)
+        if direct and indexed:
+            # Each wanted key straight from its manifest offset, headers parsed here.
+            yield from _read_keys(stream, offsets, range(first, end), select, wanted, members, check, where, skip_corrupt)  # type: ignore[arg-type]
+            return
         jump = direct and indexed  # skip unwanted keys by seeking to the next wanted one
         tar = tarfile.open(fileobj=stream, mode="r:" if direct else "r|*")
         source = stream if direct else tar.fileobj
@@ -293,3 +297,100 @@ def _finish(index, key, raw, members, check, where, skip_corrupt):
         if skip_corrupt:
             return index, key, None
         raise ShardError(f"{where}: sample '{key}': {err}") from None
+
+
+def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] | None, wanted: dict[str, str],
+               members: list[int], check: _MemberChecker, where: str, skip_corrupt: bool,
+               ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
+    """The keys of a seekable plain tar read by their byte offsets; a bad key does not stop
+    the others (with skip_corrupt it yields data None, else ShardError naming key and byte)."""
+    expected = len(offsets)
+    for j in keys:
+        if select is not None and j not in select:
+            continue
+        key, raw = None, {}
+        try:
+            for name, size, at in _tar_members(f, offsets[j], offsets[j + 1] if j + 1 < expected else None):
+                parts = split_member_name(name)
+                if parts is None:
+                    continue
+                if key is None:
+                    key = parts[0]
+                elif parts[0] != key:
+                    raise ShardError(
+                        f"{where}: key {j} ('{key}') runs into key '{parts[0]}' before the next key's "
+                        f"manifest offset (stale manifest? re-run `manytask shards index`)"
+                    )
+                field = wanted.get(parts[1])
+                if field is not None:
+                    f.seek(at)
+                    data = f.read(size)
+                    if len(data) != size:
+                        raise tarfile.ReadError(f"unexpected end of data in {name}")
+                    raw[field] = data
+            if key is None:
+                raise EOFError(f"no key at byte {offsets[j]}, where the manifest puts key {j}")
+        except ShardError:
+            raise
+        except _TAR_ERRORS as err:
+            if skip_corrupt:
+                yield j, key, None
+                continue
+            at_key = f"at sample '{key}'" if key is not None else f"at key {j}"
+            if isinstance(err, EOFError):
+                raise ShardError(f"{where}: tar ends after {j} of the {expected} keys the manifest lists "
+                                 f"(truncated or corrupt tar; {err})") from None
+            raise ShardError(f"{where}: corrupt or truncated tar {at_key} (byte {offsets[j]}; "
+                             f"{type(err).__name__}: {err})") from None
+        yield _finish(j, key, raw, members, check, where, skip_corrupt)
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _tar_members(f: Any, start: int, stop: int | None) -> Iterator[tuple[str, int, int]]:
+    """(name, size, payload offset) of the regular-file members whose headers lie in bytes
+    [start, stop) of a tar (stop None: to the end of the archive). ustar, GNU long names and
+    pax path records are understood; a bad header raises tarfile.ReadError."""
+    pos, long_name = start, None
+    while stop is None or pos < stop:
+        f.seek(pos)
+        hdr = f.read(512)
+        if not hdr or hdr == _ZERO_BLOCK:
+            return
+        if len(hdr) < 512:
+            raise tarfile.ReadError("unexpected end of data in a header")
+        try:
+            stored = int(hdr[148:156].split(b"\0", 1)[0].strip(), 8)
+        except ValueError:
+            stored = -1
+        if stored != 256 + sum(hdr[:148]) + sum(hdr[156:]):
+            raise tarfile.ReadError(f"not a tar header (bad checksum) at byte {pos}")
+        raw_size = hdr[124:136]
+        size = tarfile.nti(raw_size) if raw_size[0] & 0x80 else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
+        kind = hdr[156:157]
+        at = pos + 512
+        pos = at + -(-size // 512) * 512
+        if kind in (b"x", b"L"):  # the next member's long name (pax record or GNU)
+            f.seek(at)
+            data = f.read(size)
+            long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if hdr[257:262] == b"ustar" and hdr[345] != 0:
+                name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+        if kind in (b"0", b"\0", b"7"):
+            yield name, size, at
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header, if any."""
+    for line in data.split(b"\n"):
+        _, _, record = line.partition(b" ")
+        k, _, v = record.partition(b"=")
+        if k == b"path":
+            return v.decode("utf-8", "surrogateescape")
+    return None
