@@ -7,14 +7,18 @@ measures samples/s of
 - `plain`: tarfile stream mode + `np.frombuffer` over every member (the `.npy` header parsed
   once per distinct header, `.cls` with `int()`), no grouping, shuffling or batching — the
   floor any reader of these bytes pays;
-- `stream`: `SourceLoader` over a `ShardStream` (shuffle_buffer 8192, blocks of 4096 as in
-  MultiSourceLoader, `take(256)`), with 0 and 2 DataLoader workers, start-up excluded.
-and prints the ratio stream / plain of the same layout (goal: >= 0.7).
+- `stream`: a `SourceCursor` over a `ShardStream` (shuffle_buffer 8192, blocks of 4096 as in
+  MultiSourceLoader, `take(256)`), read in-process (0 workers) or by the rank's worker pool
+  (2 workers; blocks handed over in shared memory), start-up excluded.
+and prints the ratio stream / plain of the same layout (goal: >= 0.7), in wall-clock samples/s
+and in CPU time per sample summed over the reading processes (the reader's cost whatever
+else runs on the machine; with W workers on W free cores the wall rate approaches W / CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import tarfile
 import tempfile
 import time
@@ -23,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manytask.data_pipeline.loader import MIN_BLOCK, SourceLoader
+from manytask.data_pipeline.loader import MIN_BLOCK, SourceCursor
 from manytask.data_pipeline.manifest import Manifest
 from manytask.data_pipeline.shard_reader import NpyDecoder, split_member_name
 from manytask.data_pipeline.shard_writer import write_shards
 from manytask.data_pipeline.stream import ShardStream
+from manytask.data_pipeline.worker_pool import InProcessBlocks, WorkerPool
 
 
 def make_data(root: Path, n: int, layout: str, shards: int) -> Manifest:
@@ -58,18 +63,28 @@ def plain_reader(m: Manifest) -> int:
     return samples
 
 
-def stream_reader(m: Manifest, workers: int, total: int, batch: int = 256) -> tuple[int, float]:
-    """(samples, seconds) for `total` samples through SourceLoader, start-up excluded."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the workers, once closed)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def stream_reader(m: Manifest, workers: int, total: int, batch: int = 256) -> tuple[int, float, float]:
+    """(samples, seconds, CPU seconds of all processes) for `total` samples through a
+    SourceCursor; start-up excluded from the seconds, not from the CPU time."""
+    cpu0 = cpu_seconds()
     stream = ShardStream(m, shuffle_buffer=8192, splits_per_rank=workers, block_size=MIN_BLOCK, name="bench")
-    loader = SourceLoader(stream, num_workers=workers)
-    loader.take(batch)  # starts the workers
+    cursor = SourceCursor(stream)
+    starts = [cursor.starts()]
+    blocks = InProcessBlocks([stream], starts) if workers == 0 else WorkerPool([stream], starts, workers)
+    cursor.take(batch, blocks, 0)  # starts the workers
     t0 = time.perf_counter()
     got = 0
     while got < total:
-        got += len(loader.take(batch)["x"])
+        got += len(cursor.take(batch, blocks, 0)["x"])
     seconds = time.perf_counter() - t0
-    loader.close()
-    return got, seconds
+    blocks.close()
+    return got, seconds, cpu_seconds() - cpu0
 
 
 def main() -> None:
@@ -86,19 +101,24 @@ def main() -> None:
             m = make_data(Path(tmp), n, layout, shards=8)
             write_s = time.perf_counter() - t0
             best = {"plain": 0.0, 0: 0.0, 2: 0.0}
+            cpu = {"plain": float("inf"), 0: float("inf"), 2: float("inf")}  # ns per sample
             for _ in range(args.repeats):  # interleaved, so load from other jobs hits all alike
-                t0 = time.perf_counter()
-                best["plain"] = max(best["plain"], plain_reader(m) / (time.perf_counter() - t0))
+                t0, c0 = time.perf_counter(), cpu_seconds()
+                got = plain_reader(m)
+                best["plain"] = max(best["plain"], got / (time.perf_counter() - t0))
+                cpu["plain"] = min(cpu["plain"], (cpu_seconds() - c0) / got * 1e9)
                 for workers in (0, 2):
-                    got, seconds = stream_reader(m, workers, n - 256)
+                    got, seconds, cpu_s = stream_reader(m, workers, n - 256)
                     best[workers] = max(best[workers], got / seconds)
-            rows.append((layout, "plain reader", "-", best["plain"], 1.0, write_s))
+                    cpu[workers] = min(cpu[workers], cpu_s / got * 1e9)
+            rows.append((layout, "plain reader", "-", best["plain"], 1.0, cpu["plain"], 1.0, write_s))
             for workers in (0, 2):
-                rows.append((layout, "ShardStream", workers, best[workers], best[workers] / best["plain"], None))
-    print(f"{'layout':<8} {'reader':<13} {'workers':>7} {'samples/s':>12} {'vs plain':>9}")
-    for layout, reader, workers, rate, ratio, _ in rows:
-        print(f"{layout:<8} {reader:<13} {workers!s:>7} {rate:>12,.0f} {ratio:>8.2f}x")
-    print("(write time: " + ", ".join(f"{r[0]} {r[5]:.1f}s" for r in rows if r[5] is not None) + ")")
+                rows.append((layout, "ShardStream", workers, best[workers], best[workers] / best["plain"],
+                             cpu[workers], cpu["plain"] / cpu[workers], None))
+    print(f"{'layout':<8} {'reader':<13} {'workers':>7} {'samples/s':>12} {'vs plain':>9} {'CPU ns/sample':>14} {'vs plain':>9}")
+    for layout, reader, workers, rate, ratio, ns, cpu_ratio, _ in rows:
+        print(f"{layout:<8} {reader:<13} {workers!s:>7} {rate:>12,.0f} {ratio:>8.2f}x {ns:>14,.0f} {cpu_ratio:>8.2f}x")
+    print("(write time: " + ", ".join(f"{r[0]} {r[7]:.1f}s" for r in rows if r[7] is not None) + ")")
 
 
 if __name__ == "__main__":

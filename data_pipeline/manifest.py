@@ -14,7 +14,8 @@
   (`train-{000000..000009}.tar`, whose `samples` is then an int for each shard or a list, and
   `members` one list for every shard or a list of lists) or anything `webdataset.gopen` opens
   (`pipe:cat x.tar`, `http://...`). `members` lists samples per tar key in tar order; the
-  sample layout may omit it (all 1).
+  sample layout may omit it (all 1). Optional `offsets`: the byte offset of each key's first
+  tar header, so a reader can seek (or ask with an http Range) straight to the keys it needs.
 
 Window sizes, shard splits and resume positions are all computed from this file alone.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ class ShardInfo:
     url: str  # as written in the manifest (relative urls resolve against the manifest's folder)
     samples: int
     members: list[int]  # samples per tar key, in tar order
+    offsets: list[int] = field(default_factory=list)  # byte offset of each key's first header (empty = unknown)
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Manifest:
             entry: dict[str, Any] = {"url": s.url, "samples": int(s.samples)}
             if self.layout == "chunk" or any(m != 1 for m in s.members):
                 entry["members"] = [int(m) for m in s.members]
+            if s.offsets:
+                entry["offsets"] = [int(o) for o in s.offsets]
             shards.append(entry)
         return {
             "version": self.version,
@@ -215,7 +219,13 @@ def _parse_shard(entry: Any, i: int, layout: str, fail) -> list[ShardInfo]:
             raise fail(f"'{key}.members' sums to {sum(mem)} but 'samples' is {n} ({url})")
         if layout == "sample" and any(m != 1 for m in mem):
             raise fail(f"'{key}.members': the sample layout holds exactly 1 sample per key")
-        out.append(ShardInfo(url, n, list(mem)))
+        offsets = entry.get("offsets") if len(urls) == 1 else None
+        if offsets is not None and (
+            not isinstance(offsets, list) or len(offsets) != len(mem)
+            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        ):
+            raise fail(f"'{key}.offsets' must list one non-negative byte offset per tar key ({len(mem)})")
+        out.append(ShardInfo(url, n, list(mem), offsets=list(offsets or [])))
     return out
 
 

@@ -2,7 +2,9 @@
 
 Tar members follow the WebDataset convention `<key>.<field>.<ext>` (the key is the path up to
 the first dot of the base name). The shard is read sequentially (tarfile stream mode)
-over `webdataset.gopen(url)`, so local paths, `pipe:` commands and http urls all work; `.npy`
+over `remote.open_shard(url)`, so local paths, `pipe:` commands and http(s) urls all work; a
+reader that needs only some tar keys seeks to the first one's byte offset (the manifest's
+`offsets`, when recorded) and stops after the last one; `.npy`
 headers are parsed once per distinct header (numpy.lib.format) and payloads wrapped with
 `np.frombuffer`, which keeps the chunk layout at memcpy speed.
 
@@ -22,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import numpy.lib.format as npformat
-from webdataset import gopen
 
 from manytask.data_pipeline.manifest import FieldInfo
+from manytask.data_pipeline.remote import open_shard
 
 NPY_MAGIC = b"\x93NUMPY"
 # Errors that mean "this tar cannot be read further" (truncation, bad header, bad gzip, I/O).
@@ -51,10 +53,13 @@ def suffix_field(suffix: str) -> tuple[str, str]:
 
 
 class NpyDecoder:
-    """Decode `.npy` bytes with `np.frombuffer`; parsed headers are cached (a shard repeats them)."""
+    """Decode `.npy` bytes with `np.frombuffer`; parsed headers are cached (shards repeat them),
+    in one cache per process: a reader opens a shard once per shuffle window."""
+
+    _shared: dict[bytes, tuple] = {}
 
     def __init__(self) -> None:
-        self._cache: dict[bytes, tuple] = {}
+        self._cache = NpyDecoder._shared
 
     def __call__(self, buf: bytes) -> np.ndarray:
         if buf[:6] != NPY_MAGIC:
@@ -148,45 +153,66 @@ def read_shard(
     members: list[int],
     *,
     start: int = 0,
+    stop: int | None = None,
+    offsets: list[int] | None = None,
     select: Container[int] | None = None,
     skip_corrupt: bool = False,
     manifest: str = "",
 ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
-    """Yield `(member index, key, data)` for the shard's tar keys from `start` on, in tar order.
+    """Yield `(member index, key, data)` for the shard's tar keys `start` to `stop` - 1 (default:
+    to the end), in tar order; the rest of the tar is not read.
 
     fields:  the fields to decode (others are passed over); `members`: samples per key from the
              manifest. data: field -> array `[n, *shape]` (chunk layout) or `shape` (sample
              layout; `.cls` fields are Python ints).
+    offsets: byte offset of each key's first tar header (manifest `offsets`; empty = unknown):
+             with it a plain `.tar` is opened at key `start` instead of read from byte 0.
     select:  only these member indices are decoded and yielded (validation splits).
     skip_corrupt: a bad key yields `data=None`; an unreadable tail yields `(i, None, None)` for
              every remaining manifest member. Otherwise ShardError (url, key, manifest, problem).
     """
     where = f"shard {url}" + (f" (manifest {manifest})" if manifest else "")
     expected = len(members)
+    end = expected if stop is None else min(stop, expected)
     wanted = {info.suffix(name): name for name, info in fields.items()}
     check = _MemberChecker(fields, layout)
 
     def wanted_member(i: int) -> bool:
-        return start <= i < expected and (select is None or i in select)
+        return start <= i < end and (select is None or i in select)
 
     def missing_from(i: int, why: str) -> Iterator[tuple[int, None, None]]:
         if not skip_corrupt:
             raise ShardError(f"{where}: {why}")
-        for j in range(max(i, start), expected):
+        for j in range(max(i, start), end):
             if select is None or j in select:
                 yield j, None, None
 
+    def next_wanted(i: int) -> int | None:
+        return next((j for j in range(max(i, start), end) if select is None or j in select), None)
+
+    first = next_wanted(start)
+    if first is None:
+        return
+    indexed = bool(offsets) and len(offsets or ()) == expected and url.endswith(".tar")
+    seek = first > 0 and indexed
     try:
-        stream = gopen(url, "rb")
+        stream, at_offset = open_shard(url, offsets[first] if seek else 0)  # type: ignore[index]
     except Exception as err:  # noqa: BLE001 - any opener failure means "cannot open"
         yield from missing_from(0, f"cannot open shard ({type(err).__name__}: {err}); no sample key read")
         return
-    index, key, raw = -1, None, {}
+    # Keys are counted from the one the stream starts at.
+    index, key, raw = (first - 1 if seek and at_offset else -1), None, {}
+    done = False  # every key asked for was read
     try:
         # A plain local .tar is read sequentially too, but payloads come straight from the file
         # (one copy); tarfile's stream buffer would copy each payload twice more. Pipes, urls
         # and compressed shards use tarfile's stream mode.
         direct = url.endswith(".tar") and _seekable(stream)
+        if direct and indexed:
+            # Each wanted key straight from its manifest offset, headers parsed here.
+            yield from _read_keys(stream, offsets, range(first, end), select, wanted, members, check, where, skip_corrupt)  # type: ignore[arg-type]
+            return
+        jump = direct and indexed  # skip unwanted keys by seeking to the next wanted one
         tar = tarfile.open(fileobj=stream, mode="r:" if direct else "r|*")
         source = stream if direct else tar.fileobj
         while True:
@@ -201,11 +227,21 @@ def read_shard(
                 if wanted_member(index):
                     yield _finish(index, key, raw, members, check, where, skip_corrupt)
                 index, key, raw = index + 1, parts[0], {}
+                if index >= end and end < expected:
+                    break  # past the last key asked for: the rest of the tar is not read
                 if index >= expected:
                     raise ShardError(
                         f"{where}: sample '{key}': the tar holds more keys than the {expected} "
-                        f"listed in the manifest (stale manifest? re-run `manytask data index`)"
+                        f"listed in the manifest (stale manifest? re-run `manytask shards index`)"
                     )
+                if jump and not wanted_member(index):
+                    j = next_wanted(index)
+                    if j is None:
+                        done = True
+                        break
+                    tar.offset = offsets[j]  # type: ignore[index]  # next() reads the header there
+                    index, key = j - 1, None
+                    continue
             name = wanted.get(parts[1])
             if name is None or not wanted_member(index):
                 continue
@@ -233,8 +269,13 @@ def read_shard(
             pass
     if wanted_member(index):
         yield _finish(index, key, raw, members, check, where, skip_corrupt)
-    if index + 1 < expected:
-        last = f"last complete sample '{key}'" if key is not None else "no sample key read"
+    if index + 1 < end and not done:
+        if key is not None:
+            last = f"last complete sample '{key}'"
+        elif seek and at_offset:
+            last = f"no key at byte {offsets[first]}, where the manifest puts key {first}"  # type: ignore[index]
+        else:
+            last = "no sample key read"
         yield from missing_from(
             index + 1,
             f"tar ends after {index + 1} of the {expected} keys the manifest lists "
@@ -256,3 +297,100 @@ def _finish(index, key, raw, members, check, where, skip_corrupt):
         if skip_corrupt:
             return index, key, None
         raise ShardError(f"{where}: sample '{key}': {err}") from None
+
+
+def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] | None, wanted: dict[str, str],
+               members: list[int], check: _MemberChecker, where: str, skip_corrupt: bool,
+               ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
+    """The keys of a seekable plain tar read by their byte offsets; a bad key does not stop
+    the others (with skip_corrupt it yields data None, else ShardError naming key and byte)."""
+    expected = len(offsets)
+    for j in keys:
+        if select is not None and j not in select:
+            continue
+        key, raw = None, {}
+        try:
+            for name, size, at in _tar_members(f, offsets[j], offsets[j + 1] if j + 1 < expected else None):
+                parts = split_member_name(name)
+                if parts is None:
+                    continue
+                if key is None:
+                    key = parts[0]
+                elif parts[0] != key:
+                    raise ShardError(
+                        f"{where}: key {j} ('{key}') runs into key '{parts[0]}' before the next key's "
+                        f"manifest offset (stale manifest? re-run `manytask shards index`)"
+                    )
+                field = wanted.get(parts[1])
+                if field is not None:
+                    f.seek(at)
+                    data = f.read(size)
+                    if len(data) != size:
+                        raise tarfile.ReadError(f"unexpected end of data in {name}")
+                    raw[field] = data
+            if key is None:
+                raise EOFError(f"no key at byte {offsets[j]}, where the manifest puts key {j}")
+        except ShardError:
+            raise
+        except _TAR_ERRORS as err:
+            if skip_corrupt:
+                yield j, key, None
+                continue
+            at_key = f"at sample '{key}'" if key is not None else f"at key {j}"
+            if isinstance(err, EOFError):
+                raise ShardError(f"{where}: tar ends after {j} of the {expected} keys the manifest lists "
+                                 f"(truncated or corrupt tar; {err})") from None
+            raise ShardError(f"{where}: corrupt or truncated tar {at_key} (byte {offsets[j]}; "
+                             f"{type(err).__name__}: {err})") from None
+        yield _finish(j, key, raw, members, check, where, skip_corrupt)
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _tar_members(f: Any, start: int, stop: int | None) -> Iterator[tuple[str, int, int]]:
+    """(name, size, payload offset) of the regular-file members whose headers lie in bytes
+    [start, stop) of a tar (stop None: to the end of the archive). ustar, GNU long names and
+    pax path records are understood; a bad header raises tarfile.ReadError."""
+    pos, long_name = start, None
+    while stop is None or pos < stop:
+        f.seek(pos)
+        hdr = f.read(512)
+        if not hdr or hdr == _ZERO_BLOCK:
+            return
+        if len(hdr) < 512:
+            raise tarfile.ReadError("unexpected end of data in a header")
+        try:
+            stored = int(hdr[148:156].split(b"\0", 1)[0].strip(), 8)
+        except ValueError:
+            stored = -1
+        if stored != 256 + sum(hdr[:148]) + sum(hdr[156:]):
+            raise tarfile.ReadError(f"not a tar header (bad checksum) at byte {pos}")
+        raw_size = hdr[124:136]
+        size = tarfile.nti(raw_size) if raw_size[0] & 0x80 else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
+        kind = hdr[156:157]
+        at = pos + 512
+        pos = at + -(-size // 512) * 512
+        if kind in (b"x", b"L"):  # the next member's long name (pax record or GNU)
+            f.seek(at)
+            data = f.read(size)
+            long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if hdr[257:262] == b"ustar" and hdr[345] != 0:
+                name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+        if kind in (b"0", b"\0", b"7"):
+            yield name, size, at
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header, if any."""
+    for line in data.split(b"\n"):
+        _, _, record = line.partition(b" ")
+        k, _, v = record.partition(b"=")
+        if k == b"path":
+            return v.decode("utf-8", "surrogateescape")
+    return None

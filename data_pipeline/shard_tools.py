@@ -64,13 +64,14 @@ def _shard_urls(dir_or_pattern: str | os.PathLike) -> tuple[list[str], Path]:
     return urls, folder
 
 
-def _scan_keys(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: payload}) for every key of a shard, in tar order (any WebDataset tar)."""
+def _scan_keys(url: str) -> Iterator[tuple[str, dict[str, bytes], int]]:
+    """(key, {suffix: payload}, byte offset of the key's first header) for every key of a
+    shard, in tar order (any WebDataset tar)."""
     try:
         stream = gopen(url, "rb")
     except Exception as err:  # noqa: BLE001
         raise ShardError(f"shard {url}: cannot open ({type(err).__name__}: {err})") from err
-    key, raw = None, {}
+    key, raw, at = None, {}, 0
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
@@ -80,15 +81,15 @@ def _scan_keys(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     continue
                 if parts[0] != key:
                     if key is not None:
-                        yield key, raw
-                    key, raw = parts[0], {}
+                        yield key, raw, at
+                    key, raw, at = parts[0], {}, info.offset
                 raw[parts[1]] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ShardError(f"shard {url}: corrupt or truncated tar after sample '{key}' ({err})") from err
     finally:
         stream.close()
     if key is not None:
-        yield key, raw
+        yield key, raw, at
 
 
 def index_shards(
@@ -112,8 +113,9 @@ def index_shards(
     vocab: dict[str, int] = {}
     shards = []
     for url in urls:
-        members = []
-        for key, raw in _scan_keys(url):
+        members, offsets = [], []
+        for key, raw, at in _scan_keys(url):
+            offsets.append(at)
             where = f"shard {url}: sample '{key}'"
             if not fields:
                 fields, suffixes = _schema(raw, layout, npy, where)
@@ -136,7 +138,7 @@ def index_shards(
                 if name in vocab and value.size:
                     vocab[name] = max(vocab[name], int(value.max()))
             members.append(n)
-        shards.append(ShardInfo(_relative(url, folder), sum(members), members))
+        shards.append(ShardInfo(_relative(url, folder), sum(members), members, offsets=offsets))
     if not fields:
         raise ShardError(f"{dir_or_pattern}: the shards hold no .npy/.cls/.json members")
     for name, top in vocab.items():

@@ -110,16 +110,17 @@ def write_shards(
     for s, lo in enumerate(range(0, n, samples_per_shard)):
         hi = min(lo + samples_per_shard, n)
         url = f"{prefix}-{s:06d}.tar"
-        members = _write_tar(out / url, arrays, fields, lo, hi, chunk)
-        shards.append(ShardInfo(url, hi - lo, members))
+        members, offsets = _write_tar(out / url, arrays, fields, lo, hi, chunk)
+        shards.append(ShardInfo(url, hi - lo, members, offsets=offsets))
     _remove_stale(out, prefix, len(shards))
     manifest = Manifest(layout, chunk, fields, shards)
     write_manifest(manifest, out)
     return manifest
 
 
-def _write_tar(path, arrays, fields, lo, hi, chunk) -> list[int]:
-    members = []
+def _write_tar(path, arrays, fields, lo, hi, chunk) -> tuple[list[int], list[int]]:
+    """Write one shard; returns (samples per key, byte offset of each key's first header)."""
+    members, offsets = [], []
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=TAR_MTIME) as tw:
         for a in range(lo, hi, chunk):
@@ -135,10 +136,11 @@ def _write_tar(path, arrays, fields, lo, hi, chunk) -> list[int]:
                     sample[info.suffix(name)] = json.dumps(arr[a].tolist()).encode()
                 else:
                     sample[info.suffix(name)] = npy_bytes(arr[a])
+            offsets.append(tw.tarstream.offset)  # where this key's first header starts
             tw.write(sample)
             members.append(b - a)
     os.replace(tmp, path)
-    return members
+    return members, offsets
 
 
 def _remove_stale(out: Path, prefix: str, count: int) -> None:

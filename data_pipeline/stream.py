@@ -1,40 +1,53 @@
-"""ShardStream: an infinite, deterministic, resumable stream of sample blocks for one source.
+"""ShardStream: an infinite, deterministic, resumable stream of sample blocks for one reader.
 
-Order of samples (everything is a pure function of the manifest, the seed and the position):
-- epoch e: shards permuted by `default_rng([seed, salt, e])`; split s (= rank * splits_per_rank
-  + worker) takes the permuted shards at index % n_splits == s — no overlap, no loss.
-- the split's epoch sequence is its shards' tar keys ("members", chunks) in order; consecutive
-  groups of ceil(shuffle_buffer / chunk_size) members form a *window*, whose samples are
-  permuted by `default_rng([seed, salt, e, s, window])`. Window sizes come from the manifest's
-  `members` lists, so a resume skips whole shards without reading them.
-- blocks: each window is emitted in blocks of `block_size` samples counted from the window
-  start (the last block of a window may be shorter). A block carries the split's `Position`
-  before and after it, so a consumer knows exactly how far it has read.
+A *reader* is one (rank, worker) pair; a job has `n_readers = world_size x readers_per_rank`
+of them per source. Every epoch of a source has one global order of its samples, independent
+of the number of readers (`partition.EpochOrder`); reader i reads its part of the positions
+not yet consumed (`partition.Partition.part`): a contiguous slice of the order in a fresh
+epoch, so every sample is read exactly once per epoch across all readers and readers' parts
+differ by at most one sample. The epoch's tail needs no special case: a reader that finishes
+its part goes on with its part of the next epoch (nothing dropped, nothing padded), so near an
+epoch boundary readers may briefly be in different epochs.
 
-A `Position` is (epoch, index, skipped): `index` counts manifest sample slots of the split's
-epoch sequence (corrupt samples skipped with `skip_corrupt` still advance it) and `skipped`
-counts the slots skipped so far. Restarting `blocks()` at any position yields exactly the
-samples an uninterrupted run would have yielded from there; a position inside a block yields
-a first block only up to the next block boundary, so later block boundaries never move.
+A reader reads only the windows its slice covers: their shards, and within a shard only their
+tar keys (a seek to the key's byte offset when the manifest records `offsets`).
+
+Blocks: positions are emitted in blocks that end at multiples of `block_size` counted from the
+window start, at window ends and at the ends of the reader's intervals. A block carries the
+reader's `Position` before and after it, so a consumer knows exactly how far it has read.
+
+A `Position` is (epoch, index, skipped): `index` counts the positions of the reader's part of
+`epoch` consumed so far (corrupt samples skipped with `skip_corrupt` still advance it) and
+`skipped` counts the positions skipped so far. Restarting `blocks()` at any position yields
+exactly the samples an uninterrupted run would have yielded from there; a position inside a
+block yields a first block only up to the next block boundary, so later boundaries never move.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from manytask.data_pipeline.manifest import FieldInfo, Manifest
+from manytask.data_pipeline.partition import (
+    EpochOrder,
+    Intervals,
+    SourceLayout,
+    complement,
+    length,
+    position_in,
+    reader_part,
+)
 from manytask.data_pipeline.shard_reader import read_shard
 from manytask.schema import ConfigError
 
 
 class Position(NamedTuple):
-    """Where a split is: sample slot `index` of its epoch `epoch`; `skipped` corrupt slots so far."""
+    """Where a reader is: position `index` of its part of epoch `epoch`; `skipped` corrupt so far."""
 
     epoch: int
     index: int
@@ -46,11 +59,14 @@ START = Position(0, 0, 0)
 
 @dataclass
 class Block:
-    """Up to block_size samples of one split (one DataLoader worker).
+    """Up to block_size samples of one reader.
 
-    data:   field -> array [n, ...] (numpy in the stream; tensors after the loader's worker).
-    before/after: the split's position before and after this block.
+    data:   field -> array [n, ...].
+    before/after: the reader's position before and after this block.
     offset: leading samples of the block already consumed before a resume and left out here.
+    slot_ends: None when every position of the block has its row; else, for each row (the
+            left-out ones included), how many positions of the block end with it (corrupt
+            positions skipped in between count) — how far a partly consumed block has gone.
     """
 
     worker: int
@@ -59,26 +75,33 @@ class Block:
     offset: int
     size: int
     data: dict[str, Any]
+    slot_ends: np.ndarray | None = None
+
+    def positions_consumed(self, rows: int) -> int:
+        """Positions of this block used up by its first `rows` rows (the offset included)."""
+        if rows <= 0:
+            return 0
+        return rows if self.slot_ends is None else int(self.slot_ends[rows - 1])
 
 
 @dataclass
-class SplitPlan:
-    """One split's epoch sequence: its shards and members in order, grouped into windows."""
+class Partition:
+    """How the readers of a run share a source's epochs.
 
-    shards: np.ndarray  # manifest shard indices, in this split's order
-    shard_first: np.ndarray  # index of each shard's first member in `sizes` (+ total at the end)
-    sizes: np.ndarray  # samples per member, all members of `shards` in order
-    member_start: np.ndarray  # slot offset of each member (+ total at the end)
-    window_members: int  # members per window
-    window_start: np.ndarray  # slot offset of each window (+ total at the end)
+    n_readers: readers of the whole job (world_size x readers per rank).
+    consumed:  epoch -> positions consumed before this run's reader layout began (an elastic
+               resume); those positions are left out and the rest is split anew.
+    """
 
-    @property
-    def total(self) -> int:
-        return int(self.member_start[-1])
+    n_readers: int
+    consumed: dict[int, Intervals] = field(default_factory=dict)
 
-    @property
-    def n_windows(self) -> int:
-        return len(self.window_start) - 1
+    def remaining(self, epoch: int, total: int) -> Intervals:
+        return complement(self.consumed.get(epoch, []), total)
+
+    def part(self, epoch: int, total: int, reader: int) -> Intervals:
+        """Reader `reader`'s positions of `epoch` (see partition.reader_part)."""
+        return reader_part(self.remaining(epoch, total), self.n_readers, reader)
 
 
 def source_salt(name: str) -> int:
@@ -87,13 +110,14 @@ def source_salt(name: str) -> int:
 
 
 class ShardStream:
-    """Deterministic shuffled blocks of one source's samples for one rank's splits.
+    """Deterministic shuffled blocks of one source's samples for one rank's readers.
 
     manifest: the source's shards; rank/world_size: this process's place in the job;
-    splits_per_rank: DataLoader workers per rank (0 workers = 1 split run in-process);
+    splits_per_rank: readers per rank (worker processes; 0 workers = 1 reader in-process);
     seed + salt seed every permutation; shuffle_buffer: samples shuffled together (0 = keep
     the manifest order); fields: the fields to decode (default all); block_size: samples per
-    block; name: used in error messages.
+    block; name: used in error messages; partition: how readers share the epochs (default: a
+    fresh split among world_size x splits_per_rank readers).
     """
 
     def __init__(
@@ -110,6 +134,7 @@ class ShardStream:
         block_size: int = 1024,
         salt: int = 0,
         name: str = "",
+        partition: Partition | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -130,145 +155,190 @@ class ShardStream:
                 f"(it has: {', '.join(manifest.fields)})"
             )
         self.fields = {f: manifest.fields[f] for f in names}
-        # Empty shards would only make some splits empty; they hold nothing to read.
-        self.shard_ids = np.array([i for i, s in enumerate(manifest.shards) if s.samples > 0])
-        self.n_splits = world_size * self.splits_per_rank
-        if len(self.shard_ids) < self.n_splits:
+        self.layout = SourceLayout.of(manifest, shuffle_buffer)
+        self.n_readers = world_size * self.splits_per_rank
+        if self.layout.total < self.n_readers:
             raise ConfigError(
-                f"source '{self.name}' ({manifest.path}): {len(self.shard_ids)} non-empty shards "
-                f"cannot feed {self.n_splits} readers ({world_size} ranks x "
-                f"{self.splits_per_rank} DataLoader workers); every reader needs at least one "
-                f"shard. Fix: lower data.num_workers or the number of processes, or re-shard "
-                f"the source into >= {self.n_splits} shards (smaller samples_per_shard)."
+                f"source '{self.name}' ({manifest.path}): {self.layout.total} samples cannot "
+                f"feed {self.n_readers} readers ({world_size} ranks x {self.splits_per_rank} "
+                f"workers); every reader needs at least one sample per epoch. Fix: lower "
+                f"data.num_workers or the number of processes."
             )
-        chunk = manifest.chunk_size if manifest.layout == "chunk" else 1
-        self.window_members = max(1, math.ceil(shuffle_buffer / chunk)) if shuffle_buffer > 0 else 1
-        self._plans: dict[tuple[int, int], SplitPlan] = {}
+        self.partition = partition or Partition(self.n_readers)
+        # (field, shape, dtype) -> array to write a block's field into (worker_pool's slots).
+        self.out_buffer: Callable[[str, tuple, np.dtype], np.ndarray] | None = None
+        self.indexed = all(
+            len(s.offsets) == len(s.members) and s.url.endswith(".tar") and not s.url.startswith("pipe:")
+            for s in (manifest.shards[int(i)] for i in self.layout.shard_ids)
+        )
+        self._orders: dict[int, EpochOrder] = {}
 
-    def split_id(self, worker: int) -> int:
+    def reader(self, worker: int) -> int:
+        """The job-wide reader id of this rank's worker `worker`."""
         return self.rank * self.splits_per_rank + worker
 
-    def plan(self, epoch: int, worker: int) -> SplitPlan:
-        """The epoch sequence of this rank's split `worker` (cached for the current epoch)."""
-        key = (epoch, worker)
-        plan = self._plans.get(key)
-        if plan is None:
-            rng = np.random.default_rng([self.seed, self.salt, epoch])
-            order = self.shard_ids[rng.permutation(len(self.shard_ids))]
-            mine = order[self.split_id(worker) :: self.n_splits]
-            per_shard = [self.manifest.shards[i].members for i in mine]
-            counts = np.array([len(m) for m in per_shard], dtype=np.int64)
-            sizes = np.concatenate([np.asarray(m, dtype=np.int64) for m in per_shard])
-            member_start = np.concatenate([[0], np.cumsum(sizes)])
-            k = self.window_members
-            window_start = np.concatenate([member_start[:-1][::k], member_start[-1:]])
-            plan = SplitPlan(
-                mine, np.concatenate([[0], np.cumsum(counts)]), sizes, member_start, k, window_start
-            )
-            self._plans = {kk: v for kk, v in self._plans.items() if kk[1] != worker}
-            self._plans[key] = plan
-        return plan
+    def order(self, epoch: int) -> EpochOrder:
+        """Epoch `epoch`'s global order (the last few are cached)."""
+        got = self._orders.get(epoch)
+        if got is None:
+            got = EpochOrder(self.layout, self.seed, self.salt, epoch, self.shuffle_buffer > 0)
+            if len(self._orders) >= 4:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = got
+        return got
+
+    def part(self, epoch: int, worker: int) -> Intervals:
+        """Positions of epoch `epoch` that this rank's worker `worker` reads."""
+        return self.partition.part(epoch, self.layout.total, self.reader(worker))
 
     def epoch_size(self, epoch: int, worker: int) -> int:
-        """Samples (manifest slots) in this split's epoch `epoch`."""
-        return self.plan(epoch, worker).total
+        """Samples in this reader's part of epoch `epoch`."""
+        return length(self.part(epoch, worker))
 
     def blocks(self, worker: int = 0, start: Position = START, drop: int = 0) -> Iterator[Block]:
-        """Infinite blocks of split `worker` from position `start`.
+        """Infinite blocks of this rank's reader `worker` from position `start`.
 
         drop: samples at the start of the first block that were already consumed (they are
         left out of it and reported as its `offset`; a drop longer than that block, possible
         only after a block-size change, continues into the next). Block data are fresh
-        contiguous numpy arrays [n, ...] (safe to hand to another process).
+        contiguous numpy arrays [n, ...]. A reader whose part of an epoch is empty (possible
+        only after an elastic resume) yields one empty block for it.
         """
         epoch, index, skipped = start
+        drop_left = [drop]
         while True:
-            plan = self.plan(epoch, worker)
-            if plan.total == 0:
-                raise RuntimeError(f"source '{self.name}': split {worker} has no samples")
-            if index >= plan.total:
-                epoch, index = epoch + 1, 0
-                continue
-            first = int(np.searchsorted(plan.window_start, index, side="right")) - 1
-            members = self._members(plan, first * plan.window_members)
+            part = self.part(epoch, worker)
+            n = length(part)
+            if n == 0:
+                yield Block(worker, Position(epoch, 0, skipped), Position(epoch + 1, 0, skipped), 0, 0, self._empty())
+            elif index < n:
+                for block in self._read_part(worker, epoch, part, index, skipped, drop_left):
+                    skipped = block.after.skipped
+                    yield block
+            epoch, index = epoch + 1, 0
+
+    def _read_part(self, worker: int, epoch: int, part: Intervals, index: int, skipped: int,
+                   drop_left: list[int]) -> Iterator[Block]:
+        order = self.order(epoch)
+        total = length(part)
+        j, pos = position_in(part, index)
+        bs = self.block_size
+        for k, (s, e) in enumerate(part[j:]):
+            pos = pos if k == 0 else s  # a later interval may start inside the last window
+            w0, w1 = order.window_of_position(pos), order.window_of_position(e - 1)
+            first, end = order.window_members(w0)[0], order.window_members(w1)[1]
+            # Shards with key offsets are read window by window, only the keys this reader
+            # needs; others are streamed through the whole run of windows.
+            members = None if self.indexed else self._members(order, first, end)
             try:
-                for w in range(first, plan.n_windows):
-                    arrays, rows_of_slot = self._read_window(plan, w, members)
-                    n_slots = int(plan.window_start[w + 1] - plan.window_start[w])
-                    perm = self._window_order(epoch, worker, w, n_slots)
-                    base = int(plan.window_start[w])
-                    local = index - base
-                    while local < n_slots:
-                        end = min((local // self.block_size + 1) * self.block_size, n_slots)
-                        slots = perm[local:end]
+                for w in range(w0, w1 + 1):
+                    p0, p1 = order.window_positions(w)
+                    perm = order.window_permutation(w, p1 - p0)
+                    lo, hi = max(pos, p0), min(e, p1)
+                    arrays, rows_of_slot = self._read_window(order, w, members, perm[lo - p0 : hi - p0])
+                    while lo < hi:
+                        stop = min(p0 + ((lo - p0) // bs + 1) * bs, hi)
+                        slots = perm[lo - p0 : stop - p0]
+                        slot_ends = None
                         if rows_of_slot is None:
                             rows = slots
                         else:
-                            rows = rows_of_slot[slots]
-                            rows = rows[rows >= 0]
+                            mapped = rows_of_slot[slots]
+                            ok = mapped >= 0
+                            rows = mapped[ok]
+                            if not ok.all():
+                                slot_ends = np.flatnonzero(ok) + 1
+                                if len(slot_ends):
+                                    slot_ends[-1] = len(slots)  # trailing skips end with the last row
                         before = Position(epoch, index, skipped)
                         skipped += len(slots) - len(rows)
-                        index = base + end
-                        offset = min(drop, len(rows))  # normally the first block only
+                        index += stop - lo
+                        offset = min(drop_left[0], len(rows))  # normally the first block only
                         if offset:
-                            rows, drop = rows[offset:], drop - offset
-                        data = {k: v[rows] for k, v in arrays.items()}
-                        yield Block(worker, before, Position(epoch, index, skipped), offset, len(rows), data)
-                        local = end
+                            rows = rows[offset:]
+                            drop_left[0] -= offset
+                        data = {k: self._gather(k, v, rows) for k, v in arrays.items()}
+                        # The end of the part is the start of the next epoch's part.
+                        after = Position(epoch, index, skipped) if index < total else Position(epoch + 1, 0, skipped)
+                        yield Block(worker, before, after, offset, len(rows), data, slot_ends)
+                        lo = stop
+                    pos = p1
             finally:
-                members.close()
-            epoch, index = epoch + 1, 0
+                if members is not None:
+                    members.close()
 
-    def _window_order(self, epoch: int, worker: int, window: int, n: int) -> np.ndarray:
-        if self.shuffle_buffer <= 0:
-            return np.arange(n)
-        seq = [self.seed, self.salt, epoch, self.split_id(worker), window]
-        return np.random.default_rng(seq).permutation(n)
+    def _gather(self, name: str, window: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """window[rows], written where `out_buffer` says (a worker's shared slot) if set."""
+        if self.out_buffer is None:
+            return window[rows]
+        out = self.out_buffer(name, (len(rows), *window.shape[1:]), window.dtype)
+        return np.take(window, rows, axis=0, out=out, mode="clip")  # "raise" would buffer `out`
 
-    def _members(self, plan: SplitPlan, first: int) -> Iterator[tuple[int, dict | None]]:
-        """(samples, data or None if corrupt) for the split's members from index `first` on."""
-        p0 = int(np.searchsorted(plan.shard_first, first, side="right")) - 1
-        q = first - int(plan.shard_first[p0])
+    def _empty(self) -> dict[str, np.ndarray]:
+        return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.fields.items()}
+
+    def _members(self, order: EpochOrder, first: int, end: int) -> Iterator[tuple[int, dict | None]]:
+        """(samples, data or None if corrupt) for members [first, end) of the epoch, in order."""
         m = self.manifest
-        for p in range(p0, len(plan.shards)):
-            shard = int(plan.shards[p])
-            members = m.shards[shard].members
+        for shard, q0, q1 in order.shard_members(first, end):
+            info = m.shards[shard]
             for i, _key, data in read_shard(
-                m.shard_url(shard), self.fields, m.layout, members, start=q,
-                skip_corrupt=self.skip_corrupt, manifest=m.path,
+                m.shard_url(shard), self.fields, m.layout, info.members, start=q0, stop=q1,
+                offsets=info.offsets, skip_corrupt=self.skip_corrupt, manifest=m.path,
             ):
-                yield members[i], data
-            q = 0
+                yield info.members[i], data
 
-    def _read_window(self, plan: SplitPlan, w: int, members: Iterator) -> tuple[dict, np.ndarray | None]:
-        """The window's samples as arrays [rows, ...] and, if some slots were corrupt, slot -> row
-        (-1 for a skipped slot; None when every slot has its row)."""
-        k = plan.window_members
-        n_members = min(k, len(plan.sizes) - w * k)
+    def _read_window(self, order: EpochOrder, w: int, members: Iterator | None,
+                     need: np.ndarray) -> tuple[dict, np.ndarray | None]:
+        """Window w's samples as arrays [rows, ...] and, unless every position has its row,
+        position -> row (-1 for a corrupt or unread one). need: the window-local positions
+        the reader will take; with `members` None only the keys holding them are read."""
+        m = self.manifest
+        pieces = list(order.shard_members(*order.window_members(w)))
+        sizes = np.concatenate([np.asarray(m.shards[sh].members[q0:q1], dtype=np.int64) for sh, q0, q1 in pieces])
         parts: list[dict] = []
-        valid: list[tuple[int, bool]] = []
-        for _ in range(n_members):
-            size, data = next(members)
-            valid.append((size, data is not None))
-            if data is not None:
-                parts.append(data)
-        arrays = stack_members(parts, self.fields, self.manifest.layout)
-        if all(ok for _, ok in valid):
+        ok = np.zeros(len(sizes), dtype=bool)
+        if members is None:
+            wanted = np.zeros(len(sizes), dtype=bool)
+            wanted[np.repeat(np.arange(len(sizes)), sizes)[need]] = True
+            k = 0
+            for shard, q0, q1 in pieces:
+                select = {q0 + int(i) for i in np.flatnonzero(wanted[k : k + q1 - q0])}
+                info = m.shards[shard]
+                if select:
+                    for i, _key, data in read_shard(
+                        m.shard_url(shard), self.fields, m.layout, info.members, start=q0, stop=q1,
+                        offsets=info.offsets, select=select, skip_corrupt=self.skip_corrupt, manifest=m.path,
+                    ):
+                        if data is not None:
+                            parts.append(data)
+                            ok[k + i - q0] = True
+                k += q1 - q0
+        else:
+            for j in range(len(sizes)):
+                _size, data = next(members)
+                if data is not None:
+                    parts.append(data)
+                    ok[j] = True
+        arrays = stack_members(parts, self.fields, m.layout)
+        if ok.all():
             return arrays, None
-        ok = np.repeat([v for _, v in valid], [s for s, _ in valid])
-        rows = np.cumsum(ok) - 1
-        rows[~ok] = -1
+        valid = np.repeat(ok, sizes)
+        rows = np.cumsum(valid) - 1
+        rows[~valid] = -1
         return arrays, rows
 
 
 def stack_members(parts: list[dict], fields: dict[str, FieldInfo], layout: str) -> dict[str, np.ndarray]:
-    """Decoded members (see `read_shard`) -> field -> one array [rows, ...] (a copy)."""
+    """Decoded members (see `read_shard`) -> field -> one array [rows, ...] (a copy, except for a
+    single chunk, whose read-only arrays are returned as they are)."""
     out = {}
     for name, info in fields.items():
         if not parts:
             out[name] = np.zeros((0, *info.shape), dtype=info.dtype)
         elif layout == "chunk":
-            out[name] = np.concatenate([p[name] for p in parts])
+            # one chunk: its arrays as read (blocks gather a copy from them anyway)
+            out[name] = parts[0][name] if len(parts) == 1 else np.concatenate([p[name] for p in parts])
         else:
             out[name] = np.asarray([p[name] for p in parts], dtype=info.dtype)
     return out

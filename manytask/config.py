@@ -53,8 +53,8 @@ class SourceConfig:
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     batch_size: int = 256  # per rank, per step (before gradient accumulation)
-    num_workers: int = 0  # DataLoader workers per source per rank
-    shuffle_buffer: int = 8192  # samples shuffled together (a window of whole chunks)
+    num_workers: int = 0  # reader processes per rank, shared by all sources (0 = in-process)
+    shuffle_buffer: int = 8192  # samples shuffled together per rank, split among the sources (whole chunks, >= 1 each)
     skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
     val_batch_size: int = 1024
     val_max_batches: int = 0  # 0 = the whole validation split

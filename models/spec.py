@@ -6,14 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# FieldSpec belongs to the data contract; re-exported here for the models that take it.
+from manytask.data_pipeline.fields import FieldSpec
 
-@dataclass
-class FieldSpec:
-    """An input field as recorded in the sources' manifests (per-sample shape, no batch dim)."""
-
-    dtype: str  # numpy dtype name: float32, int64, ...
-    shape: tuple[int, ...]
-    vocab: int = 0  # categorical fields: number of ids (max id + 1) when known, else 0
+__all__ = ["FieldSpec", "ModelOutput", "ModelSpec", "TaskSpec"]
 
 
 @dataclass

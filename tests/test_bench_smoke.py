@@ -31,3 +31,10 @@ def test_model_benchmark_runs_on_the_cpu_path_a_gpu_would_take():
 def test_gpu_benchmark_measures_on_cpu_when_asked():
     out = run("bench.bench_gpu", "--cpu")
     assert "| 256 | fp32 |" in out and "| 1024 | fp32 |" in out
+
+
+def test_data_benchmarks_run():
+    out = run("bench.bench_sources", "--samples", "64000", "--repeats", "1", "--seconds", "0.3")
+    assert "64 / 1 sources: first step" in out and "memory" in out
+    out = run("bench.bench_plan", "--sources", "10", "--shards-per-source", "10")
+    assert "growth 8 -> 8,192 readers" in out

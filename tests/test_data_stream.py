@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -11,7 +11,9 @@ import torch
 
 from manytask.config import config_from_dict
 from manytask.data_pipeline.loader import (
+    Consumed,
     MultiSourceLoader,
+    consumed_of,
     label_specs,
     model_inputs,
     source_sizes,
@@ -122,31 +124,6 @@ def test_resume_is_exact(root, tmp_path, workers):
     assert [len(b) for b in full] == [sum(c) for c in schedule]
 
 
-def test_workers_change_restarts_epoch_with_warning(root, tmp_path, caplog):
-    cfg = make_cfg(root)
-    loader = MultiSourceLoader(cfg)
-    for _ in range(30):
-        loader.next_batch([40, 10])  # 1200 samples of A: into epoch 1
-    state = loader.state_dict()
-    loader.close()
-    wide = MultiSourceLoader(cfg, rank=1, world_size=2)
-    with caplog.at_level(logging.WARNING):
-        wide.load_state_dict(state)
-    assert "Restarting epoch 1" in caplog.text
-    assert wide.epochs() == {"a": 1, "b": 1}
-    got = ids([wide.next_batch([50, 0])])
-    wide.close()
-    # Epoch 1 from its beginning under the new (rank 1 of 2) split.
-    stream = ShardStream(load_manifest(root / "a"), 1, 2, 0, 40, fields=["id"],
-                         block_size=wide.loaders[0].stream.block_size, salt=wide.loaders[0].stream.salt)
-    want = []
-    for block in stream.blocks(0, start=(1, 0, 0)):
-        want += block.data["id"].tolist()
-        if len(want) >= 50:
-            break
-    assert got == want[:50]
-
-
 def read_epoch(stream: ShardStream, worker: int, epoch: int) -> list[int]:
     out = []
     for block in stream.blocks(worker, start=(epoch, 0, 0)):
@@ -182,24 +159,50 @@ def test_window_shuffle_stays_local(root):
             break
 
 
+def global_order(root, source: int, epoch: int) -> list[int]:
+    """Source `source`'s ids in epoch `epoch`'s global order (one reader reads it all in order),
+    with the stream settings MultiSourceLoader uses for make_cfg's recipe."""
+    with MultiSourceLoader(make_cfg(root)) as loader:
+        ref = loader.cursors[source].stream
+    stream = ShardStream(ref.manifest, 0, 1, ref.seed, ref.shuffle_buffer, fields=["id"], block_size=1 << 20, salt=ref.salt)
+    out: list[int] = []
+    for block in stream.blocks(0, start=(epoch, 0, 0)):
+        if block.before.epoch != epoch:
+            break
+        out += block.data["id"].tolist()
+    return out
+
+
+def expected_reads(root, source: int, consumed: Consumed) -> Counter:
+    """Every finished epoch once, and the consumed positions of later ones, as ids."""
+    want: Counter = Counter()
+    for e in range(consumed.epoch):
+        want.update(global_order(root, source, e))
+    for e, intervals in consumed.intervals.items():
+        order = global_order(root, source, e)
+        want.update(order[p] for s, t in intervals for p in range(s, t))
+    return want
+
+
 def _rank_main(rank: int, root: str, out: str) -> None:
     torch.set_num_threads(1)
     from pathlib import Path
 
     cfg = make_cfg(Path(root), num_workers=2)
     loader = MultiSourceLoader(cfg, rank, 2)
-    sizes = [ld.stream.epoch_size(0, w) for ld in loader.loaders for w in range(2)]
-    need_a, need_b = sizes[0] + sizes[1], sizes[2] + sizes[3]
-    got = ids([loader.next_batch([min(need_a, 64), 0]) for _ in range(-(-need_a // 64))])[:need_a]
-    got += ids([loader.next_batch([0, min(need_b, 64)]) for _ in range(-(-need_b // 64))])[:need_b]
+    got = ids([loader.next_batch([64, 0]) for _ in range(-(-N_A // 128))])  # about an epoch
+    got += ids([loader.next_batch([0, 64]) for _ in range(-(-N_B // 128))])
+    progress = [c.progress() for c in loader.cursors]
     loader.close()
     np.save(os.path.join(out, f"rank{rank}.npy"), np.array(got))
+    torch.save(progress, os.path.join(out, f"progress{rank}.pt"))
 
 
 @pytest.mark.slow
 def test_two_rank_processes_split_an_epoch(root, tmp_path):
-    # Two rank processes, each with 2 DataLoader workers. Forked (not spawned): a spawned
-    # child re-imports torch, which costs tens of seconds on a busy 2-core machine.
+    """Two rank processes with 2 workers each read about an epoch: together they read each
+    sample of the positions they consumed once. Forked (not spawned): a spawned child
+    re-imports torch, which costs tens of seconds on a busy 2-core machine."""
     ctx = torch.multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_rank_main, args=(r, str(root), str(tmp_path))) for r in range(2)]
     for p in procs:
@@ -207,10 +210,15 @@ def test_two_rank_processes_split_an_epoch(root, tmp_path):
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
-    r0, r1 = (np.load(tmp_path / f"rank{r}.npy") for r in range(2))
-    assert not set(r0) & set(r1)
-    want = set(range(N_A)) | set(range(B_OFFSET, B_OFFSET + N_B))
-    assert set(r0) | set(r1) == want and len(r0) + len(r1) == len(want)
+    got = Counter(i for r in range(2) for i in np.load(tmp_path / f"rank{r}.npy").tolist())
+    progress = [torch.load(tmp_path / f"progress{r}.pt", weights_only=True) for r in range(2)]
+    assert sum(got.values()) == 2 * (64 * -(-N_A // 128) + 64 * -(-N_B // 128))
+    with MultiSourceLoader(make_cfg(root, num_workers=2), 0, 2) as loader:
+        for i in range(2):
+            consumed = consumed_of(loader.cursors[i].stream, progress[0][i] + progress[1][i], 0)
+            mine = Counter({k: v for k, v in got.items() if (k >= B_OFFSET) == (i == 1)})
+            assert mine == expected_reads(root, i, consumed)
+            assert max(mine.values()) <= 2  # about an epoch: no sample a third time
 
 
 def test_masks_and_zero_fill(root):

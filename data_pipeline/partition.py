@@ -1,0 +1,281 @@
+"""One epoch's global sample order of a source, and its split among readers.
+
+The order is a pure function of (manifest, seed, source salt, epoch, shuffle window) and never
+of the number of processes:
+- the non-empty shards in the order `default_rng([seed, salt, epoch]).permutation(shards)`;
+- their tar keys ("members": one sample, or a chunk of samples) in tar order, shard after
+  shard. Consecutive shards whose members start in the same block of `window_members`
+  members form a *group*; a group is cut into *windows* of `window_members` members (the last
+  one shorter). A window never mixes groups, so locating it needs only shard-level sums;
+- the samples of window w are permuted by `default_rng([seed, salt, epoch, w])`.
+Global position p (0 <= p < total) is the p-th sample of that order.
+
+Readers (rank x worker, all of them) share the positions not yet consumed: `reader_part`
+gives reader i of n the i-th of n contiguous runs of equal length (+-1 sample; the first
+`remaining % n` readers hold one more) of the remaining positions in order. A fresh epoch's
+remaining positions are one interval, so a reader's part is one contiguous slice of the
+order and touches only the windows (shards, chunks) that slice covers.
+
+Nothing here holds one entry per sample: the plan of an epoch costs O(shards) and a reader's
+slice O(log shards); member-level sums are built only for the shards a reader touches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from manytask.data_pipeline.manifest import Manifest
+
+Intervals = list[tuple[int, int]]  # sorted, disjoint, non-empty [start, end) position ranges
+
+
+# ---------------------------------------------------------------- interval sets
+
+
+def merge(parts: Iterable[tuple[int, int]]) -> Intervals:
+    """Union of [start, end) ranges as sorted disjoint intervals (touching ones joined)."""
+    out: Intervals = []
+    for s, e in sorted((int(s), int(e)) for s, e in parts if e > s):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def complement(consumed: Intervals, total: int) -> Intervals:
+    """[0, total) minus `consumed` (sorted, disjoint)."""
+    out: Intervals = []
+    at = 0
+    for s, e in consumed:
+        if s > at:
+            out.append((at, min(s, total)))
+        at = max(at, e)
+    if at < total:
+        out.append((at, total))
+    return out
+
+
+def length(iv: Intervals) -> int:
+    return sum(e - s for s, e in iv)
+
+
+def take_range(iv: Intervals, lo: int, hi: int) -> Intervals:
+    """Elements lo..hi-1 of the concatenation of `iv`, as intervals."""
+    out: Intervals = []
+    before = 0
+    for s, e in iv:
+        n = e - s
+        a, b = max(lo - before, 0), min(hi - before, n)
+        if a < b:
+            out.append((s + a, s + b))
+        before += n
+        if before >= hi:
+            break
+    return out
+
+
+def balanced_bounds(total: int, n: int, i: int) -> tuple[int, int]:
+    """[lo, hi) of reader i of n over `total` items: sizes differ by at most one."""
+    q, r = divmod(total, n)
+    lo = i * q + min(i, r)
+    return lo, lo + q + (1 if i < r else 0)
+
+
+def reader_part(remaining: Intervals, n_readers: int, reader: int) -> Intervals:
+    """Reader `reader`'s share of the remaining positions (see the module docstring)."""
+    lo, hi = balanced_bounds(length(remaining), n_readers, reader)
+    return take_range(remaining, lo, hi)
+
+
+# ---------------------------------------------------------------- the epoch order
+
+
+@dataclass
+class SourceLayout:
+    """What of a manifest the order needs, computed once per source (O(shards))."""
+
+    shard_ids: np.ndarray  # manifest indices of the non-empty shards
+    samples: np.ndarray  # samples per non-empty shard
+    members: np.ndarray  # members (tar keys) per non-empty shard
+    unit: bool  # every member is one sample (sample layout): member sums are closed-form
+    window_members: int
+    manifest: Manifest = field(repr=False)
+    _cums: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, m: Manifest, shuffle_buffer: int) -> SourceLayout:
+        ids = np.array([i for i, s in enumerate(m.shards) if s.samples > 0], dtype=np.int64)
+        chunk = m.chunk_size if m.layout == "chunk" else 1
+        window = max(1, math.ceil(shuffle_buffer / chunk)) if shuffle_buffer > 0 else 1
+        return cls(
+            ids,
+            np.array([m.shards[i].samples for i in ids], dtype=np.int64),
+            np.array([len(m.shards[i].members) for i in ids], dtype=np.int64),
+            all(len(m.shards[i].members) == m.shards[i].samples for i in ids),
+            window,
+            m,
+        )
+
+    @property
+    def total(self) -> int:
+        return int(self.samples.sum())
+
+    def member_cum(self, k: int) -> np.ndarray:
+        """Sample offset of each member of non-empty shard k within its shard (+ its size)."""
+        got = self._cums.get(k)
+        if got is None:
+            sizes = self.manifest.shards[int(self.shard_ids[k])].members
+            got = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+            if len(self._cums) > 4096:
+                self._cums.clear()
+            self._cums[k] = got
+        return got
+
+
+class EpochOrder:
+    """The global order of one epoch of one source (see the module docstring).
+
+    Coordinates: position p (a sample of the order), member m (a tar key, counted over the
+    epoch's shards in order), window w. All maps are O(log shards) plus, for the chunk layout,
+    the touched shard's member sums.
+    """
+
+    def __init__(self, layout: SourceLayout, seed: int, salt: int, epoch: int, shuffle: bool = True):
+        self.layout, self.seed, self.salt, self.epoch, self.shuffle = layout, seed, salt, epoch, shuffle
+        rng = np.random.default_rng([seed, salt, epoch])
+        self.order = rng.permutation(len(layout.shard_ids))  # -> index into layout arrays
+        samples, members = layout.samples[self.order], layout.members[self.order]
+        self.shard_pos = np.concatenate([[0], np.cumsum(samples)])  # first position per shard
+        self.shard_mem = np.concatenate([[0], np.cumsum(members)])  # first member per shard
+        k = layout.window_members
+        # Group of each shard: the block of k members its first member falls in; a group
+        # starts at the first shard of each new block.
+        block = self.shard_mem[:-1] // k
+        starts = np.flatnonzero(np.concatenate([[True], block[1:] != block[:-1]])) if len(block) else np.zeros(0, np.int64)
+        self.group_shard = np.concatenate([starts, [len(block)]]).astype(np.int64)  # first shard per group
+        self.group_mem = np.concatenate([self.shard_mem[starts], self.shard_mem[-1:]])
+        n_windows = -(-(self.group_mem[1:] - self.group_mem[:-1]) // k)
+        self.group_win = np.concatenate([[0], np.cumsum(n_windows)])  # first window per group
+
+    @property
+    def total(self) -> int:
+        return int(self.shard_pos[-1])
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.group_win[-1])
+
+    def shard_at(self, i: int) -> int:
+        """Manifest index of the i-th shard of this epoch."""
+        return int(self.layout.shard_ids[self.order[i]])
+
+    def shard_of_position(self, p: int) -> int:
+        return int(np.searchsorted(self.shard_pos, p, side="right")) - 1
+
+    def member_of_position(self, p: int) -> int:
+        """The member holding position p."""
+        i = self.shard_of_position(p)
+        off = p - int(self.shard_pos[i])
+        if self.layout.unit:
+            return int(self.shard_mem[i]) + off
+        cum = self.layout.member_cum(int(self.order[i]))
+        return int(self.shard_mem[i]) + int(np.searchsorted(cum, off, side="right")) - 1
+
+    def position_of_member(self, m: int) -> int:
+        """The first position of member m (m = number of members gives `total`)."""
+        if m >= int(self.shard_mem[-1]):
+            return self.total
+        i = int(np.searchsorted(self.shard_mem, m, side="right")) - 1
+        q = m - int(self.shard_mem[i])
+        if self.layout.unit:
+            return int(self.shard_pos[i]) + q
+        return int(self.shard_pos[i]) + int(self.layout.member_cum(int(self.order[i]))[q])
+
+    def window_of_member(self, m: int) -> int:
+        g = int(np.searchsorted(self.group_mem, m, side="right")) - 1
+        return int(self.group_win[g]) + (m - int(self.group_mem[g])) // self.layout.window_members
+
+    def window_members(self, w: int) -> tuple[int, int]:
+        """[first, end) members of window w."""
+        g = int(np.searchsorted(self.group_win, w, side="right")) - 1
+        first = int(self.group_mem[g]) + (w - int(self.group_win[g])) * self.layout.window_members
+        return first, min(first + self.layout.window_members, int(self.group_mem[g + 1]))
+
+    def window_positions(self, w: int) -> tuple[int, int]:
+        """[start, end) positions of window w."""
+        a, b = self.window_members(w)
+        return self.position_of_member(a), self.position_of_member(b)
+
+    def window_of_position(self, p: int) -> int:
+        return self.window_of_member(self.member_of_position(p))
+
+    def window_permutation(self, w: int, n: int) -> np.ndarray:
+        """Order of window w's n samples (identity without shuffling)."""
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, self.salt, self.epoch, w]).permutation(n)
+
+    def shard_members(self, first: int, end: int) -> Iterable[tuple[int, int, int]]:
+        """(manifest shard, first member in shard, end member in shard) covering members
+        [first, end) of the epoch, in order."""
+        i = int(np.searchsorted(self.shard_mem, first, side="right")) - 1
+        while first < end:
+            lo = int(self.shard_mem[i])
+            hi = min(int(self.shard_mem[i + 1]), end)
+            yield self.shard_at(i), first - lo, hi - lo
+            first = hi
+            i += 1
+
+    def shards_of(self, part: Intervals) -> list[int]:
+        """Manifest indices of the shards a reader of `part` opens (whole windows)."""
+        out: list[int] = []
+        for s, e in part:
+            a = self.window_members(self.window_of_position(s))[0]
+            b = self.window_members(self.window_of_position(e - 1))[1]
+            i0 = int(np.searchsorted(self.shard_mem, a, side="right")) - 1
+            i1 = int(np.searchsorted(self.shard_mem, b - 1, side="right")) - 1
+            out.extend(self.shard_at(i) for i in range(i0, i1 + 1))
+        return list(dict.fromkeys(out))
+
+
+def position_in(part: Intervals, index: int) -> tuple[int, int]:
+    """(interval number, global position) of the index-th position of `part`."""
+    ends = np.cumsum([e - s for s, e in part])
+    j = bisect.bisect_right(ends.tolist(), index)
+    before = int(ends[j - 1]) if j else 0
+    return j, part[j][0] + index - before if j < len(part) else 0
+
+
+@dataclass
+class ReaderPlan:
+    """Every reader's slice of a fresh epoch: positions [bounds[i], bounds[i+1]) and the
+    shards it may open, `first_shard[i]` to `last_shard[i]` (epoch order, inclusive; whole
+    shard groups, so a superset of what reading touches; 0 and -1 for an empty slice)."""
+
+    bounds: np.ndarray  # [readers + 1]
+    first_shard: np.ndarray  # [readers]
+    last_shard: np.ndarray  # [readers]
+
+
+def plan_readers(order: EpochOrder, n_readers: int) -> ReaderPlan:
+    """All readers' slices of a fresh epoch at once, O(readers + shards) with numpy (the
+    per-reader `reader_part` gives the same slices one reader at a time)."""
+    total = order.total
+    q, r = divmod(total, n_readers)
+    i = np.arange(n_readers + 1, dtype=np.int64)
+    bounds = i * q + np.minimum(i, r)
+    lo, hi = bounds[:-1], np.maximum(bounds[1:] - 1, bounds[:-1])
+    s0 = np.searchsorted(order.shard_pos, lo, side="right") - 1
+    s1 = np.searchsorted(order.shard_pos, hi, side="right") - 1
+    last = len(order.shard_pos) - 2
+    g0 = np.searchsorted(order.group_shard, np.minimum(s0, last), side="right") - 1
+    g1 = np.searchsorted(order.group_shard, np.minimum(s1, last), side="right") - 1
+    first, end = order.group_shard[g0], order.group_shard[g1 + 1] - 1
+    empty = bounds[1:] == bounds[:-1]  # more readers than samples: nothing to open
+    return ReaderPlan(bounds, np.where(empty, 0, first), np.where(empty, -1, end))
