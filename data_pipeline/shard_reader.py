@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import zlib
 from collections.abc import Container, Iterator
@@ -24,7 +25,10 @@ import numpy as np
 import numpy.lib.format as npformat
 from webdataset import gopen
 
-from manytask.data_pipeline.manifest import FieldInfo
+from manytask.data_pipeline.integrity import MemberVerifier, size_problem
+from manytask.data_pipeline.manifest import FieldInfo, ShardInfo
+
+log = logging.getLogger(__name__)
 
 NPY_MAGIC = b"\x93NUMPY"
 # Errors that mean "this tar cannot be read further" (truncation, bad header, bad gzip, I/O).
@@ -151,6 +155,7 @@ def read_shard(
     select: Container[int] | None = None,
     skip_corrupt: bool = False,
     manifest: str = "",
+    shard: ShardInfo | None = None,
 ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
     """Yield `(member index, key, data)` for the shard's tar keys from `start` on, in tar order.
 
@@ -160,8 +165,19 @@ def read_shard(
     select:  only these member indices are decoded and yielded (validation splits).
     skip_corrupt: a bad key yields `data=None`; an unreadable tail yields `(i, None, None)` for
              every remaining manifest member. Otherwise ShardError (url, key, manifest, problem).
+    shard:   the manifest entry; its recorded size is checked at open and each key read against
+             its `member_xxh3` (data_pipeline/integrity.py). A mismatch is a ShardError naming
+             the shard and key; with skip_corrupt the rest of the shard is skipped with a warning.
     """
     where = f"shard {url}" + (f" (manifest {manifest})" if manifest else "")
+    verify = MemberVerifier(shard) if shard is not None else None
+    if shard is not None:
+        problem = size_problem(url, shard)
+        if problem:
+            if skip_corrupt:
+                log.warning("%s: %s; skipping the shard", where, problem)
+            yield from _all_missing(where, problem, start, len(members), select, skip_corrupt)
+            return
     expected = len(members)
     wanted = {info.suffix(name): name for name, info in fields.items()}
     check = _MemberChecker(fields, layout)
@@ -199,24 +215,38 @@ def read_shard(
                 continue
             if parts[0] != key:
                 if wanted_member(index):
+                    bad = verify.problem(index, key) if verify else None
+                    if bad:
+                        raise _Corrupt(bad)
                     yield _finish(index, key, raw, members, check, where, skip_corrupt)
                 index, key, raw = index + 1, parts[0], {}
+                if verify:
+                    verify.start()
                 if index >= expected:
                     raise ShardError(
                         f"{where}: sample '{key}': the tar holds more keys than the {expected} "
-                        f"listed in the manifest (stale manifest? re-run `manytask data index`)"
+                        f"listed in the manifest (stale manifest? re-run `manytask shards index`)"
                     )
             name = wanted.get(parts[1])
-            if name is None or not wanted_member(index):
+            hashing = verify is not None and verify.enabled
+            if not wanted_member(index) or (name is None and not hashing):
                 continue
             if direct:
                 stream.seek(info.offset_data)
             data = source.read(info.size)  # skips extractfile's per-member file objects
             if len(data) != info.size:
                 raise tarfile.ReadError(f"unexpected end of data in {info.name}")
-            raw[name] = data
+            if hashing:
+                verify.update(data)
+            if name is not None:
+                raw[name] = data
     except ShardError:
         raise
+    except _Corrupt as err:
+        if skip_corrupt:
+            log.warning("%s: %s; skipping the rest of the shard", where, err)
+        yield from _all_missing(where, str(err), index, expected, select, skip_corrupt)
+        return
     except _TAR_ERRORS as err:
         at = f"at sample '{key}'" if key is not None else "before the first sample key"
         why = f"corrupt or truncated tar {at} ({type(err).__name__}: {err})"
@@ -232,6 +262,12 @@ def read_shard(
         except Exception:  # noqa: BLE001
             pass
     if wanted_member(index):
+        bad = verify.problem(index, key) if verify else None
+        if bad:
+            if skip_corrupt:
+                log.warning("%s: %s; skipping the rest of the shard", where, bad)
+            yield from _all_missing(where, bad, index, expected, select, skip_corrupt)
+            return
         yield _finish(index, key, raw, members, check, where, skip_corrupt)
     if index + 1 < expected:
         last = f"last complete sample '{key}'" if key is not None else "no sample key read"
@@ -240,6 +276,19 @@ def read_shard(
             f"tar ends after {index + 1} of the {expected} keys the manifest lists "
             f"(truncated or corrupt tar; {last})",
         )
+
+
+class _Corrupt(Exception):
+    """A key whose payloads do not match the manifest's checksum (internal to read_shard)."""
+
+
+def _all_missing(where, why, first, expected, select, skip_corrupt):
+    """ShardError, or with skip_corrupt `(i, None, None)` for members first.. of the shard."""
+    if not skip_corrupt:
+        raise ShardError(f"{where}: {why}")
+    for j in range(max(first, 0), expected):
+        if select is None or j in select:
+            yield j, None, None
 
 
 def _seekable(stream: Any) -> bool:

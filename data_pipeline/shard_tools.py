@@ -1,10 +1,12 @@
-"""Shard tools behind `manytask data index | inspect | convert`.
+"""Shard tools behind `manytask shards index | inspect | verify | write`.
 
 - `index_shards(dir_or_pattern)`: read shards written by any WebDataset writer and write their
-  manifest.json (schema, samples per key). Foreign shards are taken as the sample layout
-  unless `layout="chunk"` is given (then every field of a key is one array whose leading dim
-  is that key's sample count).
-- `inspect(dir)`: a human summary: layout, schema, counts and the first sample.
+  manifest.json (schema, samples per key, sizes and checksums of local shards). Foreign shards
+  are taken as the sample layout unless `layout="chunk"` is given (then every field of a key
+  is one array whose leading dim is that key's sample count).
+- `inspect(dir)`: a human summary: layout, schema, counts and the first sample; every listed
+  shard must exist with its recorded size.
+- `verify(dir)`: every shard against its recorded size and checksums.
 - `convert_table(input, out_dir, features, targets, ...)`: CSV / Parquet / NPZ -> train/ and
   val/ shard folders. A column spec is `col` (field `col`, per-sample shape []),
   `name=c1,c2,...` or `name=prefix*` (field `name`, shape [k], columns in order).
@@ -24,6 +26,13 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset import gopen
 
+from manytask.data_pipeline.integrity import (
+    file_digest,
+    local_path,
+    member_digests,
+    size_problem,
+    verify_shard,
+)
 from manytask.data_pipeline.manifest import (
     EXTS,
     MANIFEST_NAME,
@@ -136,7 +145,7 @@ def index_shards(
                 if name in vocab and value.size:
                     vocab[name] = max(vocab[name], int(value.max()))
             members.append(n)
-        shards.append(ShardInfo(_relative(url, folder), sum(members), members))
+        shards.append(_with_checksums(ShardInfo(_relative(url, folder), sum(members), members), url))
     if not fields:
         raise ShardError(f"{dir_or_pattern}: the shards hold no .npy/.cls/.json members")
     for name, top in vocab.items():
@@ -164,6 +173,18 @@ def _schema(raw: dict[str, bytes], layout: str, npy: NpyDecoder, where: str):
     return fields, suffixes
 
 
+def _with_checksums(shard: ShardInfo, url: str) -> ShardInfo:
+    """The entry with the local file's size, xxh3 and per-key xxh3 (remote shards: unchanged)."""
+    path = local_path(url)
+    if path is None:
+        return shard
+    keys = [d for _, d in member_digests(path)]
+    if len(keys) == len(shard.members):
+        shard.member_xxh3 = keys
+    shard.bytes, shard.xxh3 = file_digest(path)
+    return shard
+
+
 def _relative(url: str, folder: Path) -> str:
     if os.path.exists(url):
         return os.path.relpath(url, folder)
@@ -184,7 +205,12 @@ def inspect(dir_or_manifest: str | os.PathLike, samples: int = 1) -> str:
         m = load_manifest(path)
     else:
         m = index_shards(dir_or_manifest, write=False)
-        note = "  (no manifest.json: indexed in memory; `manytask data index` writes one)"
+        note = "  (no manifest.json: indexed in memory; `manytask shards index` writes one)"
+    problems = [f"  {m.shards[i].url}: {p}" for i in range(len(m.shards))
+                if (p := size_problem(m.shard_url(i), m.shards[i]))]
+    if problems:
+        raise ShardError(f"{m.path}: {len(problems)} of {len(m.shards)} shards do not match the "
+                         "manifest:\n" + "\n".join(problems))
     sizes = [s.samples for s in m.shards]
     lines = [
         f"manifest: {m.path}{note}",
@@ -201,7 +227,8 @@ def inspect(dir_or_manifest: str | os.PathLike, samples: int = 1) -> str:
     for s in range(len(m.shards)):
         if shown >= samples:
             break
-        for _, key, data in read_shard(m.shard_url(s), m.fields, m.layout, m.shards[s].members):
+        for _, key, data in read_shard(m.shard_url(s), m.fields, m.layout, m.shards[s].members,
+                                       shard=m.shards[s], manifest=m.path):
             rows = m.shards[s].members[0] if m.layout == "chunk" else 1
             for r in range(min(rows, samples - shown)):
                 lines.append(f"sample {shown} (key '{key}' of {m.shards[s].url}):")
@@ -211,6 +238,28 @@ def inspect(dir_or_manifest: str | os.PathLike, samples: int = 1) -> str:
                 shown += 1
             break
     return "\n".join(lines)
+
+
+def verify(dir_or_manifest: str | os.PathLike) -> tuple[int, list[str]]:
+    """Check every shard of a manifest against its recorded size, whole-file and per-key xxh3.
+
+    Returns (shards checked, problems as "url: what"); shards without recorded checksums are
+    counted but only their existence is checked.
+    """
+    m = load_manifest(dir_or_manifest)
+    problems = []
+    for i, shard in enumerate(m.shards):
+        url = m.shard_url(i)
+        if not (shard.bytes or shard.xxh3 or shard.member_xxh3) and local_path(url) is None \
+                and not _is_remote(url):
+            problems.append(f"{shard.url}: no such file")
+            continue
+        problems += [f"{shard.url}: {p}" for p in verify_shard(m, i)]
+    return len(m.shards), problems
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
 
 
 def _short(v: np.ndarray) -> str:

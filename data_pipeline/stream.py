@@ -235,7 +235,7 @@ class ShardStream:
             members = m.shards[shard].members
             for i, _key, data in read_shard(
                 m.shard_url(shard), self.fields, m.layout, members, start=q,
-                skip_corrupt=self.skip_corrupt, manifest=m.path,
+                skip_corrupt=self.skip_corrupt, manifest=m.path, shard=m.shards[shard],
             ):
                 yield members[i], data
             q = 0
