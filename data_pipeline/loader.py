@@ -65,7 +65,7 @@ class _Sources:
 
 def _field_spec(m: Manifest, name: str) -> FieldSpec:
     f = m.fields[name]
-    return FieldSpec(f.dtype, tuple(f.shape), f.vocab)
+    return FieldSpec(f.dtype, tuple(f.shape), f.vocab, f.pad)
 
 
 def _load(src: SourceConfig, split: str) -> Manifest | None:

@@ -43,12 +43,14 @@ class ManifestError(ValueError):
 
 @dataclass
 class FieldInfo:
-    """One field: per-sample dtype and shape (no batch dim), tar extension, vocab (0 = unknown)."""
+    """One field: per-sample dtype and shape (no batch dim), tar extension, vocab (0 = unknown),
+    pad: the padding id of a multi-valued id field `[k]` (pooling skips it; -1 = none)."""
 
     dtype: str
     shape: tuple[int, ...]
     ext: str = "npy"
     vocab: int = 0
+    pad: int = -1
 
     def suffix(self, name: str) -> str:
         """Tar member suffix after the key: `x.npy`; a field named like its extension is `cls`."""
@@ -58,6 +60,8 @@ class FieldInfo:
         out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape), "ext": self.ext}
         if self.vocab:
             out["vocab"] = int(self.vocab)
+        if self.pad >= 0:
+            out["pad"] = int(self.pad)
         return out
 
 
@@ -210,7 +214,10 @@ def _parse_fields(raw: Any, layout: str, fail) -> dict[str, FieldInfo]:
         vocab = spec.get("vocab", 0)
         if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 0:
             raise fail(f"'{key}.vocab' must be a non-negative int, got {vocab!r}")
-        fields[str(name)] = FieldInfo(dtype, tuple(shape), ext, vocab)
+        pad = spec.get("pad", -1)
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < -1:
+            raise fail(f"'{key}.pad' must be a non-negative int, got {pad!r}")
+        fields[str(name)] = FieldInfo(dtype, tuple(shape), ext, vocab, pad)
     return fields
 
 

@@ -14,6 +14,7 @@ class FieldSpec:
     dtype: str  # numpy dtype name: float32, int64, ...
     shape: tuple[int, ...]
     vocab: int = 0  # categorical fields: number of ids (max id + 1) when known, else 0
+    pad: int = -1  # multi-valued id fields [k]: the padding id pooling skips (-1 = none)
 
 
 @dataclass

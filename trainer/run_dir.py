@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from manytask.config import Config, dump_config
+from manytask.data_pipeline.preprocess import copy_preprocessing
 from manytask.trainer.distributed import DistInfo
 
 
@@ -15,6 +16,7 @@ class RunDir:
         if info.is_rank0:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "config.yaml").write_text(dump_config(cfg))
+            copy_preprocessing(cfg, self.path)  # vocabularies + statistics, for serving later
 
     @property
     def ckpt(self) -> Path:
