@@ -1,0 +1,112 @@
+"""Verified shards: the manifest records sizes and xxh3 checksums, and damage is named."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from manytask.data_pipeline.manifest import load_manifest
+from manytask.data_pipeline.prepare import prepare_hint
+from manytask.data_pipeline.shard_reader import ShardError
+from manytask.data_pipeline.shard_tools import index_shards, inspect, verify
+from manytask.data_pipeline.shard_writer import write_shards
+from manytask.data_pipeline.stream import ShardStream
+
+N = 4096  # 2 shards x 2048 samples in chunks of 256: ~100 KiB per shard
+
+
+def dataset(path):
+    rng = np.random.default_rng(0)
+    write_shards(path, {"id": np.arange(N), "x": rng.standard_normal((N, 8)).astype(np.float32)},
+                 samples_per_shard=N // 2, chunk_size=256)
+    return load_manifest(path)
+
+
+def read_epoch(m, skip=False):
+    stream = ShardStream(m, shuffle_buffer=0, skip_corrupt=skip)
+    got, skipped = [], 0
+    for block in stream.blocks():
+        if block.before.epoch:
+            break
+        got += block.data["id"].tolist()
+        skipped = block.after.skipped
+    return got, skipped
+
+
+def test_manifest_records_size_and_checksums(tmp_path):
+    m = dataset(tmp_path)
+    for shard in m.shards:
+        path = tmp_path / shard.url
+        assert shard.bytes == path.stat().st_size
+        assert len(shard.xxh3) == 16 and len(shard.member_xxh3) == len(shard.members) == 8
+    assert verify(tmp_path) == (2, [])
+
+
+def test_random_bytes_in_the_middle_of_a_shard_are_named(tmp_path, caplog):
+    m = dataset(tmp_path)
+    shard = tmp_path / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = np.random.default_rng(1).bytes(4096)  # same size, new bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-000001\.tar.*(checksum mismatch|corrupt)"):
+        read_epoch(m)
+    with caplog.at_level(logging.WARNING):
+        got, skipped = read_epoch(m, skip=True)
+    assert skipped > 0 and len(got) + skipped == N
+    assert set(got) >= set(range(N // 2))  # the intact shard is read whole
+    assert any("shard-000001.tar" in r.getMessage() for r in caplog.records)
+    count, problems = verify(tmp_path)
+    assert count == 2 and problems and all("shard-000001.tar" in p for p in problems)
+
+
+def test_truncated_shard_is_named_before_reading(tmp_path):
+    m = dataset(tmp_path)
+    shard = tmp_path / "shard-000000.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) - 3000])
+    with pytest.raises(ShardError, match=r"shard-000000\.tar.*manifest records \d+ \(truncated\)"):
+        read_epoch(m)
+    got, skipped = read_epoch(m, skip=True)
+    assert skipped == N // 2 and sorted(got) == list(range(N // 2, N))
+    with pytest.raises(ShardError, match=r"(?s)1 of 2 shards.*shard-000000\.tar.*truncated"):
+        inspect(tmp_path)
+    (tmp_path / "shard-000000.tar").unlink()
+    with pytest.raises(ShardError, match=r"(?s)shard-000000\.tar.*no such file"):
+        inspect(tmp_path)
+
+
+def test_verify_command_exit_status(tmp_path):
+    dataset(tmp_path)
+    cmd = [sys.executable, "-m", "manytask.launch.cli", "shards", "verify", str(tmp_path)]
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0 and "all verified" in ok.stdout
+    shard = tmp_path / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0xFF  # one flipped bit in a payload
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == 1 and "shard-000001.tar" in bad.stdout and "xxh3" in bad.stdout
+
+
+def test_index_records_checksums_of_foreign_shards(tmp_path):
+    with wds.ShardWriter(str(tmp_path / "f-%06d.tar"), maxcount=50, verbose=0) as sink:
+        for i in range(120):
+            sink.write({"__key__": f"{i:06d}", "x.npy": np.full(3, i, np.float32), "y.cls": i % 2})
+    m = index_shards(tmp_path)
+    assert all(s.bytes and s.xxh3 and len(s.member_xxh3) == s.samples for s in m.shards)
+    assert verify(tmp_path) == (3, [])
+    data = bytearray((tmp_path / "f-000002.tar").read_bytes())
+    data[len(data) // 3] ^= 0x01
+    (tmp_path / "f-000002.tar").write_bytes(bytes(data))
+    assert verify(tmp_path)[1] and "f-000002.tar" in verify(tmp_path)[1][0]
+
+
+def test_missing_bundled_data_suggests_data_prepare():
+    assert "manytask data prepare movielens" in prepare_hint("data/movielens/train")
+    assert prepare_hint("/somewhere/else/train") == ""
