@@ -18,6 +18,7 @@ import os
 import tarfile
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import xxhash
 
 from manytask.data_pipeline.manifest import Manifest, ShardInfo
@@ -172,3 +173,25 @@ def verify_shard(manifest: Manifest, i: int) -> list[str]:
                 problems.append(f"sample '{key}': xxh3 {got}, the manifest records {want}")
                 break
     return problems
+
+
+def nonfinite_rows(data: dict, fields: list[str], chunk: bool) -> tuple[str, np.ndarray] | None:
+    """The first of `fields` (float input fields) holding NaN/inf in one decoded key, with a
+    bool mask of its bad rows ([n] in the chunk layout, [1] for a sample); None if all finite."""
+    bad_any = None
+    first = None
+    for name in fields:
+        value = np.asarray(data[name])
+        finite = np.isfinite(value)
+        if finite.all():
+            continue
+        bad = ~finite.reshape(len(value), -1).all(1) if chunk else np.ones(1, bool)
+        first = first or name
+        bad_any = bad if bad_any is None else bad_any | bad
+    return None if first is None else (first, bad_any)
+
+
+def nonfinite_message(source: str, url: str, key: str | None, field: str, row: int, chunk: bool) -> str:
+    where = f"sample key '{key}'" + (f" row {row} (of that chunk)" if chunk else "")
+    return (f"source '{source}': non-finite value (NaN or inf) in input field '{field}' at {where} "
+            f"of shard {url}; fix the data, or set data.on_nonfinite_input: skip to drop such samples")

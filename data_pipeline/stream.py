@@ -20,6 +20,7 @@ a first block only up to the next block boundary, so later block boundaries neve
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from collections.abc import Iterator
@@ -28,9 +29,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from manytask.data_pipeline.integrity import nonfinite_message, nonfinite_rows
 from manytask.data_pipeline.manifest import FieldInfo, Manifest
-from manytask.data_pipeline.shard_reader import read_shard
+from manytask.data_pipeline.shard_reader import ShardError, read_shard
 from manytask.schema import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class Position(NamedTuple):
@@ -93,7 +97,9 @@ class ShardStream:
     splits_per_rank: DataLoader workers per rank (0 workers = 1 split run in-process);
     seed + salt seed every permutation; shuffle_buffer: samples shuffled together (0 = keep
     the manifest order); fields: the fields to decode (default all); block_size: samples per
-    block; name: used in error messages.
+    block; name: used in error messages. check_finite: float input fields checked for NaN/inf
+    as they are read (labels may hold NaN: "no label"); on_nonfinite: "error" (ShardError naming
+    source, shard, sample key and field) or "skip" (such samples are skipped and counted).
     """
 
     def __init__(
@@ -110,6 +116,8 @@ class ShardStream:
         block_size: int = 1024,
         salt: int = 0,
         name: str = "",
+        check_finite: list[str] | None = None,
+        on_nonfinite: str = "error",
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -130,6 +138,10 @@ class ShardStream:
                 f"(it has: {', '.join(manifest.fields)})"
             )
         self.fields = {f: manifest.fields[f] for f in names}
+        self.check_finite = [f for f in (check_finite or []) if f in self.fields
+                             and np.dtype(self.fields[f].dtype).kind == "f"]
+        self.on_nonfinite = on_nonfinite
+        self._nonfinite_logged = 0
         # Empty shards would only make some splits empty; they hold nothing to read.
         self.shard_ids = np.array([i for i, s in enumerate(manifest.shards) if s.samples > 0])
         self.n_splits = world_size * self.splits_per_rank
@@ -225,37 +237,61 @@ class ShardStream:
         seq = [self.seed, self.salt, epoch, self.split_id(worker), window]
         return np.random.default_rng(seq).permutation(n)
 
-    def _members(self, plan: SplitPlan, first: int) -> Iterator[tuple[int, dict | None]]:
-        """(samples, data or None if corrupt) for the split's members from index `first` on."""
+    def _members(self, plan: SplitPlan, first: int) -> Iterator[tuple[int, dict | None, np.ndarray | None]]:
+        """(samples, data or None if corrupt, bool mask of the rows to keep or None = all) for
+        the split's members from index `first` on."""
         p0 = int(np.searchsorted(plan.shard_first, first, side="right")) - 1
         q = first - int(plan.shard_first[p0])
         m = self.manifest
         for p in range(p0, len(plan.shards)):
             shard = int(plan.shards[p])
             members = m.shards[shard].members
-            for i, _key, data in read_shard(
+            for i, key, data in read_shard(
                 m.shard_url(shard), self.fields, m.layout, members, start=q,
                 skip_corrupt=self.skip_corrupt, manifest=m.path, shard=m.shards[shard],
             ):
-                yield members[i], data
+                keep = None
+                if data is not None and self.check_finite:
+                    keep = self._finite_rows(data, m.shard_url(shard), key)
+                yield members[i], data, keep
             q = 0
 
+    def _finite_rows(self, data: dict, url: str, key: str | None) -> np.ndarray | None:
+        """None when every checked field is finite; else the rows to keep (policy "skip") or a
+        ShardError naming source, shard, sample key, row and field (policy "error")."""
+        chunk = self.manifest.layout == "chunk"
+        found = nonfinite_rows(data, self.check_finite, chunk)
+        if found is None:
+            return None
+        field, bad = found
+        message = nonfinite_message(self.name, url, key, field, int(np.argmax(bad)), chunk)
+        if self.on_nonfinite != "skip":
+            raise ShardError(message)
+        if self._nonfinite_logged < 10:  # the skipped count goes on in data/<source>/skipped
+            self._nonfinite_logged += 1
+            log.warning("%s; skipping %d such sample(s) of that key", message.split("; fix")[0], int(bad.sum()))
+        return ~bad
+
     def _read_window(self, plan: SplitPlan, w: int, members: Iterator) -> tuple[dict, np.ndarray | None]:
-        """The window's samples as arrays [rows, ...] and, if some slots were corrupt, slot -> row
-        (-1 for a skipped slot; None when every slot has its row)."""
+        """The window's samples as arrays [rows, ...] and, if some slots were corrupt or skipped,
+        slot -> row (-1 for a skipped slot; None when every slot has its row)."""
         k = plan.window_members
         n_members = min(k, len(plan.sizes) - w * k)
         parts: list[dict] = []
-        valid: list[tuple[int, bool]] = []
+        valid: list[np.ndarray] = []
         for _ in range(n_members):
-            size, data = next(members)
-            valid.append((size, data is not None))
+            size, data, keep = next(members)
+            valid.append(np.full(size, data is not None) if keep is None else keep)
             if data is not None:
+                if keep is not None:
+                    data = {f: (v[keep] if self.manifest.layout == "chunk" else v) for f, v in data.items()}
+                    if not keep.any():
+                        continue
                 parts.append(data)
         arrays = stack_members(parts, self.fields, self.manifest.layout)
-        if all(ok for _, ok in valid):
+        if all(v.all() for v in valid):
             return arrays, None
-        ok = np.repeat([v for _, v in valid], [s for s, _ in valid])
+        ok = np.concatenate(valid)
         rows = np.cumsum(ok) - 1
         rows[~ok] = -1
         return arrays, rows

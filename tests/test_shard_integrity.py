@@ -110,3 +110,55 @@ def test_index_records_checksums_of_foreign_shards(tmp_path):
 def test_missing_bundled_data_suggests_data_prepare():
     assert "manytask data prepare movielens" in prepare_hint("data/movielens/train")
     assert prepare_hint("/somewhere/else/train") == ""
+
+
+def test_first_nonfinite_input_is_named_or_skipped_by_policy(tmp_path, caplog):
+    x = np.random.default_rng(0).standard_normal((N, 8)).astype(np.float32)
+    x[1000, 3] = np.inf
+    x[3000, 0] = np.nan
+    y = np.ones(N, np.float32)
+    y[::5] = np.nan  # a missing label is not an input problem
+    write_shards(tmp_path, {"id": np.arange(N), "x": x, "y": y}, samples_per_shard=N // 2, chunk_size=256)
+    m = load_manifest(tmp_path)
+    stream = ShardStream(m, shuffle_buffer=0, name="clicks", check_finite=["x", "id"])
+    with pytest.raises(ShardError, match=r"source 'clicks': non-finite .* input field 'x' at sample key "
+                                         r"'0000000768' row 232 .*shard-000000\.tar"):
+        for _ in stream.blocks():
+            pass
+    skipping = ShardStream(m, shuffle_buffer=0, name="clicks", check_finite=["x"], on_nonfinite="skip")
+    got, skipped = [], 0
+    with caplog.at_level(logging.WARNING):
+        for block in skipping.blocks():
+            if block.before.epoch:
+                break
+            got += block.data["id"].tolist()
+            skipped = block.after.skipped
+    assert skipped == 2 and sorted(got) == sorted(set(range(N)) - {1000, 3000})
+    assert any("input field 'x'" in r.getMessage() for r in caplog.records)
+
+
+def test_training_loader_checks_inputs_not_labels(tmp_path):
+    from manytask.config import load_config
+    from manytask.data_pipeline.loader import MultiSourceLoader
+    from manytask.schema import ConfigError
+    from tests.conftest import write_recipe
+
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((512, 4)).astype(np.float32), "y_a": rng.standard_normal(512).astype(np.float32),
+            "y_b": np.full(512, np.nan, np.float32), "click": rng.integers(0, 2, 512)}
+    for split in ("train", "val"):
+        write_shards(tmp_path / "d" / split, data, 256, 64, prefix=split, vocab={"click": 2})
+    recipe = write_recipe(tmp_path, tmp_path / "d")
+    with MultiSourceLoader(load_config(recipe)) as loader:  # NaN labels only: masked, no error
+        assert loader.next_batch([256]).masks["regress_b"].sum() == 0
+    data["x"][7, 1] = np.nan
+    write_shards(tmp_path / "d" / "train", data, 256, 64, prefix="train", vocab={"click": 2})
+    with MultiSourceLoader(load_config(recipe)) as loader, pytest.raises(ShardError, match=r"input field 'x'"):
+        for _ in range(4):
+            loader.next_batch([256])
+    with MultiSourceLoader(load_config(recipe, ["data.on_nonfinite_input=skip"])) as loader:
+        for _ in range(4):
+            loader.next_batch([256])
+        assert sum(loader.skipped().values()) >= 1
+    with pytest.raises(ConfigError, match="on_nonfinite_input"):
+        load_config(recipe, ["data.on_nonfinite_input=ignore"])
