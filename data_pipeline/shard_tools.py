@@ -290,6 +290,10 @@ def read_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+class OutputNotEmptyError(ValueError):
+    """`shards write` into a folder that already holds files, without force."""
+
+
 def val_rows(n: int, val_fraction: float, seed: int):
     """A function rows -> bool mask "goes to val/" that picks exactly round(n * val_fraction) of
     rows 0..n-1, spread evenly over the table, in O(1) memory: row i is in val when
@@ -338,7 +342,7 @@ def convert_table(
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(
+        raise OutputNotEmptyError(
             f"{out}: the folder is not empty; `manytask shards write` would replace what is there. "
             "Choose another folder, or pass --force (force=True) to overwrite it"
         )

@@ -3,9 +3,6 @@ statistics and missing values, from real CSV and Parquet files to what the model
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -18,6 +15,7 @@ from manytask.data_pipeline.preprocess import MissingValueError, Preprocessor, S
 from manytask.data_pipeline.shard_reader import read_shard
 from manytask.data_pipeline.shard_tools import convert_table
 from manytask.data_pipeline.stream import stack_members
+from manytask.launch.cli import main
 
 CITIES = ["paris", "lyon", "nice", "lille", "brest"]
 GENRES = ["Action", "Comedy", "Drama", "Horror"]
@@ -155,15 +153,18 @@ def test_bad_specs_are_named(tmp_path):
         convert_table(path, tmp_path / "d", ["city:cat:colour"], ["y"])
 
 
-def test_write_refuses_a_non_empty_folder_without_force(tmp_path):
+def test_write_refuses_a_non_empty_folder_without_force(tmp_path, capsys):
     path = tmp_path / "t.csv"
     raw_table(40).to_csv(path, index=False)
-    cmd = [sys.executable, "-m", "manytask.launch.cli", "shards", "write", str(path), str(tmp_path / "out"),
-           "--features", "city", "age:num", "--targets", "y"]
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
-    again = subprocess.run(cmd, capture_output=True, text=True)
-    assert again.returncode != 0 and "not empty" in again.stderr and "--force" in again.stderr
-    assert subprocess.run(cmd + ["--force"], capture_output=True).returncode == 0
+    args = ["shards", "write", str(path), str(tmp_path / "out"), "--features", "city", "age:num",
+            "--targets", "y", "--val-fraction", "0.5"]
+    assert main(args) == 0
+    before = (tmp_path / "out/train/manifest.json").read_text()
+    assert main(args[:-2]) == 2  # the same folder again (another split): refused, nothing changed
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "out/train/manifest.json").read_text() == before
+    assert main(args[:-2] + ["--force"]) == 0
+    assert load_manifest(tmp_path / "out/train").total_samples == 36  # 10% val now
 
 
 def test_string_target_gets_class_ids_and_eq_makes_a_binary_label(tmp_path):
