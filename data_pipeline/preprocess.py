@@ -13,7 +13,7 @@ FIELD defaults to the column name. KIND and OPTIONs:
 | --------------------------------- | ------------------------------------------------------------ |
 | `city:cat`                        | int64 id from a vocabulary of the training split; 0 = unseen or empty |
 | `city:cat:min_count=5:max_vocab=1000` | values seen < 5 times, or beyond the 1000 most frequent, -> 0 |
-| `user_id:hash=1048576`            | int64 id 1 + xxh3(value) mod 1048575, no vocabulary pass; 0 = empty |
+| `user_id:hash=1048576`            | int64 id 1 + hash(value) mod 1048575, no vocabulary pass; 0 = empty |
 | `genres:multi:k=4:sep=\\|`         | int64 `[4]`: a Parquet list or a delimited string; 0 = padding (ignored by pooling), 1 = unseen |
 | `age:num`                         | float32, standardised with the training mean / std; missing -> error naming column and row |
 | `age:num:raw`                     | float32 as is (still checked for missing values)              |
@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from manytask.data_pipeline.manifest import FieldInfo, load_manifest, manifest_path
 
@@ -376,24 +375,60 @@ def _take(col: Any, rows: np.ndarray):
     return np.asarray(col)[rows]
 
 
+_P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial string hash (FNV-1's prime)
+_POWERS: list[np.ndarray] = [np.ones(1, np.uint64)]
+
+
+def hash_strings(values) -> np.ndarray:
+    """A stable 64-bit hash of each string of a pyarrow string array, vectorised over the bytes:
+    h = splitmix64(sum_j (byte_j + 1) * P^(len - 1 - j) mod 2^64, xor len). Null and "" -> 0.
+    numpy's uint64 arithmetic wraps, so the value is the same on every platform."""
+    import pyarrow as pa
+
+    values = values.cast(pa.large_string()) if not pa.types.is_large_string(values.type) else values
+    n = len(values)
+    bufs = values.buffers()
+    offsets = np.frombuffer(bufs[1], np.int64, count=n + 1, offset=values.offset * 8)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    data = np.frombuffer(bufs[2], np.uint8)[lo:hi] if bufs[2] is not None and hi > lo else np.zeros(0, np.uint8)
+    lens = np.diff(offsets)
+    longest = int(lens.max()) if n else 0
+    if len(_POWERS[0]) <= longest:  # P^k table, grown once to the longest string seen
+        k = max(longest + 1, 64)
+        _POWERS[0] = np.cumprod(np.r_[np.uint64(1), np.full(k - 1, _P, np.uint64)], dtype=np.uint64)
+    ends = offsets[1:] - lo
+    from_end = np.repeat(ends, lens) - 1 - np.arange(len(data))
+    contrib = (data.astype(np.uint64) + np.uint64(1)) * _POWERS[0][from_end]
+    h = np.zeros(n, np.uint64)
+    nonempty = lens > 0
+    if nonempty.any():
+        h[nonempty] = np.add.reduceat(contrib, (offsets[:-1] - lo)[nonempty])
+    h ^= lens.astype(np.uint64)
+    h ^= h >> np.uint64(30)  # splitmix64's finaliser: every input bit moves every output bit
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    valid = nonempty
+    if values.null_count:
+        valid &= values.is_valid().to_numpy(zero_copy_only=False)
+    return np.where(valid, h, np.uint64(0))
+
+
 class HashedIds(FieldEncoder):
-    """`hash=N`: id 1 + xxh3_64(value) mod (N - 1), 0 for empty — no vocabulary, any cardinality."""
+    """`hash=N`: id 1 + hash(value) mod (N - 1), 0 for empty — no vocabulary, any cardinality
+    (`hash_strings`: vectorised, stable across runs and machines)."""
 
     kind = "hash"
 
     def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
-        import pyarrow.compute as pc
-
-        enc = pc.dictionary_encode(_strings(cols[self.spec.columns[0]]))
-        uniques = enc.dictionary.to_pylist()  # hash each distinct value once per batch
-        mod = self.spec.buckets - 1
-        hashed = np.array([1 + xxhash.xxh3_64_intdigest(v.encode()) % mod if v else 0 for v in uniques]
-                          + [0], np.int64)
-        idx = enc.indices.fill_null(len(uniques)).to_numpy(zero_copy_only=False)
-        return {self.spec.field: hashed[idx]}
+        values = _strings(cols[self.spec.columns[0]])
+        h = hash_strings(values)
+        ids = (h % np.uint64(self.spec.buckets - 1)).astype(np.int64) + 1
+        return {self.spec.field: np.where(h == 0, 0, ids)}
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "size": self.spec.buckets, "oov": 0, "hash": "xxh3_64"}
+        return {**super().record(), "size": self.spec.buckets, "oov": 0, "hash": "poly64-splitmix64"}
 
     def vocab_sizes(self) -> dict[str, int]:
         return {self.spec.field: self.spec.buckets}

@@ -358,16 +358,17 @@ def convert_table(
         raise ValueError(f"{input}: the table has no rows")
     is_val, n_val = val_rows(n, val_fraction, seed)
 
-    def batches():
+    def batches(wanted: list[str]):
         row0 = 0
-        for cols in source.batches(columns, strings, batch_rows):
+        for cols in source.batches(wanted, strings & set(wanted), batch_rows):
             rows = len(next(iter(cols.values())))
             yield row0, rows, cols
             row0 += rows
 
     fitting = [e for e in encoders if e.needs_fit]
     if fitting:
-        for row0, rows, cols in batches():
+        fit_columns = list(dict.fromkeys(c for e in fitting for c in e.spec.columns))
+        for row0, rows, cols in batches(fit_columns):
             train = ~is_val(np.arange(row0, row0 + rows))
             for e in fitting:
                 e.fit(cols, train)
@@ -384,7 +385,7 @@ def convert_table(
     sinks: dict[str, ShardSink] = {}
     tops: dict[str, int] = {}
     fixed = {k for e in encoders for k in e.vocab_sizes()}
-    for b, (row0, rows, cols) in enumerate(batches()):
+    for b, (row0, rows, cols) in enumerate(batches(columns)):
         arrays: dict[str, np.ndarray] = {}
         for e in encoders:
             arrays.update(e.encode(cols, row0))

@@ -15,11 +15,11 @@ import io
 import json
 import os
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import numpy.lib.format as npformat
-from webdataset import TarWriter
 
 from manytask.data_pipeline.integrity import HashingWriter, digest
 from manytask.data_pipeline.manifest import FieldInfo, Manifest, ShardInfo, write_manifest
@@ -185,7 +185,7 @@ class ShardSink:
             path = self.out / (url + ".tmp")
             f = open(path, "wb")
             hashing = HashingWriter(f)
-            self._tar = [f, hashing, TarWriter(hashing, encoder=False, mtime=TAR_MTIME), url, [], []]
+            self._tar = [f, hashing, FastTarWriter(hashing), url, [], []]
         f, hashing, tw, url, members, digests = self._tar
         sample = {"__key__": f"{self._written:010d}"}
         for name, info in self.fields.items():
@@ -229,6 +229,46 @@ class ShardSink:
                             preprocessing=self.preprocessing)
         write_manifest(manifest, self.out)
         return manifest
+
+
+class FastTarWriter:
+    """A WebDataset tar writer for regular-file members: the bytes `webdataset.TarWriter` writes
+    (USTAR headers, mode 0444, owner bigdata, mtime TAR_MTIME, keys' members in sorted suffix
+    order, the end padded to tarfile's 10 KiB record), with each header patched from a template
+    instead of built by tarfile (tarfile spends ~0.3 ms per member, as much as the rest of a
+    table conversion)."""
+
+    def __init__(self, fileobj):
+        self.fileobj = fileobj
+        info = tarfile.TarInfo("")
+        info.mode, info.mtime, info.uname, info.gname = 0o444, TAR_MTIME, "bigdata", "bigdata"
+        self._template = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        self.offset = 0
+
+    def _header(self, name: bytes, size: int) -> bytes:
+        if len(name) > 100:
+            raise ValueError(f"tar member name longer than 100 bytes: {name[:40]!r}...")
+        h = bytearray(self._template)
+        h[0 : len(name)] = name
+        h[124:136] = b"%011o\x00" % size
+        h[148:156] = b"        "
+        h[148:156] = b"%06o\x00 " % sum(h)
+        return bytes(h)
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        for suffix in sorted(k for k in sample if k != "__key__"):
+            payload = sample[suffix]
+            pad = -len(payload) % tarfile.BLOCKSIZE
+            self.fileobj.write(self._header(f"{key}.{suffix}".encode(), len(payload)))
+            self.fileobj.write(payload)
+            if pad:
+                self.fileobj.write(b"\x00" * pad)
+            self.offset += tarfile.BLOCKSIZE + len(payload) + pad
+
+    def close(self) -> None:
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self.fileobj.write(b"\x00" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
 
 
 def _remove_stale(out: Path, prefix: str, count: int) -> None:

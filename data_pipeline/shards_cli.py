@@ -8,7 +8,7 @@ SPEC_HELP = """column specs: [FIELD=]COLUMNS[:KIND][:OPTION...]   (COLUMNS: col,
   city                          string column -> vocabulary id (as city:cat); numbers pass through
   city:cat:min_count=5:max_vocab=1000
                                 id from the training split's vocabulary; 0 = unseen / empty
-  user_id:hash=1048576          id 1 + xxh3(value) mod 1048575; 0 = empty; no vocabulary pass
+  user_id:hash=1048576          id 1 + hash(value) mod 1048575; 0 = empty; no vocabulary pass
   genres:multi:k=4:sep=|        [4] ids of a list column or 'A|B' text; 0 = padding, 1 = unseen
   age:num                       float32 standardised with the training mean/std; missing = error
   age:num:raw                   float32 as is

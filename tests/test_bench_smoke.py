@@ -31,3 +31,8 @@ def test_model_benchmark_runs_on_the_cpu_path_a_gpu_would_take():
 def test_gpu_benchmark_measures_on_cpu_when_asked():
     out = run("bench.bench_gpu", "--cpu")
     assert "| 256 | fp32 |" in out and "| 1024 | fp32 |" in out
+
+
+def test_ingest_benchmark_runs_at_smoke_size():
+    out = run("bench.bench_ingest", "--smoke")
+    assert "conversion / pyarrow read:" in out and "peak RSS x4 table" in out
