@@ -71,11 +71,13 @@ def child(mode: str, path: str, out: str) -> None:
     import pyarrow.dataset as ds
 
     from manytask.data_pipeline.shard_tools import convert_table  # imports are not timed
+    from manytask.data_pipeline.table_reader import parquet_format
 
     t0 = time.perf_counter()
     if mode == "read":
         rows = 0
-        for batch in ds.dataset(path, format="parquet").to_batches(batch_size=131_072):
+        # the reader options shards write uses (row group by row group, no pre-buffering)
+        for batch in ds.dataset(path, format=parquet_format()).to_batches(batch_size=131_072):
             rows += batch.num_rows
     else:
         manifests = convert_table(path, out, FEATURES, TARGETS, samples_per_shard=500_000, force=True)

@@ -256,15 +256,16 @@ class FastTarWriter:
         return bytes(h)
 
     def write(self, sample: dict) -> None:
+        """One key's members, in sorted suffix order, as one write (header, payload, padding)."""
         key = sample["__key__"]
+        parts = []
         for suffix in sorted(k for k in sample if k != "__key__"):
             payload = sample[suffix]
-            pad = -len(payload) % tarfile.BLOCKSIZE
-            self.fileobj.write(self._header(f"{key}.{suffix}".encode(), len(payload)))
-            self.fileobj.write(payload)
-            if pad:
-                self.fileobj.write(b"\x00" * pad)
-            self.offset += tarfile.BLOCKSIZE + len(payload) + pad
+            parts += [self._header(f"{key}.{suffix}".encode(), len(payload)), payload,
+                      b"\x00" * (-len(payload) % tarfile.BLOCKSIZE)]
+        data = b"".join(parts)
+        self.fileobj.write(data)
+        self.offset += len(data)
 
     def close(self) -> None:
         end = self.offset + 2 * tarfile.BLOCKSIZE

@@ -97,7 +97,7 @@ class TableSource:
         import pyarrow.dataset as ds
 
         if self.fmt == "parquet":
-            return ds.dataset(self.files, format="parquet")
+            return ds.dataset(self.files, format=parquet_format())
         from pyarrow import csv
 
         fmt = ds.CsvFileFormat(
@@ -108,6 +108,17 @@ class TableSource:
             read_options=csv.ReadOptions(block_size=1 << 22),
         )
         return ds.dataset(self.files, format=fmt)
+
+
+def parquet_format():
+    """Parquet read row group by row group. pyarrow's default `pre_buffer=True` caches the
+    column chunks it has read for the life of the file reader: reading a 20M-row table that way
+    holds ~1 GB more than a 5M-row one (tests/bench: bench/bench_ingest.py)."""
+    import pyarrow.dataset as ds
+
+    return ds.ParquetFileFormat(
+        default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False)
+    )
 
 
 def open_table(input: str | os.PathLike) -> TableSource:
