@@ -697,6 +697,8 @@ def describe(record: dict[str, Any]) -> str:
     extra = []
     if "size" in record:
         extra.append(f"size {record['size']}")
+    if record.get("log"):
+        extra.append("log1p")
     if "mean" in record and record.get("standardize"):
         extra.append("standardised (mean " + ", ".join(f"{v:.4g}" for v in record["mean"][:3]) + ")")
     if record.get("missing") == "fill":

@@ -44,6 +44,7 @@ from manytask.data_pipeline.manifest import (
     write_manifest,
 )
 from manytask.data_pipeline.preprocess import (
+    describe,
     field_infos,
     make_encoders,
     parse_spec,
@@ -231,6 +232,11 @@ def inspect(dir_or_manifest: str | os.PathLike, samples: int = 1) -> str:
     for name, f in m.fields.items():
         vocab = f"  vocab {f.vocab}" if f.vocab else ""
         lines.append(f"  {name:<{width}}  {f.dtype:<8} {list(f.shape)!s:<10} .{f.ext}{vocab}")
+    if m.preprocessing:
+        lines.append("preprocessing (from raw columns; vocabularies beside the manifest):")
+        lines += [f"  {name:<{width}}  {describe(rec)}" for name, rec in m.preprocessing.items()]
+    checked = sum(1 for s in m.shards if s.member_xxh3 or s.xxh3)
+    lines.append(f"checksums: {checked} of {len(m.shards)} shards (`manytask shards verify` checks them)")
     shown = 0
     for s in range(len(m.shards)):
         if shown >= samples:
