@@ -205,3 +205,38 @@ def test_vocabulary_reaches_the_encoder_and_padding_is_ignored_by_pooling(tmp_pa
     torch.testing.assert_close(one, same)
     torch.testing.assert_close(one, padded)
     torch.testing.assert_close(one, two)  # mean over the real ids only
+
+
+def test_csv_to_trained_multitask_model_keeps_its_preprocessing(tmp_path):
+    """The README's story on a small table: string columns -> shards -> a 2-task MMoE run whose
+    run directory can rebuild the model's inputs from raw values."""
+    from manytask.config import load_config
+    from manytask.trainer.loop import train
+    from tests.conftest import write_recipe
+
+    df = raw_table(1200)
+    df["y"] = df.age / 40 + (df.city == "paris") + np.random.default_rng(1).normal(0, 0.1, len(df))
+    df["click"] = ((df.city == "lyon") | df.genres.str.contains("Drama")).astype(int)
+    path = tmp_path / "t.csv"
+    df.to_csv(path, index=False)
+    convert_table(path, tmp_path / "d", ["row", "city:cat", "genres:multi:k=3", "age:num", "income:num:fill=0"],
+                  ["y", "click"], samples_per_shard=300, chunk_size=100)
+    recipe = write_recipe(
+        tmp_path, tmp_path / "d",
+        data={"sources": [{"name": "table", "train": str(tmp_path / "d/train"), "val": str(tmp_path / "d/val"),
+                           "inputs": ["city", "genres", "age", "income", "income_missing"],
+                           "labels": {"y": "y", "click": "click"}}]},
+        tasks={"y": {"type": "regression"}, "click": {"type": "binary"}},
+        logging={"wandb": False, "progress": False, "heatmap_every": 0},
+    )
+    val = train(load_config(recipe))  # 60 steps
+    assert val["val/click/auc"] > 0.8  # learnt from the string and multi-valued columns
+    assert val["val/y/mse"] < 0.5 * float(df.y.var())
+    kept = tmp_path / "run/preprocessing/table"
+    assert (kept / "vocab/city.txt").read_text() == (tmp_path / "d/train/vocab/city.txt").read_text()
+    written = read_split(tmp_path / "d/val")
+    raw = pa.Table.from_pandas(df.iloc[written["row"]].drop(columns=["y", "click"]))  # serving: no labels
+    encoded = Preprocessor.from_manifest(kept).encode(raw)
+    assert set(encoded) == {"row", "city", "genres", "age", "income", "income_missing"}
+    for name, values in encoded.items():
+        np.testing.assert_allclose(values, written[name], rtol=1e-6)
