@@ -70,9 +70,10 @@ def child(mode: str, path: str, out: str) -> None:
     """One measurement in this (fresh) process; prints {rows, seconds, rss_mib} as JSON."""
     import pyarrow.dataset as ds
 
-    from manytask.data_pipeline.shard_tools import convert_table  # imports are not timed
-    from manytask.data_pipeline.table_reader import parquet_format
+    from manytask.data_pipeline.table_reader import parquet_format  # imports are not timed
 
+    if mode == "convert":  # (it imports webdataset, and so torch: only where it is needed)
+        from manytask.data_pipeline.shard_tools import convert_table
     t0 = time.perf_counter()
     if mode == "read":
         rows = 0
