@@ -216,7 +216,7 @@ def inspect(dir_or_manifest: str | os.PathLike, samples: int = 1) -> str:
         m = index_shards(dir_or_manifest, write=False)
         note = "  (no manifest.json: indexed in memory; `manytask shards index` writes one)"
     problems = [f"  {m.shards[i].url}: {p}" for i in range(len(m.shards))
-                if (p := size_problem(m.shard_url(i), m.shards[i]))]
+                if (p := size_problem(m.shard_url(i), m.shards[i]) or _absent(m.shard_url(i)))]
     if problems:
         raise ShardError(f"{m.path}: {len(problems)} of {len(m.shards)} shards do not match the "
                          "manifest:\n" + "\n".join(problems))
@@ -254,6 +254,11 @@ def inspect(dir_or_manifest: str | os.PathLike, samples: int = 1) -> str:
     return "\n".join(lines)
 
 
+def _absent(url: str) -> str | None:
+    """"no such file" for a local shard path that does not exist (remote urls: None)."""
+    return "no such file" if local_path(url) is None and not _is_remote(url) else None
+
+
 def verify(dir_or_manifest: str | os.PathLike) -> tuple[int, list[str]]:
     """Check every shard of a manifest against its recorded size, whole-file and per-key xxh3.
 
@@ -264,8 +269,7 @@ def verify(dir_or_manifest: str | os.PathLike) -> tuple[int, list[str]]:
     problems = []
     for i, shard in enumerate(m.shards):
         url = m.shard_url(i)
-        if not (shard.bytes or shard.xxh3 or shard.member_xxh3) and local_path(url) is None \
-                and not _is_remote(url):
+        if _absent(url):
             problems.append(f"{shard.url}: no such file")
             continue
         problems += [f"{shard.url}: {p}" for p in verify_shard(m, i)]
