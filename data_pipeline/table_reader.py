@@ -87,8 +87,11 @@ class TableSource:
                 yield {c: self._npz[c][lo : lo + batch_rows] for c in columns}
             return
         dataset = self._dataset({c: "string" for c in strings})
-        # A scanner yields batches in file order; batch_size caps each batch's rows.
-        for batch in dataset.to_batches(columns=columns, batch_size=batch_rows):
+        # A scanner yields batches in file order; batch_size caps each batch's rows. Its default
+        # read-ahead (16 batches, 4 files) decodes ahead of a slower consumer: with 500k-row
+        # Parquet row groups that held ~800 MB; 2 batches keep the reader busy and memory flat.
+        for batch in dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=2,
+                                        fragment_readahead=1):
             if batch.num_rows:
                 yield {c: batch.column(c) for c in columns}
 
