@@ -261,12 +261,12 @@ def test_diamonds_recipe_from_the_raw_csv(tmp_path):
     run = tmp_path / "run"
     assert main(["train", str(root / "configs/diamonds_mmoe.yaml"), f"run.dir={run}", "run.resume=never",
                  f"data.sources.diamonds.train={tmp_path / 'diamonds/train'}",
-                 f"data.sources.diamonds.val={tmp_path / 'diamonds/val'}", "trainer.max_steps=200",
-                 "trainer.eval_every=200", "checkpoint.every=100000", "logging.wandb=false",
+                 f"data.sources.diamonds.val={tmp_path / 'diamonds/val'}", "trainer.max_steps=100",
+                 "trainer.eval_every=100", "checkpoint.every=100000", "logging.wandb=false",
                  "logging.progress=false", "logging.heatmap_every=0"]) == 0
     import json
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/ideal/auc" in r][-1]
-    assert val["val/ideal/auc"] > 0.85 and val["val/log_price/mse"] < 0.35
+    assert val["val/ideal/auc"] > 0.8 and val["val/log_price/mse"] < 0.5  # 100 steps: 0.88 / 0.25
     assert (run / "preprocessing/diamonds/vocab/clarity.txt").exists()
