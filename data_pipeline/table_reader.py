@@ -73,6 +73,10 @@ class TableSource:
     def count_rows(self) -> int:
         if self._npz is not None:
             return len(next(iter(self._npz.values()))) if self._npz else 0
+        if self.fmt == "parquet":  # from the footers, nothing decoded
+            import pyarrow.parquet as pq
+
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
         return int(self._dataset({}).count_rows())
 
     def batches(
@@ -86,6 +90,9 @@ class TableSource:
             for lo in range(0, n, batch_rows):
                 yield {c: self._npz[c][lo : lo + batch_rows] for c in columns}
             return
+        if self.fmt == "parquet":
+            yield from self._parquet_batches(columns, batch_rows)
+            return
         dataset = self._dataset({c: "string" for c in strings})
         # A scanner yields batches in file order; batch_size caps each batch's rows. Its default
         # read-ahead (16 batches, 4 files) decodes ahead of a slower consumer: with 500k-row
@@ -95,12 +102,26 @@ class TableSource:
             if batch.num_rows:
                 yield {c: batch.column(c) for c in columns}
 
+    def _parquet_batches(self, columns: list[str], batch_rows: int) -> Iterator[dict[str, Any]]:
+        """File by file, row group by row group: no read-ahead beyond the row group being
+        decoded, so memory is one row group and one batch whatever the table's length.
+        (pyarrow.dataset's scanner decodes up to 16 batches x 4 files ahead of a slower
+        consumer, and its default `pre_buffer=True` keeps the column chunks it has read: both
+        made a 20M-row table cost ~1 GB more than a 5M-row one; bench/bench_ingest.py.)"""
+        import pyarrow.parquet as pq
+
+        for path in self.files:
+            with pq.ParquetFile(path, pre_buffer=False) as f:
+                for batch in f.iter_batches(batch_size=batch_rows, columns=columns):
+                    if batch.num_rows:
+                        yield {c: batch.column(c) for c in columns}
+
     def _dataset(self, types: dict[str, str]):
         import pyarrow as pa
         import pyarrow.dataset as ds
 
         if self.fmt == "parquet":
-            return ds.dataset(self.files, format=parquet_format())
+            return ds.dataset(self.files, format="parquet")
         from pyarrow import csv
 
         fmt = ds.CsvFileFormat(
@@ -111,17 +132,6 @@ class TableSource:
             read_options=csv.ReadOptions(block_size=1 << 22),
         )
         return ds.dataset(self.files, format=fmt)
-
-
-def parquet_format():
-    """Parquet read row group by row group. pyarrow's default `pre_buffer=True` caches the
-    column chunks it has read for the life of the file reader: reading a 20M-row table that way
-    holds ~1 GB more than a 5M-row one (tests/bench: bench/bench_ingest.py)."""
-    import pyarrow.dataset as ds
-
-    return ds.ParquetFileFormat(
-        default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False)
-    )
 
 
 def open_table(input: str | os.PathLike) -> TableSource:
