@@ -41,8 +41,8 @@ def stream_rate(m, total: int, batch: int = 256) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=400_000)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
