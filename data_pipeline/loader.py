@@ -479,7 +479,8 @@ class MultiSourceLoader:
                 m, rank, world_size, seed, d.shuffle_buffer, d.skip_corrupt, self._build.fields(i),
                 splits_per_rank=d.num_workers, block_size=block_size,
                 salt=source_salt(src.name), name=src.name,
-                check_finite=list(src.inputs), on_nonfinite=d.on_nonfinite_input,
+                check_finite=list(src.inputs) if d.on_nonfinite_input != "allow" else None,
+                on_nonfinite=d.on_nonfinite_input,
             )
             self.loaders.append(SourceLoader(stream, d.num_workers))
 

@@ -51,8 +51,9 @@ class DataConfig:
     shuffle_buffer: int = 8192  # samples shuffled together (a window of whole chunks)
     skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
     # a NaN/inf in a float input field: "error" names source, shard, sample key and field;
-    # "skip" drops such samples (counted in data/<source>/skipped, logged)
-    on_nonfinite_input: Literal["error", "skip"] = "error"
+    # "skip" drops such samples (counted in data/<source>/skipped, logged); "allow" passes
+    # them to the model (trainer.on_nonfinite then decides about the loss)
+    on_nonfinite_input: Literal["error", "skip", "allow"] = "error"
     val_batch_size: int = 1024
     val_max_batches: int = 0  # 0 = the whole validation split
 

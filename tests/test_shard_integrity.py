@@ -160,5 +160,8 @@ def test_training_loader_checks_inputs_not_labels(tmp_path):
         for _ in range(4):
             loader.next_batch([256])
         assert sum(loader.skipped().values()) >= 1
+    with MultiSourceLoader(load_config(recipe, ["data.on_nonfinite_input=allow"])) as loader:
+        seen = [loader.next_batch([256]).inputs["x"] for _ in range(4)]
+        assert any(bool(x.isnan().any()) for x in seen) and sum(loader.skipped().values()) == 0
     with pytest.raises(ConfigError, match="on_nonfinite_input"):
         load_config(recipe, ["data.on_nonfinite_input=ignore"])
