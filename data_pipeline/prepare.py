@@ -9,6 +9,16 @@ from manytask.data_pipeline.real_data import DATASETS  # the synthetic registry 
 from manytask.schema import closest
 
 
+def prepare_hint(path: str) -> str:
+    """"; run `manytask data prepare NAME`" when `path` is where a bundled dataset is written
+    (data/NAME/...), else ""."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts[:-1]):
+        if part == "data" and parts[i + 1] in DATASETS:
+            return f"; this is the data of a bundled recipe: run `manytask data prepare {parts[i + 1]}`"
+    return ""
+
+
 def prepare(name: str, out: str | None = None, force: bool = False) -> Path:
     """Write dataset `name` to `out` (default `data/<name>`); skips work when already there."""
     if name not in DATASETS:

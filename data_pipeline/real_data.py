@@ -5,8 +5,13 @@
 | `italy_power`           | UCR ItalyPowerDemand, committed under assets/      | forecast the last H hours + season (binary) |
 | `movielens`             | MovieLens-100k inside the `recbole` wheel (PyPI)   | click = rating >= 4 (binary), rating (regression) |
 | `yeast`                 | MULAN yeast, committed under assets/               | 14 gene functions (multilabel; per-label fields too) |
+| `diamonds`              | ggplot2's diamonds CSV inside the `plotnine` wheel | ideal cut (binary), log price (regression) |
 | `synthetic_correlation` | `synthetic.mmoe_pair` at correlations 1, .9, .5, 0 | two regressions, one dataset dir per correlation |
 | `multidataset`          | two synthetic sources with different inputs        | each source its own two tasks |
+
+diamonds (53,940 diamonds, string columns cut / color / clarity; ggplot2's data, MIT licence, as
+shipped in plotnine 0.15.9, MIT licence) is converted from the raw CSV by the same code as
+`manytask shards write` (`DIAMONDS_FEATURES` / `DIAMONDS_TARGETS` are its column specs).
 
 MovieLens may not be redistributed, so it is never committed: `fetch_wheel` runs
 `pip download --no-deps recbole==1.2.1` (the only network use, through pip's own index) into
@@ -216,6 +221,42 @@ def prepare_yeast(
     return write_train_val(Path(out), _take(arrays, tr), _take(arrays, va), train_shards=4, chunk_size=64)
 
 
+# ---------------------------------------------------------------- diamonds (a raw table)
+
+DIAMONDS_WHEEL = ("plotnine", "0.15.9")
+DIAMONDS_CSV = "plotnine/data/diamonds.csv"
+# The column specs of `manytask shards write` (see data_pipeline/preprocess.py): string columns
+# color / clarity get vocabularies from the training split, numbers are standardised; cut is
+# the label of the binary task (Ideal or not), log1p(price) the regression target.
+DIAMONDS_FEATURES = ["carat:num", "color:cat", "clarity:cat", "depth:num", "table:num",
+                     "x:num", "y:num", "z:num"]
+DIAMONDS_TARGETS = ["ideal=cut:eq=Ideal", "log_price=price:num:log"]
+
+
+def diamonds_csv(cache: str | os.PathLike = WHEEL_CACHE) -> Path:
+    """The raw diamonds.csv, extracted from the plotnine wheel (downloaded once into `cache`)."""
+    wheel = fetch_wheel(*DIAMONDS_WHEEL, cache)
+    target = Path(cache) / "diamonds.csv"
+    if not target.exists():
+        with zipfile.ZipFile(wheel) as z:
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(z.read(DIAMONDS_CSV))
+            os.replace(tmp, target)
+    return target
+
+
+def prepare_diamonds(
+    out: str | os.PathLike = "data/diamonds", cache: str | os.PathLike = WHEEL_CACHE, seed: int = 0
+) -> dict[str, Manifest]:
+    """diamonds.csv -> `out/train` (90 %, 8 shards) and `out/val` (10 %), as
+    `manytask shards write diamonds.csv OUT --features ... --targets ...` would write them."""
+    from manytask.data_pipeline.shard_tools import convert_table
+
+    return convert_table(diamonds_csv(cache), out, DIAMONDS_FEATURES, DIAMONDS_TARGETS,
+                         samples_per_shard=6_100, chunk_size=256, val_fraction=0.1, seed=seed,
+                         force=True)
+
+
 # ---------------------------------------------------------------- synthetic studies
 
 
@@ -265,6 +306,7 @@ DATASETS: dict[str, Callable[..., dict[str, Manifest]]] = {
     "italy_power": prepare_italy_power,
     "movielens": prepare_movielens,
     "yeast": prepare_yeast,
+    "diamonds": prepare_diamonds,
     "synthetic_correlation": prepare_synthetic_correlation,
     "multidataset": prepare_multidataset,
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import zlib
 from collections.abc import Container, Iterator
@@ -25,8 +26,11 @@ from typing import Any
 import numpy as np
 import numpy.lib.format as npformat
 
-from manytask.data_pipeline.manifest import FieldInfo
+from manytask.data_pipeline.integrity import MemberVerifier, size_problem
+from manytask.data_pipeline.manifest import FieldInfo, ShardInfo
 from manytask.data_pipeline.remote import open_shard
+
+log = logging.getLogger(__name__)
 
 NPY_MAGIC = b"\x93NUMPY"
 # Errors that mean "this tar cannot be read further" (truncation, bad header, bad gzip, I/O).
@@ -158,6 +162,7 @@ def read_shard(
     select: Container[int] | None = None,
     skip_corrupt: bool = False,
     manifest: str = "",
+    shard: ShardInfo | None = None,
 ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
     """Yield `(member index, key, data)` for the shard's tar keys `start` to `stop` - 1 (default:
     to the end), in tar order; the rest of the tar is not read.
@@ -170,10 +175,21 @@ def read_shard(
     select:  only these member indices are decoded and yielded (validation splits).
     skip_corrupt: a bad key yields `data=None`; an unreadable tail yields `(i, None, None)` for
              every remaining manifest member. Otherwise ShardError (url, key, manifest, problem).
+    shard:   the manifest entry; its recorded size is checked at open and each key read against
+             its `member_xxh3` (data_pipeline/integrity.py). A mismatch is a ShardError naming
+             the shard and key; with skip_corrupt the rest of the shard is skipped with a warning.
     """
     where = f"shard {url}" + (f" (manifest {manifest})" if manifest else "")
     expected = len(members)
     end = expected if stop is None else min(stop, expected)
+    verify = MemberVerifier(shard) if shard is not None else None
+    if shard is not None:
+        problem = size_problem(url, shard)
+        if problem:
+            if skip_corrupt:
+                log.warning("%s: %s; skipping the shard", where, problem)
+            yield from _all_missing(where, problem, start, end, select, skip_corrupt)
+            return
     wanted = {info.suffix(name): name for name, info in fields.items()}
     check = _MemberChecker(fields, layout)
 
@@ -210,7 +226,8 @@ def read_shard(
         direct = url.endswith(".tar") and _seekable(stream)
         if direct and indexed:
             # Each wanted key straight from its manifest offset, headers parsed here.
-            yield from _read_keys(stream, offsets, range(first, end), select, wanted, members, check, where, skip_corrupt)  # type: ignore[arg-type]
+            yield from _read_keys(stream, offsets, range(first, end), select, wanted, members, check, where,  # type: ignore[arg-type]
+                                  skip_corrupt, verify)
             return
         jump = direct and indexed  # skip unwanted keys by seeking to the next wanted one
         tar = tarfile.open(fileobj=stream, mode="r:" if direct else "r|*")
@@ -225,10 +242,15 @@ def read_shard(
                 continue
             if parts[0] != key:
                 if wanted_member(index):
+                    bad = verify.problem(index, key) if verify else None
+                    if bad:
+                        raise _Corrupt(bad)
                     yield _finish(index, key, raw, members, check, where, skip_corrupt)
                 index, key, raw = index + 1, parts[0], {}
                 if index >= end and end < expected:
                     break  # past the last key asked for: the rest of the tar is not read
+                if verify:
+                    verify.start()
                 if index >= expected:
                     raise ShardError(
                         f"{where}: sample '{key}': the tar holds more keys than the {expected} "
@@ -243,19 +265,30 @@ def read_shard(
                     index, key = j - 1, None
                     continue
             name = wanted.get(parts[1])
-            if name is None or not wanted_member(index):
+            hashing = verify is not None and verify.enabled
+            if not wanted_member(index) or (name is None and not hashing):
                 continue
             if direct:
                 stream.seek(info.offset_data)
             data = source.read(info.size)  # skips extractfile's per-member file objects
             if len(data) != info.size:
                 raise tarfile.ReadError(f"unexpected end of data in {info.name}")
-            raw[name] = data
+            if hashing:
+                verify.update(data)
+            if name is not None:
+                raw[name] = data
     except ShardError:
         raise
+    except _Corrupt as err:
+        if skip_corrupt:
+            log.warning("%s: %s; skipping the rest of the shard", where, err)
+        yield from _all_missing(where, str(err), index, end, select, skip_corrupt)
+        return
     except _TAR_ERRORS as err:
         at = f"at sample '{key}'" if key is not None else "before the first sample key"
         why = f"corrupt or truncated tar {at} ({type(err).__name__}: {err})"
+        if skip_corrupt:
+            log.warning("%s: %s; skipping the rest of the shard", where, why)
         if key is not None and wanted_member(index) and skip_corrupt:
             yield index, key, None
         yield from missing_from(index + 1 if key is not None else 0, why)
@@ -268,6 +301,12 @@ def read_shard(
         except Exception:  # noqa: BLE001
             pass
     if wanted_member(index):
+        bad = verify.problem(index, key) if verify else None
+        if bad:
+            if skip_corrupt:
+                log.warning("%s: %s; skipping the rest of the shard", where, bad)
+            yield from _all_missing(where, bad, index, end, select, skip_corrupt)
+            return
         yield _finish(index, key, raw, members, check, where, skip_corrupt)
     if index + 1 < end and not done:
         if key is not None:
@@ -281,6 +320,19 @@ def read_shard(
             f"tar ends after {index + 1} of the {expected} keys the manifest lists "
             f"(truncated or corrupt tar; {last})",
         )
+
+
+class _Corrupt(Exception):
+    """A key whose payloads do not match the manifest's checksum (internal to read_shard)."""
+
+
+def _all_missing(where, why, first, end, select, skip_corrupt):
+    """ShardError, or with skip_corrupt `(i, None, None)` for members first..end-1 of the shard."""
+    if not skip_corrupt:
+        raise ShardError(f"{where}: {why}")
+    for j in range(max(first, 0), end):
+        if select is None or j in select:
+            yield j, None, None
 
 
 def _seekable(stream: Any) -> bool:
@@ -301,14 +353,20 @@ def _finish(index, key, raw, members, check, where, skip_corrupt):
 
 def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] | None, wanted: dict[str, str],
                members: list[int], check: _MemberChecker, where: str, skip_corrupt: bool,
+               verify: MemberVerifier | None = None,
                ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
     """The keys of a seekable plain tar read by their byte offsets; a bad key does not stop
-    the others (with skip_corrupt it yields data None, else ShardError naming key and byte)."""
+    the others (with skip_corrupt it yields data None, else ShardError naming key and byte).
+    A key whose payloads do not match the manifest's checksum is a ShardError; with
+    skip_corrupt the rest of the keys asked for are skipped with a warning (as in stream mode)."""
     expected = len(offsets)
+    hashing = verify is not None and verify.enabled
     for j in keys:
         if select is not None and j not in select:
             continue
         key, raw = None, {}
+        if hashing:
+            verify.start()
         try:
             for name, size, at in _tar_members(f, offsets[j], offsets[j + 1] if j + 1 < expected else None):
                 parts = split_member_name(name)
@@ -322,18 +380,23 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
                         f"manifest offset (stale manifest? re-run `manytask shards index`)"
                     )
                 field = wanted.get(parts[1])
-                if field is not None:
+                if field is not None or hashing:
                     f.seek(at)
                     data = f.read(size)
                     if len(data) != size:
                         raise tarfile.ReadError(f"unexpected end of data in {name}")
-                    raw[field] = data
+                    if hashing:
+                        verify.update(data)
+                    if field is not None:
+                        raw[field] = data
             if key is None:
                 raise EOFError(f"no key at byte {offsets[j]}, where the manifest puts key {j}")
         except ShardError:
             raise
         except _TAR_ERRORS as err:
             if skip_corrupt:
+                log.warning("%s: corrupt or truncated tar at key %d (byte %d; %s: %s); skipping that key",
+                            where, j, offsets[j], type(err).__name__, err)
                 yield j, key, None
                 continue
             at_key = f"at sample '{key}'" if key is not None else f"at key {j}"
@@ -342,6 +405,12 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
                                  f"(truncated or corrupt tar; {err})") from None
             raise ShardError(f"{where}: corrupt or truncated tar {at_key} (byte {offsets[j]}; "
                              f"{type(err).__name__}: {err})") from None
+        bad = verify.problem(j, key) if hashing else None
+        if bad:
+            if skip_corrupt:
+                log.warning("%s: %s; skipping the rest of the shard", where, bad)
+            yield from _all_missing(where, bad, j, keys.stop, select, skip_corrupt)
+            return
         yield _finish(j, key, raw, members, check, where, skip_corrupt)
 
 

@@ -1,10 +1,12 @@
-"""Shard tools behind `manytask data index | inspect | convert`.
+"""Shard tools behind `manytask shards index | inspect | verify | write`.
 
 - `index_shards(dir_or_pattern)`: read shards written by any WebDataset writer and write their
-  manifest.json (schema, samples per key). Foreign shards are taken as the sample layout
-  unless `layout="chunk"` is given (then every field of a key is one array whose leading dim
-  is that key's sample count).
-- `inspect(dir)`: a human summary: layout, schema, counts and the first sample.
+  manifest.json (schema, samples per key, sizes and checksums of local shards). Foreign shards
+  are taken as the sample layout unless `layout="chunk"` is given (then every field of a key
+  is one array whose leading dim is that key's sample count).
+- `inspect(dir)`: a human summary: layout, schema, counts and the first sample; every listed
+  shard must exist with its recorded size.
+- `verify(dir)`: every shard against its recorded size and checksums.
 - `convert_table(input, out_dir, features, targets, ...)`: CSV / Parquet / NPZ -> train/ and
   val/ shard folders. A column spec is `col` (field `col`, per-sample shape []),
   `name=c1,c2,...` or `name=prefix*` (field `name`, shape [k], columns in order).
@@ -12,18 +14,25 @@
 
 from __future__ import annotations
 
-import fnmatch
 import glob
+import math
 import os
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from braceexpand import braceexpand
 from webdataset import gopen
 
+from manytask.data_pipeline.integrity import (
+    file_digest,
+    local_path,
+    member_digests,
+    size_problem,
+    verify_shard,
+)
 from manytask.data_pipeline.manifest import (
     EXTS,
     MANIFEST_NAME,
@@ -34,6 +43,14 @@ from manytask.data_pipeline.manifest import (
     manifest_path,
     write_manifest,
 )
+from manytask.data_pipeline.preprocess import (
+    describe,
+    field_infos,
+    make_encoders,
+    parse_spec,
+    preprocessing_record,
+    resolve_specs,
+)
 from manytask.data_pipeline.shard_reader import (
     NpyDecoder,
     ShardError,
@@ -42,7 +59,8 @@ from manytask.data_pipeline.shard_reader import (
     split_member_name,
     suffix_field,
 )
-from manytask.data_pipeline.shard_writer import write_shards
+from manytask.data_pipeline.shard_writer import ShardSink
+from manytask.data_pipeline.table_reader import open_table
 
 # ---------------------------------------------------------------- index
 
@@ -138,7 +156,7 @@ def index_shards(
                 if name in vocab and value.size:
                     vocab[name] = max(vocab[name], int(value.max()))
             members.append(n)
-        shards.append(ShardInfo(_relative(url, folder), sum(members), members, offsets=offsets))
+        shards.append(_with_checksums(ShardInfo(_relative(url, folder), sum(members), members, offsets=offsets), url))
     if not fields:
         raise ShardError(f"{dir_or_pattern}: the shards hold no .npy/.cls/.json members")
     for name, top in vocab.items():
@@ -166,6 +184,18 @@ def _schema(raw: dict[str, bytes], layout: str, npy: NpyDecoder, where: str):
     return fields, suffixes
 
 
+def _with_checksums(shard: ShardInfo, url: str) -> ShardInfo:
+    """The entry with the local file's size, xxh3 and per-key xxh3 (remote shards: unchanged)."""
+    path = local_path(url)
+    if path is None:
+        return shard
+    keys = [d for _, d in member_digests(path)]
+    if len(keys) == len(shard.members):
+        shard.member_xxh3 = keys
+    shard.bytes, shard.xxh3 = file_digest(path)
+    return shard
+
+
 def _relative(url: str, folder: Path) -> str:
     if os.path.exists(url):
         return os.path.relpath(url, folder)
@@ -186,7 +216,12 @@ def inspect(dir_or_manifest: str | os.PathLike, samples: int = 1) -> str:
         m = load_manifest(path)
     else:
         m = index_shards(dir_or_manifest, write=False)
-        note = "  (no manifest.json: indexed in memory; `manytask data index` writes one)"
+        note = "  (no manifest.json: indexed in memory; `manytask shards index` writes one)"
+    problems = [f"  {m.shards[i].url}: {p}" for i in range(len(m.shards))
+                if (p := size_problem(m.shard_url(i), m.shards[i]) or _absent(m.shard_url(i)))]
+    if problems:
+        raise ShardError(f"{m.path}: {len(problems)} of {len(m.shards)} shards do not match the "
+                         "manifest:\n" + "\n".join(problems))
     sizes = [s.samples for s in m.shards]
     lines = [
         f"manifest: {m.path}{note}",
@@ -199,11 +234,17 @@ def inspect(dir_or_manifest: str | os.PathLike, samples: int = 1) -> str:
     for name, f in m.fields.items():
         vocab = f"  vocab {f.vocab}" if f.vocab else ""
         lines.append(f"  {name:<{width}}  {f.dtype:<8} {list(f.shape)!s:<10} .{f.ext}{vocab}")
+    if m.preprocessing:
+        lines.append("preprocessing (from raw columns; vocabularies beside the manifest):")
+        lines += [f"  {name:<{width}}  {describe(rec)}" for name, rec in m.preprocessing.items()]
+    checked = sum(1 for s in m.shards if s.member_xxh3 or s.xxh3)
+    lines.append(f"checksums: {checked} of {len(m.shards)} shards (`manytask shards verify` checks them)")
     shown = 0
     for s in range(len(m.shards)):
         if shown >= samples:
             break
-        for _, key, data in read_shard(m.shard_url(s), m.fields, m.layout, m.shards[s].members):
+        for _, key, data in read_shard(m.shard_url(s), m.fields, m.layout, m.shards[s].members,
+                                       shard=m.shards[s], manifest=m.path):
             rows = m.shards[s].members[0] if m.layout == "chunk" else 1
             for r in range(min(rows, samples - shown)):
                 lines.append(f"sample {shown} (key '{key}' of {m.shards[s].url}):")
@@ -215,6 +256,32 @@ def inspect(dir_or_manifest: str | os.PathLike, samples: int = 1) -> str:
     return "\n".join(lines)
 
 
+def _absent(url: str) -> str | None:
+    """"no such file" for a local shard path that does not exist (remote urls: None)."""
+    return "no such file" if local_path(url) is None and not _is_remote(url) else None
+
+
+def verify(dir_or_manifest: str | os.PathLike) -> tuple[int, list[str]]:
+    """Check every shard of a manifest against its recorded size, whole-file and per-key xxh3.
+
+    Returns (shards checked, problems as "url: what"); shards without recorded checksums are
+    counted but only their existence is checked.
+    """
+    m = load_manifest(dir_or_manifest)
+    problems = []
+    for i, shard in enumerate(m.shards):
+        url = m.shard_url(i)
+        if _absent(url):
+            problems.append(f"{shard.url}: no such file")
+            continue
+        problems += [f"{shard.url}: {p}" for p in verify_shard(m, i)]
+    return len(m.shards), problems
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
 def _short(v: np.ndarray) -> str:
     with np.printoptions(precision=4, threshold=8, edgeitems=3, linewidth=90):
         return np.array2string(v, separator=", ").replace("\n", " ")
@@ -224,91 +291,132 @@ def _short(v: np.ndarray) -> str:
 
 
 def read_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Columns of a CSV/TSV (pandas), Parquet (pyarrow) or NPZ file: name -> array [n, ...]."""
-    p = str(path)
-    low = p.lower()
-    if low.endswith(".npz"):
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    import pandas as pd  # optional dependency (dev extra); only the table formats need it
-
-    if low.endswith((".parquet", ".pq")):
-        df = pd.read_parquet(p)
-    elif low.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
-        df = pd.read_csv(p, sep="\t" if ".tsv" in low else ",")
-    else:
-        raise ValueError(f"{p}: unsupported table format (use .csv, .tsv, .parquet or .npz)")
-    return {str(c): df[c].to_numpy() for c in df.columns}
-
-
-def _parse_specs(specs: list[str] | dict[str, list[str]], columns: list[str], what: str) -> dict[str, list[str]]:
-    """['a', 'x=f1,f2', 'y=t*'] or {'x': ['f1', 'f2']} -> field -> columns."""
-    items = specs.items() if isinstance(specs, dict) else [
-        (s.split("=", 1) if "=" in s else (s, s)) for s in specs
-    ]
-    out: dict[str, list[str]] = {}
-    for name, cols in items:
-        cols = cols.split(",") if isinstance(cols, str) else list(cols)
-        picked = []
-        for c in (c.strip() for c in cols):
-            match = fnmatch.filter(columns, c) if any(ch in c for ch in "*?[") else [c] if c in columns else []
-            if not match:
-                raise ValueError(f"{what} '{name}': no column '{c}' (columns: {', '.join(columns[:20])})")
-            picked += match
-        out[name.strip()] = picked
+    """Columns of a (small) CSV/TSV, Parquet or NPZ table read whole: name -> array [n, ...]."""
+    source = open_table(path)
+    parts = list(source.batches(list(source.columns), batch_rows=1 << 30))
+    out = {}
+    for name in source.columns:
+        cols = [b[name] for b in parts]
+        out[name] = np.concatenate([np.asarray(c.to_numpy(zero_copy_only=False)) if hasattr(c, "to_numpy")
+                                    else np.asarray(c) for c in cols]) if cols else np.zeros(0)
     return out
 
 
-def _field_array(name: str, cols: list[str], table: dict[str, np.ndarray], single: bool) -> np.ndarray:
-    parts = []
-    for c in cols:
-        a = table[c]
-        if a.dtype.kind not in "biuf":
-            raise ValueError(f"column '{c}' ({a.dtype}) is not numeric; encode it as numbers first")
-        parts.append(a if single else a.reshape(len(a), -1))
-    arr = parts[0] if single else np.concatenate(parts, axis=1)
-    if arr.dtype.kind == "f":
-        return arr.astype(np.float32)
-    return arr.astype(np.int64)
+class OutputNotEmptyError(ValueError):
+    """`shards write` into a folder that already holds files, without force."""
+
+
+def val_rows(n: int, val_fraction: float, seed: int):
+    """A function rows -> bool mask "goes to val/" that picks exactly round(n * val_fraction) of
+    rows 0..n-1, spread evenly over the table, in O(1) memory: row i is in val when
+    (a * i + b) mod n < n_val, a bijection of 0..n-1 for a coprime to n."""
+    n_val = int(round(n * val_fraction))
+    rng = np.random.default_rng(seed)
+    b = int(rng.integers(n)) if n else 0
+    a = int(n * 0.6180339887498949) | 1 if n > 2 else 1
+    while n and math.gcd(a, n) != 1:
+        a += 2
+    a %= max(n, 1)
+
+    def is_val(rows: np.ndarray) -> np.ndarray:
+        if n_val == 0:
+            return np.zeros(len(rows), bool)
+        pos = (rows.astype(object) * a + b) % n if n > 3_000_000_000 else (rows * a + b) % n
+        return np.asarray(pos < n_val, bool)
+
+    return is_val, n_val
 
 
 def convert_table(
     input: str | os.PathLike,
     out_dir: str | os.PathLike,
-    features: list[str] | dict[str, list[str]],
-    targets: list[str] | dict[str, list[str]],
+    features: list[str],
+    targets: list[str],
     samples_per_shard: int = 100_000,
     chunk_size: int = 1024,
     val_fraction: float = 0.1,
     seed: int = 0,
     layout: str = "chunk",
+    force: bool = False,
+    min_count: int = 1,
+    max_vocab: int = 0,
+    batch_rows: int = 131_072,
 ) -> dict[str, Manifest]:
-    """Convert a table to `out_dir/train` and `out_dir/val` (shards + manifest.json each).
+    """Convert a table (file, directory or glob of CSV / TSV / Parquet, or one NPZ) to
+    `out_dir/train` and `out_dir/val` (shards + manifest.json + vocabulary files each).
 
-    features/targets: column specs (see module doc); floats become float32 (NaN = missing
-    label), integers and bools int64. Rows are shuffled with `seed`; `val_fraction` of them
-    go to val/ (no val/ when 0). Returns {"train": Manifest, "val": Manifest}.
+    features / targets: column specs (data_pipeline/preprocess.py). The table is streamed in
+    record batches of `batch_rows` (memory is bounded by the batch): pass 1 (only when some field
+    needs a vocabulary or statistics) reads the training rows, pass 2 encodes and writes.
+    Exactly round(n * val_fraction) rows go to val/, spread over the table (`val_rows`); the
+    training rows of each batch are shuffled with `seed`. An `out_dir` that already holds files
+    is refused unless `force`. Returns {"train": Manifest, "val": Manifest} (no val/ when 0).
     """
-    table = read_table(input)
-    columns = list(table)
-    specs = {**_parse_specs(features, columns, "feature"), **_parse_specs(targets, columns, "target")}
-    arrays: dict[str, Any] = {}
-    for name, cols in specs.items():
-        single = len(cols) == 1 and (name == cols[0] or table[cols[0]].ndim > 1)
-        arrays[name] = _field_array(name, cols, table, single)
-    n = len(next(iter(arrays.values())))
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OutputNotEmptyError(
+            f"{out}: the folder is not empty; `manytask shards write` would replace what is there. "
+            "Choose another folder, or pass --force (force=True) to overwrite it"
+        )
+    source = open_table(input)
+    specs = [parse_spec(t, "input", min_count, max_vocab) for t in features]
+    specs += [parse_spec(t, "target", min_count, max_vocab) for t in targets]
+    encoders = make_encoders(resolve_specs(specs, source.columns))
+    columns = list(dict.fromkeys(c for e in encoders for c in e.spec.columns))
+    strings = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "hash", "eq")
+               or (e.spec.kind == "multi" and source.columns[e.spec.columns[0]] == "string")}
+    n = source.count_rows()
     if n == 0:
         raise ValueError(f"{input}: the table has no rows")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
-    splits = {"train": order[n_val:], "val": np.sort(order[:n_val])}
-    vocab = {k: int(v.max()) + 1 for k, v in arrays.items() if v.dtype.kind == "i" and v.max() >= 0}
-    out = {}
-    for split, idx in splits.items():
-        if len(idx) == 0:
-            continue
-        out[split] = write_shards(
-            Path(out_dir) / split, {k: v[idx] for k, v in arrays.items()},
-            samples_per_shard, chunk_size, layout, prefix=split, vocab=vocab,
-        )
-    return out
+    is_val, n_val = val_rows(n, val_fraction, seed)
+
+    def batches(wanted: list[str]):
+        row0 = 0
+        for cols in source.batches(wanted, strings & set(wanted), batch_rows):
+            rows = len(next(iter(cols.values())))
+            yield row0, rows, cols
+            row0 += rows
+
+    fitting = [e for e in encoders if e.needs_fit]
+    if fitting:
+        fit_columns = list(dict.fromkeys(c for e in fitting for c in e.spec.columns))
+        for row0, rows, cols in batches(fit_columns):
+            train = ~is_val(np.arange(row0, row0 + rows))
+            for e in fitting:
+                e.fit(cols, train)
+    for e in fitting:
+        e.finish()
+    record = preprocessing_record(encoders)
+    splits = {"train": out / "train"} | ({"val": out / "val"} if n_val else {})
+    for folder in splits.values():
+        if folder.exists() and force:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for e in encoders:
+            e.write_files(folder)
+    sinks: dict[str, ShardSink] = {}
+    tops: dict[str, int] = {}
+    fixed = {k for e in encoders for k in e.vocab_sizes()}
+    for b, (row0, rows, cols) in enumerate(batches(columns)):
+        arrays: dict[str, np.ndarray] = {}
+        for e in encoders:
+            arrays.update(e.encode(cols, row0))
+        if not sinks:
+            fields = field_infos(arrays, encoders, layout)
+            sinks = {s: ShardSink(folder, dict(fields), samples_per_shard, chunk_size, layout,
+                                  prefix=s, preprocessing=record)
+                     for s, folder in splits.items()}
+        for name, a in arrays.items():
+            if name not in fixed and a.dtype.kind in "iu" and a.size:
+                tops[name] = max(tops.get(name, -1), int(a.max()))
+        val = is_val(np.arange(row0, row0 + rows))
+        train_idx = np.flatnonzero(~val)
+        train_idx = train_idx[np.random.default_rng([seed, b]).permutation(len(train_idx))]
+        sinks["train"].add({k: v[train_idx] for k, v in arrays.items()})
+        if "val" in sinks:
+            sinks["val"].add({k: v[val] for k, v in arrays.items()})
+    for sink in sinks.values():
+        for name, top in tops.items():
+            sink.fields[name].vocab = top + 1 if top >= 0 else 0
+            sink.fixed_vocab.add(name)
+    return {s: sink.close() for s, sink in sinks.items()}

@@ -73,11 +73,13 @@ def _load(src: SourceConfig, split: str) -> Manifest | None:
     try:
         m = load_manifest(where)
     except ManifestError as err:
-        raise ConfigError(f"data.sources.{src.name}.{split}: {err}") from err
+        from manytask.data_pipeline.prepare import prepare_hint
+
+        raise ConfigError(f"data.sources.{src.name}.{split}: {err}{prepare_hint(where)}") from err
     if m.total_samples == 0:
         raise ConfigError(
             f"data.sources.{src.name}.{split}: {m.path} lists no samples (empty source); "
-            f"write shards first (e.g. `manytask data prepare` or `manytask shards write`)"
+            f"write shards first (`manytask data prepare NAME` for a bundled recipe, `manytask shards write` for a table)"
         )
     return m
 

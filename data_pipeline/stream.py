@@ -25,6 +25,7 @@ block yields a first block only up to the next block boundary, so later boundari
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from manytask.data_pipeline.integrity import nonfinite_message, nonfinite_rows
 from manytask.data_pipeline.manifest import FieldInfo, Manifest
 from manytask.data_pipeline.partition import (
     EpochOrder,
@@ -42,8 +44,10 @@ from manytask.data_pipeline.partition import (
     position_in,
     reader_part,
 )
-from manytask.data_pipeline.shard_reader import read_shard
+from manytask.data_pipeline.shard_reader import ShardError, read_shard
 from manytask.schema import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class Position(NamedTuple):
@@ -117,7 +121,10 @@ class ShardStream:
     seed + salt seed every permutation; shuffle_buffer: samples shuffled together (0 = keep
     the manifest order); fields: the fields to decode (default all); block_size: samples per
     block; name: used in error messages; partition: how readers share the epochs (default: a
-    fresh split among world_size x splits_per_rank readers).
+    fresh split among world_size x splits_per_rank readers). check_finite: float input fields
+    checked for NaN/inf as they are read (labels may hold NaN: "no label"); on_nonfinite:
+    "error" (ShardError naming source, shard, sample key and field) or "skip" (such samples are
+    skipped and counted).
     """
 
     def __init__(
@@ -135,6 +142,8 @@ class ShardStream:
         salt: int = 0,
         name: str = "",
         partition: Partition | None = None,
+        check_finite: list[str] | None = None,
+        on_nonfinite: str = "error",
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -157,6 +166,10 @@ class ShardStream:
         self.fields = {f: manifest.fields[f] for f in names}
         self.layout = SourceLayout.of(manifest, shuffle_buffer)
         self.n_readers = world_size * self.splits_per_rank
+        self.check_finite = [f for f in (check_finite or []) if f in self.fields
+                             and np.dtype(self.fields[f].dtype).kind == "f"]
+        self.on_nonfinite = on_nonfinite
+        self._nonfinite_logged = 0
         if self.layout.total < self.n_readers:
             raise ConfigError(
                 f"source '{self.name}' ({manifest.path}): {self.layout.total} samples cannot "
@@ -277,27 +290,58 @@ class ShardStream:
     def _empty(self) -> dict[str, np.ndarray]:
         return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.fields.items()}
 
-    def _members(self, order: EpochOrder, first: int, end: int) -> Iterator[tuple[int, dict | None]]:
-        """(samples, data or None if corrupt) for members [first, end) of the epoch, in order."""
+    def _members(self, order: EpochOrder, first: int, end: int) -> Iterator[tuple[int, dict | None, np.ndarray | None]]:
+        """(samples, data or None if corrupt, rows to keep or None = all) for members
+        [first, end) of the epoch, in order."""
         m = self.manifest
         for shard, q0, q1 in order.shard_members(first, end):
             info = m.shards[shard]
-            for i, _key, data in read_shard(
+            for i, key, data in read_shard(
                 m.shard_url(shard), self.fields, m.layout, info.members, start=q0, stop=q1,
-                offsets=info.offsets, skip_corrupt=self.skip_corrupt, manifest=m.path,
+                offsets=info.offsets, skip_corrupt=self.skip_corrupt, manifest=m.path, shard=info,
             ):
-                yield info.members[i], data
+                yield info.members[i], *self._kept(data, m.shard_url(shard), key)
+
+    def _kept(self, data: dict | None, url: str, key: str | None) -> tuple[dict | None, np.ndarray | None]:
+        """(data without the samples whose checked inputs are not finite, bool rows kept or
+        None = all). Policy "error": ShardError naming source, shard, sample key, row and field."""
+        if data is None or not self.check_finite:
+            return data, None
+        chunk = self.manifest.layout == "chunk"
+        found = nonfinite_rows(data, self.check_finite, chunk)
+        if found is None:
+            return data, None
+        field, bad = found
+        message = nonfinite_message(self.name, url, key, field, int(np.argmax(bad)), chunk)
+        if self.on_nonfinite != "skip":
+            raise ShardError(message)
+        if self._nonfinite_logged < 10:  # the skipped count goes on in data/<source>/skipped
+            self._nonfinite_logged += 1
+            log.warning("%s; skipping %d such sample(s) of that key", message.split("; fix")[0], int(bad.sum()))
+        keep = ~bad
+        if not chunk:  # one sample per key: the whole key goes
+            return None, keep
+        return {f: v[keep] for f, v in data.items()}, keep
 
     def _read_window(self, order: EpochOrder, w: int, members: Iterator | None,
                      need: np.ndarray) -> tuple[dict, np.ndarray | None]:
         """Window w's samples as arrays [rows, ...] and, unless every position has its row,
-        position -> row (-1 for a corrupt or unread one). need: the window-local positions
-        the reader will take; with `members` None only the keys holding them are read."""
+        position -> row (-1 for a corrupt, skipped or unread one). need: the window-local
+        positions the reader will take; with `members` None only the keys holding them are read."""
         m = self.manifest
         pieces = list(order.shard_members(*order.window_members(w)))
         sizes = np.concatenate([np.asarray(m.shards[sh].members[q0:q1], dtype=np.int64) for sh, q0, q1 in pieces])
         parts: list[dict] = []
-        ok = np.zeros(len(sizes), dtype=bool)
+        valid = [np.zeros(int(n), dtype=bool) for n in sizes]  # per member: rows present
+
+        def add(j: int, data: dict | None, keep: np.ndarray | None) -> None:
+            if keep is not None:
+                valid[j] = keep
+            elif data is not None:
+                valid[j][:] = True
+            if data is not None and (keep is None or keep.any()):
+                parts.append(data)
+
         if members is None:
             wanted = np.zeros(len(sizes), dtype=bool)
             wanted[np.repeat(np.arange(len(sizes)), sizes)[need]] = True
@@ -306,26 +350,23 @@ class ShardStream:
                 select = {q0 + int(i) for i in np.flatnonzero(wanted[k : k + q1 - q0])}
                 info = m.shards[shard]
                 if select:
-                    for i, _key, data in read_shard(
+                    for i, key, data in read_shard(
                         m.shard_url(shard), self.fields, m.layout, info.members, start=q0, stop=q1,
-                        offsets=info.offsets, select=select, skip_corrupt=self.skip_corrupt, manifest=m.path,
+                        offsets=info.offsets, select=select, skip_corrupt=self.skip_corrupt,
+                        manifest=m.path, shard=info,
                     ):
-                        if data is not None:
-                            parts.append(data)
-                            ok[k + i - q0] = True
+                        add(k + i - q0, *self._kept(data, m.shard_url(shard), key))
                 k += q1 - q0
         else:
             for j in range(len(sizes)):
-                _size, data = next(members)
-                if data is not None:
-                    parts.append(data)
-                    ok[j] = True
+                _size, data, keep = next(members)
+                add(j, data, keep)
         arrays = stack_members(parts, self.fields, m.layout)
+        ok = np.concatenate(valid)
         if ok.all():
             return arrays, None
-        valid = np.repeat(ok, sizes)
-        rows = np.cumsum(valid) - 1
-        rows[~valid] = -1
+        rows = np.cumsum(ok) - 1
+        rows[~ok] = -1
         return arrays, rows
 
 

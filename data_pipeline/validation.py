@@ -72,7 +72,7 @@ def _val_arrays(m: Manifest, fields: dict[str, FieldInfo], rank: int, world: int
             continue
         for q, _key, data in read_shard(
             m.shard_url(s), fields, m.layout, shard.members, select=select,
-            skip_corrupt=skip_corrupt, manifest=m.path,
+            skip_corrupt=skip_corrupt, manifest=m.path, shard=shard,
         ):
             if data is None:
                 continue

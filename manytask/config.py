@@ -56,6 +56,10 @@ class DataConfig:
     num_workers: int = 0  # reader processes per rank, shared by all sources (0 = in-process)
     shuffle_buffer: int = 8192  # samples shuffled together per rank, split among the sources (whole chunks, >= 1 each)
     skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
+    # a NaN/inf in a float input field: "error" names source, shard, sample key and field;
+    # "skip" drops such samples (counted in data/<source>/skipped, logged); "allow" passes
+    # them to the model (trainer.on_nonfinite then decides about the loss)
+    on_nonfinite_input: Literal["error", "skip", "allow"] = "error"
     val_batch_size: int = 1024
     val_max_batches: int = 0  # 0 = the whole validation split
 

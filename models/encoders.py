@@ -3,8 +3,10 @@
 From the fields of `ModelSpec.inputs` (all of them unless `fields` names some):
 - dense fields (float, bool, or int without a vocabulary) are flattened, concatenated and fed
   to an MLP (`dense_hidden`; empty = passed through unchanged);
-- int fields with `vocab > 0` are looked up in an embedding table each (`embedding_dim`); a
-  multi-valued field `[k]` is pooled over its k ids (`pooling`: sum or mean);
+- int fields with `vocab > 0` are looked up in an embedding table each (`embedding_dim`, one
+  row per id of the manifest's vocabulary: `manytask shards write` reserves id 0 for unseen
+  values); a multi-valued field `[k]` is pooled over its k ids (`pooling`: sum or mean), the
+  field's padding id (`pad` in the manifest) left out — a row of padding pools to zeros;
 - float fields shaped `[T, C]` are time series, encoded by an LSTM/GRU (`rnn`) whose last
   hidden state is the field's feature (list a field in `flatten` to treat it as dense).
 The parts are concatenated in that order: `[B, out_dim]`.
@@ -92,6 +94,7 @@ class InputEncoder(nn.Module):
             for n in self.sequence_fields
         )
         self.pooling = p.pooling
+        self.pads = [inputs[n].pad for n in self.categorical_fields]
         self.out_dim = (
             dense_out
             + p.embedding_dim * len(self.categorical_fields)
@@ -104,6 +107,14 @@ class InputEncoder(nn.Module):
         params = last_linear(self.dense) if self.dense is not None else []
         return params + list(self.embeddings.parameters()) + list(self.rnns.parameters())
 
+    def _pool(self, e: torch.Tensor, ids: torch.Tensor, pad: int) -> torch.Tensor:
+        """[B, k, D] embeddings of [B, k] ids -> [B, D], positions holding `pad` left out."""
+        if pad < 0:
+            return e.sum(1) if self.pooling == "sum" else e.mean(1)
+        keep = (ids != pad).unsqueeze(-1).to(e.dtype)  # [B, k, 1]
+        total = (e * keep).sum(1)
+        return total if self.pooling == "sum" else total / keep.sum(1).clamp(min=1)
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         parts: list[torch.Tensor] = []
         if self.dense is not None:
@@ -111,13 +122,12 @@ class InputEncoder(nn.Module):
                 [inputs[n].reshape(inputs[n].shape[0], -1).float() for n in self.dense_fields], dim=1
             )
             parts.append(self.dense(x))
-        for n, table in zip(self.categorical_fields, self.embeddings):
+        for n, table, pad in zip(self.categorical_fields, self.embeddings, self.pads):
             ids = inputs[n].long()
             if ids.dim() == 1:
                 parts.append(table(ids))
             else:  # [B, k] ids -> [B, k, D] -> pooled [B, D]
-                e = table(ids.flatten(1))
-                parts.append(e.sum(1) if self.pooling == "sum" else e.mean(1))
+                parts.append(self._pool(table(ids.flatten(1)), ids.flatten(1), pad))
         for n, rnn in zip(self.sequence_fields, self.rnns):
             _, state = rnn(inputs[n].float())  # [B, T, C] -> state [layers, B, H]
             h = state[0] if isinstance(state, tuple) else state

@@ -39,7 +39,8 @@ def poisoned(tmp_path_factory) -> Path:
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, poisoned):
     cfg = load_config(write_recipe(tmp_path, poisoned), [*QUIET, "trainer.max_steps=60", "trainer.log_every=1",
-                                                          "trainer.on_nonfinite=skip"])
+                                                          "trainer.on_nonfinite=skip",
+                                                          "data.on_nonfinite_input=allow"])
     val = train(cfg)
     logged = rows(tmp_path / "run")
     skipped = max(r.get("train/nonfinite_steps", 0) for r in logged)
@@ -53,7 +54,8 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, poisoned):
 
 
 def test_nonfinite_stop_names_the_step_and_tasks(tmp_path, poisoned):
-    cfg = load_config(write_recipe(tmp_path, poisoned), [*QUIET, "trainer.max_steps=60", "trainer.on_nonfinite=stop"])
+    cfg = load_config(write_recipe(tmp_path, poisoned), [*QUIET, "trainer.max_steps=60", "trainer.on_nonfinite=stop",
+                                                          "data.on_nonfinite_input=allow"])
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+ \(per-task losses .*regress_a"):
         train(cfg)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from manytask.config import Config, dump_config
+from manytask.data_pipeline.preprocess import copy_preprocessing
 from manytask.trainer.distributed import DistInfo
 
 
@@ -40,6 +41,7 @@ class RunDir:
         if not self.info.is_rank0:
             return
         (self.path / "config.yaml").write_text(dump_config(cfg))
+        copy_preprocessing(cfg, self.path)  # vocabularies + statistics, for serving later
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
                  "resumed_from": str(resumed_from) if resumed_from else None,
                  "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}

@@ -1,0 +1,175 @@
+"""Raw tables read in record batches: CSV / TSV / Parquet through pyarrow's dataset reader (one
+file, a glob or a directory of files), NPZ whole (numpy has no partial reader for it).
+
+Memory is bounded by one batch (`batch_rows`), not by the table: `manytask shards write`
+streams a table of any size through `TableSource.batches` twice at most (statistics, then
+encoding). Rows keep the files' order (sorted file names), so both passes see the same rows.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TABLE_SUFFIXES = {
+    ".csv": "csv", ".csv.gz": "csv", ".txt": "csv", ".tsv": "tsv", ".tsv.gz": "tsv",
+    ".parquet": "parquet", ".pq": "parquet", ".npz": "npz",
+}
+
+
+def table_format(path: str) -> str:
+    low = path.lower()
+    for suffix, fmt in TABLE_SUFFIXES.items():
+        if low.endswith(suffix):
+            return fmt
+    raise ValueError(f"{path}: unsupported table format (use .csv, .tsv, .parquet or .npz, "
+                     "or a directory / glob of them)")
+
+
+def table_files(input: str | os.PathLike) -> list[str]:
+    """The files behind `input`: a file, a directory (its table files, sorted) or a glob."""
+    text = str(input)
+    if os.path.isdir(text):
+        files = sorted(str(p) for p in Path(text).rglob("*") if p.is_file()
+                       and not p.name.startswith((".", "_")) and _is_table(p.name))
+    elif any(c in text for c in "*?["):
+        files = sorted(f for f in glob.glob(text, recursive=True) if os.path.isfile(f))
+    else:
+        if not os.path.exists(text):
+            raise FileNotFoundError(f"{text}: no such file or directory")
+        files = [text]
+    if not files:
+        raise FileNotFoundError(f"{text}: no table files found (.csv, .tsv, .parquet, .npz)")
+    formats = {table_format(f) for f in files}
+    if len(formats) > 1:
+        raise ValueError(f"{text}: mixes table formats {sorted(formats)}; use one format")
+    return files
+
+
+def _is_table(name: str) -> bool:
+    try:
+        table_format(name)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class TableSource:
+    """A table to stream: `columns` (name -> 'string' | 'list' | 'float' | 'int' | 'bool' |
+    'other'), `count_rows()`, `batches(...)`."""
+
+    files: list[str]
+    fmt: str
+    columns: dict[str, str]
+    _npz: dict[str, np.ndarray] | None = None
+
+    def count_rows(self) -> int:
+        if self._npz is not None:
+            return len(next(iter(self._npz.values()))) if self._npz else 0
+        if self.fmt == "parquet":  # from the footers, nothing decoded
+            import pyarrow.parquet as pq
+
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        return int(self._dataset({}).count_rows())
+
+    def batches(
+        self, columns: list[str], strings: set[str] = frozenset(), batch_rows: int = 131_072
+    ) -> Iterator[dict[str, Any]]:
+        """Column name -> pyarrow Array (numpy array for NPZ) of up to `batch_rows` rows, in
+        table order. `strings`: CSV columns read as text whatever they look like (categorical
+        ids such as zip codes keep their leading zeros)."""
+        if self._npz is not None:
+            n = self.count_rows()
+            for lo in range(0, n, batch_rows):
+                yield {c: self._npz[c][lo : lo + batch_rows] for c in columns}
+            return
+        if self.fmt == "parquet":
+            yield from self._parquet_batches(columns, batch_rows)
+            return
+        dataset = self._dataset({c: "string" for c in strings})
+        # A scanner yields batches in file order; batch_size caps each batch's rows. Its default
+        # read-ahead (16 batches, 4 files) decodes ahead of a slower consumer: with 500k-row
+        # Parquet row groups that held ~800 MB; 2 batches keep the reader busy and memory flat.
+        for batch in dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=2,
+                                        fragment_readahead=1):
+            if batch.num_rows:
+                yield {c: batch.column(c) for c in columns}
+
+    def _parquet_batches(self, columns: list[str], batch_rows: int) -> Iterator[dict[str, Any]]:
+        """File by file, row group by row group: no read-ahead beyond the row group being
+        decoded, so memory is one row group and one batch whatever the table's length.
+        (pyarrow.dataset's scanner decodes up to 16 batches x 4 files ahead of a slower
+        consumer, and its default `pre_buffer=True` keeps the column chunks it has read: both
+        made a 20M-row table cost ~1 GB more than a 5M-row one; bench/bench_ingest.py.)"""
+        import pyarrow.parquet as pq
+
+        for path in self.files:
+            with pq.ParquetFile(path, pre_buffer=False) as f:
+                for batch in f.iter_batches(batch_size=batch_rows, columns=columns):
+                    if batch.num_rows:
+                        yield {c: batch.column(c) for c in columns}
+
+    def _dataset(self, types: dict[str, str]):
+        import pyarrow as pa
+        import pyarrow.dataset as ds
+
+        if self.fmt == "parquet":
+            return ds.dataset(self.files, format="parquet")
+        from pyarrow import csv
+
+        fmt = ds.CsvFileFormat(
+            parse_options=csv.ParseOptions(delimiter="\t" if self.fmt == "tsv" else ","),
+            convert_options=csv.ConvertOptions(
+                column_types={c: pa.string() for c in types}, strings_can_be_null=False,
+            ),
+            read_options=csv.ReadOptions(block_size=1 << 22),
+        )
+        return ds.dataset(self.files, format=fmt)
+
+
+def open_table(input: str | os.PathLike) -> TableSource:
+    """The table(s) at `input`, schema read (for CSV: inferred from the first block)."""
+    files = table_files(input)
+    fmt = table_format(files[0])
+    if fmt == "npz":
+        if len(files) > 1:
+            raise ValueError(f"{input}: give one .npz file (NPZ is read whole)")
+        with np.load(files[0], allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return TableSource(files, fmt, {k: _numpy_kind(v) for k, v in arrays.items()}, arrays)
+    source = TableSource(files, fmt, {})
+    schema = source._dataset({}).schema
+    source.columns = {f.name: _arrow_kind(f.type) for f in schema}
+    return source
+
+
+def _arrow_kind(t) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return "list"
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "float"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_null(t):
+        return "float"  # an all-empty CSV column
+    return "other"
+
+
+def _numpy_kind(a: np.ndarray) -> str:
+    kind = a.dtype.kind
+    return {"f": "float", "i": "int", "u": "int", "b": "bool", "U": "string", "S": "string"}.get(kind, "other")
