@@ -26,6 +26,7 @@ from manytask.trainer.engines import autocast, build_engine
 from manytask.trainer.evaluate import evaluate
 from manytask.trainer.logger import MetricsLogger
 from manytask.trainer.memory import keep_freed_memory
+from manytask.trainer.model_io import write_model_spec
 from manytask.trainer.monitor import (
     GateHealth,
     TaskAffinity,
@@ -204,6 +205,7 @@ def build_job(cfg: Config) -> Job:
     D.seed_everything(cfg.run.seed, info.rank)
     run = RunDir(cfg, info)
     specs, model_spec = build_model_spec(cfg)
+    write_model_spec(run.path, model_spec, info.is_rank0)  # a loaded model needs no shards
     model = build_model(cfg.model, model_spec)
     weighting = build_weighting(cfg.weighting, cfg.tasks).to(info.device)
     learnable = [p for p in weighting.parameters() if p.requires_grad]

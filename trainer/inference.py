@@ -1,0 +1,217 @@
+"""A trained model on new data: inputs checked against the model, predictions, gate weights.
+
+- `as_arrays(table)`: a dict of numpy arrays, a pandas DataFrame or a pyarrow Table /
+  RecordBatch -> column -> array `[n, ...]` (list columns stacked).
+- `model_inputs_from(spec, arrays, preprocessing)`: the model's input fields, checked (a
+  missing field or a wrong per-sample shape is a ValueError naming the field and what was
+  expected); raw columns go through the run's stored preprocessing first.
+- `predictions(tasks, outputs)`: raw outputs -> what a user wants per task (probabilities for
+  binary / multilabel, class probabilities for multiclass, values for regression / forecast).
+- `GateRecorder`: per-sample gate weights of one forward.
+- `shard_batches(manifest, ...)`: a dataset's samples in manifest order with their keys
+  (`<tar key>` in the sample layout, `<tar key>/<row>` in the chunk layout), this rank's share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from manytask.data_pipeline.manifest import Manifest
+from manytask.data_pipeline.shard_reader import read_shard
+from manytask.data_pipeline.stream import stack_members
+from manytask.models.gates import SoftmaxGates
+from manytask.models.spec import ModelSpec, TaskSpec
+
+
+# --------------------------------------------------------------------------- inputs
+def as_arrays(table: Any) -> dict[str, np.ndarray]:
+    """column -> numpy array `[n, ...]` from a dict of arrays, a pandas DataFrame or a pyarrow
+    Table / RecordBatch (list-valued columns are stacked into `[n, width]`)."""
+    if isinstance(table, dict):
+        return {k: np.asarray(v) for k, v in table.items()}
+    if hasattr(table, "column_names") and hasattr(table, "column"):  # pyarrow Table / RecordBatch
+        return {name: _stack(table.column(name).to_numpy(zero_copy_only=False)) for name in table.column_names}
+    if hasattr(table, "columns") and hasattr(table, "to_numpy"):  # pandas DataFrame
+        return {str(name): _stack(table[name].to_numpy()) for name in table.columns}
+    raise TypeError(
+        f"expected a dict of numpy arrays, a pandas DataFrame or a pyarrow Table, got {type(table).__name__}"
+    )
+
+
+def _stack(column: np.ndarray) -> np.ndarray:
+    if column.dtype == object and len(column) and isinstance(column[0], (list, np.ndarray)):
+        return np.stack([np.asarray(v) for v in column])
+    return column
+
+
+def model_inputs_from(
+    spec: ModelSpec, arrays: dict[str, np.ndarray], preprocessing: Any = None, where: str = "batch"
+) -> dict[str, torch.Tensor]:
+    """The model's input fields as tensors `[n, *shape]` in the model's dtypes.
+
+    arrays: model-ready fields, or raw columns when `preprocessing` (the run's stored
+    `Preprocessor`) is given and some field is missing. Raises ValueError naming `where`, the
+    field and what the model expects.
+    """
+    missing = [f for f in spec.inputs if f not in arrays]
+    if missing and preprocessing is not None:
+        arrays = {**arrays, **preprocessing.encode(arrays)}
+        missing = [f for f in spec.inputs if f not in arrays]
+    if missing:
+        expected = ", ".join(f"{f}: {s.dtype} {list(s.shape)}" for f, s in spec.inputs.items())
+        hint = "" if preprocessing is not None else " (this run stores no preprocessing for raw columns)"
+        raise ValueError(
+            f"{where}: missing input field(s) {missing}; the model expects {expected}; "
+            f"got columns {sorted(arrays)}{hint}"
+        )
+    out, rows = {}, None
+    for name, fs in spec.inputs.items():
+        a = np.asarray(arrays[name])
+        if tuple(a.shape[1:]) != tuple(fs.shape) or a.ndim == 0:
+            raise ValueError(
+                f"{where}: field '{name}' has per-sample shape {list(a.shape[1:])} "
+                f"({a.dtype} {list(a.shape)}), the model expects {fs.dtype} {list(fs.shape)}"
+            )
+        if rows is not None and a.shape[0] != rows:
+            raise ValueError(f"{where}: field '{name}' has {a.shape[0]} rows, other fields {rows}")
+        rows = a.shape[0]
+        out[name] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.dtype(fs.dtype)))
+    return out
+
+
+# --------------------------------------------------------------------------- outputs
+def task_prediction(spec: TaskSpec, output: torch.Tensor) -> torch.Tensor:
+    """Raw output `[B, out_dim]` -> probability `[B]` (binary), probabilities `[B, L]`
+    (multilabel), class probabilities `[B, C]` (multiclass), values `[B]` or `[B, out_dim]`."""
+    output = output.float()
+    if spec.type in ("binary", "multilabel"):
+        output = torch.sigmoid(output)
+    elif spec.type == "multiclass":
+        return torch.softmax(output, dim=-1)
+    return output.reshape(-1) if spec.out_dim == 1 else output
+
+
+def predictions(tasks: dict[str, TaskSpec], outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {t: task_prediction(spec, outputs[t]) for t, spec in tasks.items()}
+
+
+class GateRecorder:
+    """Records every softmax gate's per-sample weights during a forward (a context manager).
+
+    `weights()` -> gate key -> `[B, E]`, named as in the model's `gate_experts()` (MMoE: the
+    task; PLE: `<task>/level<l>`, `(shared)/level<l>`); `gate_<i>` if the model names none.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._out: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> GateRecorder:
+        self._out = []
+        for m in self.model.modules():
+            if isinstance(m, SoftmaxGates):
+                self._handles.append(m.register_forward_hook(lambda _m, _i, out: self._out.append(out.detach())))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        per_gate = [g for w in self._out for g in w.unbind(0)]  # each [B, E]
+        names = list(getattr(self.model, "gate_experts", dict)())
+        if len(names) != len(per_gate):
+            names = [f"gate_{i}" for i in range(len(per_gate))]
+        return dict(zip(names, per_gate))
+
+
+@torch.no_grad()
+def predict_tensors(
+    model: nn.Module, spec: ModelSpec, inputs: dict[str, torch.Tensor], source_id: torch.Tensor,
+    gates: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward in eval mode -> (task -> prediction, gate key -> `[B, E]` weights or {})."""
+    if model.training:
+        model.eval()
+    recorder = GateRecorder(model)
+    if gates:
+        with recorder:
+            out = model(inputs, source_id)
+        return predictions(spec.tasks, out.outputs), recorder.weights()
+    return predictions(spec.tasks, model(inputs, source_id).outputs), {}
+
+
+def source_index(spec: ModelSpec, source: str | int | None) -> int:
+    """A source name (or index) -> its index in the model's sources (0 when not given)."""
+    if source is None:
+        return 0
+    if isinstance(source, int):
+        if not 0 <= source < max(1, len(spec.sources)):
+            raise ValueError(f"source index {source} out of range: the model has sources {spec.sources}")
+        return source
+    if source not in spec.sources:
+        raise ValueError(f"unknown source '{source}': the model was trained on sources {spec.sources}")
+    return spec.sources.index(source)
+
+
+# --------------------------------------------------------------------------- shards
+def shard_batches(
+    m: Manifest, fields: list[str], batch_size: int, rank: int = 0, world: int = 1, key_field: str | None = None,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(keys `[n]`, field -> `[n, ...]`) in manifest order, batch_size rows each (the last
+    one shorter); rank r reads the tar keys whose index over the manifest is ≡ r (mod world).
+
+    Keys are `key_field`'s values when given, else the tar key (sample layout) or
+    `<tar key>/<row>` (chunk layout). Raises ValueError naming the manifest and a missing field.
+    """
+    wanted = list(dict.fromkeys([*fields, *([key_field] if key_field else [])]))
+    absent = [f for f in wanted if f not in m.fields]
+    if absent:
+        raise ValueError(f"{m.path}: field(s) {absent} are not in the data (fields there: {', '.join(m.fields)})")
+    infos = {f: m.fields[f] for f in wanted}
+    keys: list[np.ndarray] = []
+    parts: list[dict] = []
+    rows, first = 0, 0
+    for s, shard in enumerate(m.shards):
+        select = {q for q in range(len(shard.members)) if (first + q) % world == rank}
+        first += len(shard.members)
+        if not select:
+            continue
+        for q, key, data in read_shard(m.shard_url(s), infos, m.layout, shard.members, select=select, manifest=m.path):
+            n = shard.members[q]
+            parts.append(data)
+            keys.append(np.array([f"{key}/{j}" for j in range(n)] if m.layout == "chunk" else [key], dtype=object))
+            rows += n
+            while rows >= batch_size:
+                k, a, keys, parts = _split(keys, parts, infos, m.layout, batch_size)
+                rows -= batch_size
+                yield _keyed(k, a, key_field)
+    if rows:
+        yield _keyed(np.concatenate(keys), stack_members(parts, infos, m.layout), key_field)
+
+
+def _split(keys, parts, infos, layout, n):
+    """First n rows of the pending members, and the rest as one member."""
+    stacked = stack_members(parts, infos, layout)
+    all_keys = np.concatenate(keys)
+    head = {f: v[:n] for f, v in stacked.items()}
+    tail = {f: v[n:] for f, v in stacked.items()}
+    rest_keys = [all_keys[n:]] if len(all_keys) > n else []
+    # the rest is one chunk-layout member whatever the layout was (already stacked)
+    rest = [tail] if rest_keys else []
+    if layout != "chunk" and rest:
+        rest = [{f: v[i] for f, v in tail.items()} for i in range(len(rest_keys[0]))]
+    return all_keys[:n], head, rest_keys, rest
+
+
+def _keyed(keys: np.ndarray, arrays: dict[str, np.ndarray], key_field: str | None):
+    if key_field:
+        keys = np.asarray(arrays[key_field]).astype(str).astype(object)
+    return keys, arrays

@@ -1,0 +1,183 @@
+"""A trained model back from disk: which checkpoint, its weights, and the model rebuilt from them.
+
+Everything that uses a finished run (`manytask eval / predict / export`, `manytask.load`,
+`run.init_from`) comes through here, so a model is always rebuilt the way the trainer built
+it: the run's resolved config -> `ModelSpec` -> `models.build_model`, then the checkpoint's
+weights. The `ModelSpec` (input fields, task widths, sources) is read from
+`<run.dir>/model_spec.json`, written when training starts, so a loaded model does not need the
+shards it was trained on (runs from before that file fall back to reading the manifests).
+
+`latest_verified` and `read_model_state` are the two functions that know the checkpoint
+layout (`trainer/checkpoint.py`); callers never open checkpoint files themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from manytask.config import Config, config_from_dict
+from manytask.models import build_model
+from manytask.models.spec import FieldSpec, ModelSpec, TaskSpec
+from manytask.trainer.checkpoint import (
+    COMMON,
+    COMPLETE,
+    LATEST,
+    CheckpointError,
+    validate_checkpoint,
+)
+
+MODEL_SPEC = "model_spec.json"
+
+
+# --------------------------------------------------------------------------- checkpoints
+def latest_verified(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint under `ckpt_root` (`<run.dir>/ckpt`), or None.
+
+    The directory named by `latest` is tried first; a newer complete directory (a job that
+    died between the rename and the pointer update) or an older one when `latest` is broken
+    are found by scanning `step_*` newest first.
+    """
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return None
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    if named is not None and named.is_dir() and (not steps or named.name >= steps[0].name):
+        steps.insert(0, named)
+    for path in steps:
+        if validate_checkpoint(path) is None:
+            return path
+    return None
+
+
+def read_model_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the run's resolved config dict, the model's state_dict) of checkpoint `path`, read
+    weights-only. Raises CheckpointError naming the path when it is incomplete or corrupt."""
+    path = Path(path)
+    reason = validate_checkpoint(path)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path}: {reason}")
+    common = torch.load(path / COMMON, map_location="cpu", weights_only=True)
+    config = common.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: {COMMON} holds no 'config' (not a manytask checkpoint?)")
+    if "engine" in common and "model" in common["engine"]:
+        return config, common["engine"]["model"]
+    return config, _deepspeed_model_state(path)
+
+
+def _deepspeed_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The module weights DeepSpeed saved with ZeRO stage 0-2 (replicated in its model file)."""
+    model_file = path / "deepspeed" / "deepspeed" / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise CheckpointError(f"checkpoint {path}: no model weights (expected {model_file} or engine.model in {COMMON})")
+    from manytask.trainer.ds_checkpoint import WeightsOnlyCheckpointEngine
+
+    state = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine).load(str(model_file), "cpu")
+    if state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
+        raise CheckpointError(
+            f"checkpoint {path}: a ZeRO stage 3 checkpoint keeps every parameter partitioned across "
+            "ranks; consolidate it first (DeepSpeed's zero_to_fp32.py) or train with stage <= 2"
+        )
+    return dict(state["module"])
+
+
+def locate(path: str | Path) -> tuple[Path, Path]:
+    """`RUN_DIR` or a checkpoint directory -> (run directory, checkpoint to load).
+
+    Raises CheckpointError naming the path and what was expected when there is no complete
+    checkpoint there.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    if (path / COMMON).exists() or (path / COMPLETE).exists() or path.name.startswith("step_"):
+        return path.parent.parent, path
+    ckpt = latest_verified(path / "ckpt")
+    if ckpt is None:
+        raise CheckpointError(
+            f"{path}: no complete checkpoint (expected {path / 'ckpt'}/step_*/ with a {COMPLETE} "
+            f"marker; pass a run directory whose training saved a checkpoint, or a checkpoint directory)"
+        )
+    return path, ckpt
+
+
+# --------------------------------------------------------------------------- model spec
+def spec_to_json(spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "inputs": {k: {"dtype": f.dtype, "shape": list(f.shape), "vocab": int(f.vocab)} for k, f in spec.inputs.items()},
+        "tasks": {k: {"type": t.type, "out_dim": int(t.out_dim)} for k, t in spec.tasks.items()},
+        "sources": list(spec.sources),
+    }
+
+
+def spec_from_json(data: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(
+        inputs={k: FieldSpec(v["dtype"], tuple(v["shape"]), int(v.get("vocab", 0))) for k, v in data["inputs"].items()},
+        tasks={k: TaskSpec(v["type"], int(v["out_dim"])) for k, v in data["tasks"].items()},
+        sources=list(data["sources"]),
+    )
+
+
+def write_model_spec(run_dir: Path, spec: ModelSpec, is_rank0: bool = True) -> None:
+    """Rank 0 writes `<run.dir>/model_spec.json` (what the model is built from, without shards)."""
+    if is_rank0:
+        Path(run_dir, MODEL_SPEC).write_text(json.dumps(spec_to_json(spec), indent=1) + "\n")
+
+
+def read_model_spec(run_dir: Path, cfg: Config) -> ModelSpec:
+    """The run's ModelSpec: `model_spec.json`, else rebuilt from the recipe's manifests."""
+    file = Path(run_dir) / MODEL_SPEC
+    if file.is_file():
+        return spec_from_json(json.loads(file.read_text()))
+    from manytask.trainer.specs import build_model_spec
+
+    try:
+        return build_model_spec(cfg)[1]
+    except Exception as err:  # noqa: BLE001 - any manifest problem: say what is missing
+        raise CheckpointError(
+            f"{run_dir}: no {MODEL_SPEC} (a run from before it was saved) and the training data's "
+            f"manifests cannot rebuild the model's inputs: {err}"
+        ) from err
+
+
+# --------------------------------------------------------------------------- the model
+@dataclass
+class TrainedModel:
+    """A model rebuilt from a checkpoint, in eval mode, on CPU."""
+
+    cfg: Config
+    spec: ModelSpec
+    model: nn.Module
+    run_dir: Path
+    checkpoint: Path
+    step: int
+
+    @property
+    def tasks(self) -> dict[str, TaskSpec]:
+        return self.spec.tasks
+
+
+def load_trained(path: str | Path) -> TrainedModel:
+    """`RUN_DIR` (its newest complete checkpoint) or a checkpoint directory -> TrainedModel."""
+    run_dir, ckpt = locate(path)
+    config, state = read_model_state(ckpt)
+    cfg = config_from_dict(config, file=str(ckpt / COMMON))
+    spec = read_model_spec(run_dir, cfg)
+    model = build_model(cfg.model, spec)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not fit the model its config builds: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    model.eval()
+    step = int(ckpt.name.split("_")[-1]) if ckpt.name.startswith("step_") else -1
+    return TrainedModel(cfg, spec, model, run_dir, ckpt, step)
