@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,11 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from manytask.config import Config
 from manytask.data_pipeline.manifest import Manifest
 from manytask.data_pipeline.shard_reader import read_shard
 from manytask.data_pipeline.stream import stack_members
 from manytask.models.gates import SoftmaxGates
 from manytask.models.spec import ModelSpec, TaskSpec
+from manytask.trainer import distributed as D
+from manytask.trainer.evaluate import evaluate
 
 
 # --------------------------------------------------------------------------- inputs
@@ -215,3 +219,78 @@ def _keyed(keys: np.ndarray, arrays: dict[str, np.ndarray], key_field: str | Non
     if key_field:
         keys = np.asarray(arrays[key_field]).astype(str).astype(object)
     return keys, arrays
+
+
+# --------------------------------------------------------------------------- eval
+def eval_config(cfg: Config, data: list[str] | None) -> Config:
+    """The run's recipe pointed at the data to evaluate: `data` is one directory per source
+    (recipe order) or `SOURCE=DIR` items; None keeps each source's `val` split. Only those
+    manifests are read (the training shards need not exist any more)."""
+    cfg = copy.deepcopy(cfg)
+    names = [s.name for s in cfg.data.sources]
+    chosen: dict[str, str] = {}
+    for i, item in enumerate(data or []):
+        name, sep, where = item.partition("=")
+        if sep and name in names:
+            chosen[name] = where
+        elif len(data or []) == len(names):
+            chosen[names[i]] = item
+        else:
+            raise ValueError(
+                f"--data {item}: give one directory per source ({', '.join(names)}) in recipe order, "
+                f"or SOURCE=DIR"
+            )
+    for src in cfg.data.sources:
+        src.val = chosen.get(src.name, src.val)
+        if src.val is not None:
+            src.train = src.val
+    if not any(s.val for s in cfg.data.sources):
+        raise ValueError("no data to evaluate: the recipe has no val split; pass --data DIR")
+    return cfg
+
+
+def check_data_fields(cfg: Config, spec: ModelSpec) -> None:
+    """Every input field the data provide must have the model's dtype and per-sample shape."""
+    from manytask.data_pipeline.loader import model_inputs
+
+    for name, got in model_inputs(cfg).items():
+        want = spec.inputs.get(name)
+        if want is not None and (got.dtype, tuple(got.shape)) != (want.dtype, tuple(want.shape)):
+            where = [s.val for s in cfg.data.sources if name in s.inputs]
+            raise ValueError(
+                f"field '{name}' in {where[0] if where else 'the data'}: {got.dtype} {list(got.shape)}, "
+                f"the model expects {want.dtype} {list(want.shape)}"
+            )
+
+
+def evaluate_model(
+    model: nn.Module, spec: ModelSpec, cfg: Config, info: D.DistInfo, batch_size: int | None = None
+) -> dict[str, float]:
+    """Exact per-task metrics of `model` on every source's `val` split of `cfg` (see
+    `eval_config`); under torchrun each rank reads its share and the metrics are reduced exactly."""
+    from manytask.data_pipeline.loader import val_batches
+
+    check_data_fields(cfg, spec)
+    batches = val_batches(cfg, info.rank, info.world_size, batch_size or cfg.data.val_batch_size, max_batches=0)
+    return evaluate(model.to(info.device), batches, spec.tasks, cfg, info.device, exact=True)
+
+
+def metrics_table(result: dict[str, float]) -> list[dict[str, Any]]:
+    """`{"val/<task>/<metric>": v}` -> rows `{"task", "metric", "value"}` in result order."""
+    rows = []
+    for key, value in result.items():
+        _, task, metric = key.split("/", 2)
+        rows.append({"task": task, "metric": metric, "value": value})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    values = {(r["task"], r["metric"]): r["value"] for r in rows}
+    width = max(len(t) for t in tasks) + 2
+    lines = ["task".ljust(width) + "".join(m.rjust(12) for m in metrics)]
+    for t in tasks:
+        cells = [values.get((t, m)) for m in metrics]
+        lines.append(t.ljust(width) + "".join(("" if v is None else f"{v:.6f}").rjust(12) for v in cells))
+    return "\n".join(lines)
