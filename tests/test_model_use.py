@@ -1,6 +1,6 @@
 """The trained model in use: load from Python, eval (1 and 2 ranks), predict to a file, bad input.
 
-One short single-process training per module; every test reads its run directory.
+Every test reads the run directory of one short training (conftest `trained_run`).
 """
 
 from __future__ import annotations
@@ -17,22 +17,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, write_recipe
+from conftest import ROOT
 
 import manytask
 from manytask.launch.cli import main
-
-SILENT = {"logging": {"wandb": False, "progress": False, "heatmap_every": 0}}
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, demo_shards) -> Path:
-    from manytask.config import load_config
-    from manytask.trainer.loop import train
-
-    tmp = tmp_path_factory.mktemp("model_use")
-    train(load_config(write_recipe(tmp, demo_shards, **SILENT)))
-    return tmp / "run"
 
 
 def _val_x(demo_shards: Path, n: int = 300) -> np.ndarray:
