@@ -30,6 +30,7 @@ class RunConfig:
     dir: str = "runs/run"  # holds config.yaml, logs, metrics.jsonl, wandb/, ckpt/
     seed: int = 0
     resume: str = "auto"  # auto | never | path to a checkpoint directory
+    init_from: str | None = None  # a trained RUN_DIR or checkpoint: a new run from its weights
 
 
 @dataclass
@@ -110,6 +111,7 @@ class TrainerConfig:
     log_every: int = 10
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = 100  # stop anyway after this many skipped steps
+    freeze: list[str] = field(default_factory=list)  # shared | experts | towers.<task> | name pattern
 
 
 @dataclass
