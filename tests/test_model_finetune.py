@@ -7,11 +7,12 @@ must stay bit-for-bit the same and the new task must beat its trivial baseline.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_recipe
+from conftest import torchrun, write_recipe
 
 import manytask
 from manytask.config import load_config
@@ -28,24 +29,9 @@ def _source(data: Path, labels: dict[str, str]) -> dict:
                          "inputs": ["x"], "labels": labels}]}
 
 
-def few_click_labels(out: Path, fraction: float = 0.05) -> Path:
-    """The demo data (same samples as conftest's demo_shards) with `click` kept on `fraction`
-    of the training samples (-1 = no label elsewhere) and on every validation sample."""
-    from manytask.data_pipeline.shard_writer import write_shards
-    from manytask.data_pipeline.synthetic import mmoe_pair
-
-    arrays = mmoe_pair(10_000, correlation=0.5, seed=0)
-    train = {k: v[:8000].copy() for k, v in arrays.items()}
-    val = {k: v[8000:] for k, v in arrays.items()}
-    hide = np.random.default_rng(1).random(8000) >= fraction
-    train["click"][hide] = -1
-    write_shards(out / "train", train, 2000, 256, prefix="train", vocab={"click": 2})
-    write_shards(out / "val", val, 2000, 256, prefix="val", vocab={"click": 2})
-    return out
-
-
 @pytest.fixture(scope="module")
 def base_and_finetuned(tmp_path_factory, demo_shards):
+    from manytask.data_pipeline.synthetic import prepare_demo_few_click
     from manytask.trainer.loop import train
 
     tmp = tmp_path_factory.mktemp("finetune")
@@ -53,7 +39,8 @@ def base_and_finetuned(tmp_path_factory, demo_shards):
     base.mkdir()
     train(load_config(write_recipe(base, demo_shards, tasks=OLD_TASKS, trainer=STEPS,
                                    data=_source(demo_shards, {"regress_a": "y_a", "regress_b": "y_b"}), **SILENT)))
-    few = few_click_labels(tmp / "few")
+    few = tmp / "few"  # the demo_shards samples, click labelled on 5% of the training samples
+    prepare_demo_few_click(few, n_train=8000, n_val=2000, shards=4, chunk_size=256)
     tuned = tmp / "tuned"
     tuned.mkdir()
     recipe = write_recipe(
@@ -61,25 +48,46 @@ def base_and_finetuned(tmp_path_factory, demo_shards):
         run={"init_from": str(base / "run")},
         trainer={**STEPS, "freeze": ["shared", "towers.regress_a", "towers.regress_b"]}, **SILENT,
     )
-    return base / "run", tuned / "run", train(load_config(recipe))
+    return base / "run", tuned / "run", train(load_config(recipe)), few
 
 
 def test_added_task_learns_while_old_tasks_stay_bit_identical(base_and_finetuned, demo_shards):
-    from manytask.data_pipeline.manifest import load_manifest
-    from manytask.trainer.inference import shard_batches
 
-    base, tuned, val = base_and_finetuned
-    _, arrays = next(shard_batches(load_manifest(demo_shards / "val"), ["x"], 2000))
-    before = manytask.load(base).predict({"x": arrays["x"]})
-    after = manytask.load(tuned).predict({"x": arrays["x"]})
-    for task in OLD_TASKS:
-        np.testing.assert_array_equal(after[task], before[task])
+    base, tuned, val, _ = base_and_finetuned
+    _assert_old_tasks_unchanged(base, tuned, demo_shards)
     assert val["val/click/auc"] > 0.75  # trivial baseline: 0.5
     log = (tuned / "train.log").read_text()
     assert "init_from" in log and "dropped 0" in log
     assert "towers.groups.0.layers.0.weight[click]" in log.split("new:")[1].split("\n")[0]
     assert "experts.layers.0.weight" in log.split("loaded:")[1].split("\n")[0]
     assert "trainer.freeze" in log
+
+
+def _assert_old_tasks_unchanged(base: Path, tuned: Path, demo_shards: Path) -> None:
+    from manytask.data_pipeline.manifest import load_manifest
+    from manytask.trainer.inference import shard_batches
+
+    _, arrays = next(shard_batches(load_manifest(demo_shards / "val"), ["x"], 2000))
+    before = manytask.load(base).predict({"x": arrays["x"]})
+    after = manytask.load(tuned).predict({"x": arrays["x"]})
+    for task in OLD_TASKS:
+        np.testing.assert_array_equal(after[task], before[task])
+
+
+def test_ddp_two_ranks_keep_frozen_slices_and_tensors(base_and_finetuned, demo_shards, tmp_path):
+    """DDP: frozen tensors are outside its buckets, frozen slices get zero gradients on every
+    rank; the old tasks stay bit-identical after a 2-rank fine-tune too."""
+    base, _, _, few = base_and_finetuned
+    recipe = write_recipe(
+        tmp_path, few, tasks=ALL_TASKS, data=_source(few, {"regress_a": "y_a", "regress_b": "y_b", "click": "click"}),
+        run={"init_from": str(base)}, trainer={"max_steps": 60, "eval_every": 60,
+                                               "freeze": ["shared", "towers.regress_a", "towers.regress_b"]},
+        **SILENT,
+    )
+    torchrun(recipe)
+    _assert_old_tasks_unchanged(base, tmp_path / "run", demo_shards)
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["val/click/auc"] > 0.6  # the new task learned (trivial: 0.5)
 
 
 def test_freeze_names_a_bad_pattern(tmp_path, demo_shards):
