@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHES = ["bench.bench_streams", "bench.bench_models", "bench.bench_trainer", "bench.bench_gpu"]
+BENCHES = ["bench.bench_streams", "bench.bench_models", "bench.bench_trainer", "bench.bench_gpu",
+           "bench.bench_predict"]
 
 
 def main() -> int:
