@@ -19,7 +19,7 @@ def _trained(args: argparse.Namespace):  # noqa: ANN202 - a TrainedModel
     from manytask.trainer.model_io import load_trained
 
     try:
-        return load_trained(args.checkpoint or args.run_dir)
+        return load_trained(args.checkpoint or args.run_dir, run_dir=args.run_dir if args.checkpoint else None)
     except CheckpointError as err:
         raise ValueError(str(err)) from err
 
@@ -43,11 +43,11 @@ def _eval(args: argparse.Namespace) -> int:
         data = {s.name: s.val for s in cfg.data.sources if s.val}
         tag = "val" if not args.data else "_".join(Path(d.partition("=")[2] or d).name for d in args.data)
         tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag) or "data"
-        out_dir = _outside_checkpoint(Path(args.out_dir) if args.out_dir else Path(args.run_dir) / "eval", trained.checkpoint)
+        out_dir = _outside_checkpoint(Path(args.out_dir) if args.out_dir else trained.run_dir / "eval", trained.checkpoint)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = out_dir / f"{tag}-step{trained.step:08d}"
         record = {
-            "run_dir": str(args.run_dir), "checkpoint": str(trained.checkpoint), "step": trained.step,
+            "run_dir": str(trained.run_dir), "checkpoint": str(trained.checkpoint), "step": trained.step,
             "data": data, "world_size": info.world_size, "metrics": result,
         }
         stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
@@ -68,7 +68,7 @@ def _predict(args: argparse.Namespace) -> int:
     from manytask.trainer.predict_file import predict_to_file
 
     try:
-        loaded = load(args.checkpoint or args.run_dir)
+        loaded = load(args.checkpoint or args.run_dir, run_dir=args.run_dir if args.checkpoint else None)
     except CheckpointError as err:
         raise ValueError(str(err)) from err
     out = _outside_checkpoint(Path(args.out), loaded.checkpoint)
@@ -85,7 +85,7 @@ def _export(args: argparse.Namespace) -> int:
     from manytask.trainer.export import export_model
 
     trained = _trained(args)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "export" / f"model.{args.format}"
+    out = Path(args.out) if args.out else trained.run_dir / "export" / f"model.{args.format}"
     _outside_checkpoint(out, trained.checkpoint)
     for path in export_model(trained, out, args.format):
         print(path)

@@ -79,14 +79,15 @@ def load_preprocessing(run_dir: Path, spec: ModelSpec) -> Any:
     return Preprocessor.from_manifest(dirs[0])
 
 
-def load(path: str | Path) -> LoadedModel:
+def load(path: str | Path, run_dir: str | Path | None = None) -> LoadedModel:
     """A run directory (its newest complete checkpoint) or a checkpoint directory -> LoadedModel.
 
+    run_dir: the run a checkpoint directory belongs to (default: the folder holding its ckpt/).
     Raises CheckpointError naming the path when there is no complete checkpoint.
     """
     from manytask.trainer.model_io import load_trained
 
-    trained = load_trained(path)
+    trained = load_trained(path, run_dir)
     return LoadedModel(
         model=trained.model, tasks=dict(trained.spec.tasks), spec=trained.spec, config=trained.cfg,
         preprocessing=load_preprocessing(trained.run_dir, trained.spec), run_dir=trained.run_dir,

@@ -90,6 +90,33 @@ def test_ddp_two_ranks_keep_frozen_slices_and_tensors(base_and_finetuned, demo_s
     assert last["val/click/auc"] > 0.6  # the new task learned (trivial: 0.5)
 
 
+def test_deepspeed_freezes_whole_tensors_and_refuses_slices(base_and_finetuned, tmp_path):
+    """ZeRO-2 on 2 ranks: frozen experts stay bit-identical (outside DeepSpeed's partitions);
+    a task's slice of a stacked tower cannot be frozen there, and the error says so up front."""
+    import torch
+
+    from manytask.models import build_model
+    from manytask.trainer.finetune import prepare_finetune
+    from manytask.trainer.model_io import read_model_spec
+
+    base, _, _, few = base_and_finetuned
+    deepspeed = {"name": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 2}}}
+    labels = {"regress_a": "y_a", "regress_b": "y_b", "click": "click"}
+    recipe = write_recipe(tmp_path, few, tasks=ALL_TASKS, data=_source(few, labels), engine=deepspeed,
+                          run={"init_from": str(base)}, trainer={"max_steps": 20, "eval_every": 20, "freeze": ["experts"]},
+                          **SILENT)
+    torchrun(recipe)
+    before = manytask.load(base).model.state_dict()
+    after = manytask.load(tmp_path / "run").model.state_dict()
+    for key in [k for k in before if k.startswith("experts.")]:
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["towers.groups.0.layers.0.weight"][:2], before["towers.groups.0.layers.0.weight"])
+    cfg = load_config(recipe, ["trainer.freeze=[towers.regress_a]"])
+    model = build_model(cfg.model, read_model_spec(tmp_path / "run", cfg))
+    with pytest.raises(ConfigError, match=r"'trainer.freeze': \['towers.groups.0.layers.0.weight\[regress_a\]'.*DeepSpeed"):
+        prepare_finetune(cfg, model, say=lambda _: None)
+
+
 def test_freeze_names_a_bad_pattern(tmp_path, demo_shards):
     from manytask.models import build_model
     from manytask.trainer.finetune import freeze

@@ -141,3 +141,13 @@ def test_raw_table_without_stored_preprocessing_is_refused(trained_run, tmp_path
     assert main(["predict", str(trained_run), "--data", str(table), "--out", str(tmp_path / "p.parquet")]) == 2
     err = capsys.readouterr().err
     assert str(table) in err and "preprocessing" in err and "['x']" in err
+
+
+def test_eval_of_a_checkpoint_folder_writes_beside_it_never_into_it(trained_run, tmp_path, capsys):
+    ckpt = trained_run / "ckpt" / "step_00000060"
+    before = sorted(p.name for p in ckpt.rglob("*"))
+    assert main(["eval", str(ckpt), "--out-dir", str(tmp_path / "by_ckpt")]) == 0
+    assert (tmp_path / "by_ckpt" / "val-step00000060.json").is_file()
+    assert main(["eval", str(trained_run), "--checkpoint", str(ckpt), "--out-dir", str(ckpt / "eval")]) == 2
+    assert f"refusing to write into the checkpoint folder {ckpt}" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt.rglob("*")) == before

@@ -117,12 +117,6 @@ class FrozenSlices:
         """Restore the frozen slices after each step of the engine's optimizer."""
         if not self.slices:
             return
-        if getattr(engine, "kind", "") == "deepspeed":
-            raise ConfigError(
-                f"'trainer.freeze': {self.sliced[:4]} are task slices of tensors stacked across tasks, "
-                "which DeepSpeed keeps as flat fp32 partitions of its own; freeze whole groups "
-                "(shared, experts, a name pattern) under DeepSpeed, or use engine.name ddp"
-            )
         engine.optimizer.register_step_post_hook(lambda *_: self.restore())
 
     @torch.no_grad()
@@ -192,6 +186,12 @@ def prepare_finetune(cfg: Config, model: nn.Module, say: Callable[[str], None] =
         source = load_trained(cfg.run.init_from)
         say(transfer_weights(model, source.model).report(f"{source.checkpoint} (step {source.step})"))
     frozen = freeze(model, list(cfg.trainer.freeze)) if cfg.trainer.freeze else FrozenSlices()
+    if frozen.slices and cfg.engine.name == "deepspeed":  # before DeepSpeed's costly set-up
+        raise ConfigError(
+            f"'trainer.freeze': {frozen.sliced[:4]} are task slices of tensors stacked across tasks, "
+            "which DeepSpeed keeps as flat fp32 partitions of its own; freeze whole groups "
+            "(shared, experts, a name pattern) under DeepSpeed, or use engine.name ddp"
+        )
     if cfg.trainer.freeze:
         say(f"trainer.freeze: {len(frozen.whole)} tensors and {len(frozen.sliced)} task slices fixed: "
             f"{', '.join(frozen.whole + frozen.sliced)}")

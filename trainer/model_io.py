@@ -165,9 +165,13 @@ class TrainedModel:
         return self.spec.tasks
 
 
-def load_trained(path: str | Path) -> TrainedModel:
-    """`RUN_DIR` (its newest complete checkpoint) or a checkpoint directory -> TrainedModel."""
-    run_dir, ckpt = locate(path)
+def load_trained(path: str | Path, run_dir: str | Path | None = None) -> TrainedModel:
+    """`RUN_DIR` (its newest complete checkpoint) or a checkpoint directory -> TrainedModel.
+
+    run_dir: the run a checkpoint directory belongs to (default: the folder holding its `ckpt/`).
+    """
+    found_run, ckpt = locate(path)
+    run_dir = Path(run_dir) if run_dir is not None else found_run
     config, state = read_model_state(ckpt)
     cfg = config_from_dict(config, file=str(ckpt / COMMON))
     spec = read_model_spec(run_dir, cfg)
