@@ -21,7 +21,7 @@ from manytask.schema import ConfigError
 SILENT = {"logging": {"wandb": False, "progress": False, "heatmap_every": 0}}
 OLD_TASKS = {"regress_a": {"type": "regression"}, "regress_b": {"type": "regression"}}
 ALL_TASKS = {**OLD_TASKS, "click": {"type": "binary"}}
-STEPS = {"max_steps": 200, "eval_every": 200}
+STEPS = {"max_steps": 120, "eval_every": 120}
 
 
 def _source(data: Path, labels: dict[str, str]) -> dict:
