@@ -151,3 +151,24 @@ def test_eval_of_a_checkpoint_folder_writes_beside_it_never_into_it(trained_run,
     assert main(["eval", str(trained_run), "--checkpoint", str(ckpt), "--out-dir", str(ckpt / "eval")]) == 2
     assert f"refusing to write into the checkpoint folder {ckpt}" in capsys.readouterr().err
     assert sorted(p.name for p in ckpt.rglob("*")) == before
+
+
+def test_predict_keys_sample_layout_rows_by_their_tar_key(trained_run, tmp_path, capsys):
+    """Foreign WebDataset shards (one sample per key, indexed by `manytask shards index`)."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((50, 100)).astype(np.float32)
+    data = tmp_path / "foreign"
+    data.mkdir()
+    with wds.ShardWriter(str(data / "part-%06d.tar"), maxcount=20, verbose=0) as sink:
+        for i, x in enumerate(xs):
+            sink.write({"__key__": f"user{i:03d}", "x.npy": x})
+    assert main(["shards", "index", str(data)]) == 0
+    out = tmp_path / "pred.parquet"
+    assert main(["predict", str(trained_run), "--data", str(data), "--out", str(out), "--batch-size", "16"]) == 0
+    pred = pd.read_parquet(out)
+    assert list(pred["key"]) == [f"user{i:03d}" for i in range(50)]
+    expected = manytask.load(trained_run).predict({"x": xs})
+    np.testing.assert_allclose(pred["click"], expected["click"], rtol=1e-6)
+    assert "label.click" not in pred  # these shards carry no labels

@@ -180,8 +180,10 @@ def shard_batches(
     if absent:
         raise ValueError(f"{m.path}: field(s) {absent} are not in the data (fields there: {', '.join(m.fields)})")
     infos = {f: m.fields[f] for f in wanted}
-    keys: list[np.ndarray] = []
-    parts: list[dict] = []
+    pending: list[dict] = []  # decoded members not yet stacked, and their keys
+    pending_keys: list[np.ndarray] = []
+    carry: dict[str, np.ndarray] | None = None  # stacked rows not yet yielded
+    carry_keys = np.zeros(0, dtype=object)
     rows, first = 0, 0
     for s, shard in enumerate(m.shards):
         select = {q for q in range(len(shard.members)) if (first + q) % world == rank}
@@ -190,29 +192,31 @@ def shard_batches(
             continue
         for q, key, data in read_shard(m.shard_url(s), infos, m.layout, shard.members, select=select, manifest=m.path):
             n = shard.members[q]
-            parts.append(data)
-            keys.append(np.array([f"{key}/{j}" for j in range(n)] if m.layout == "chunk" else [key], dtype=object))
+            pending.append(data)
+            pending_keys.append(np.array([f"{key}/{j}" for j in range(n)] if m.layout == "chunk" else [key], dtype=object))
             rows += n
-            while rows >= batch_size:
-                k, a, keys, parts = _split(keys, parts, infos, m.layout, batch_size)
-                rows -= batch_size
-                yield _keyed(k, a, key_field)
+            if rows < batch_size:
+                continue
+            carry, carry_keys = _append(carry, carry_keys, pending, pending_keys, infos, m.layout)
+            pending, pending_keys = [], []
+            start = 0
+            while rows - start >= batch_size:
+                cut = slice(start, start + batch_size)
+                yield _keyed(carry_keys[cut], {f: v[cut] for f, v in carry.items()}, key_field)
+                start += batch_size
+            carry, carry_keys, rows = {f: v[start:] for f, v in carry.items()}, carry_keys[start:], rows - start
+    if pending:
+        carry, carry_keys = _append(carry, carry_keys, pending, pending_keys, infos, m.layout)
     if rows:
-        yield _keyed(np.concatenate(keys), stack_members(parts, infos, m.layout), key_field)
+        yield _keyed(carry_keys, carry, key_field)
 
 
-def _split(keys, parts, infos, layout, n):
-    """First n rows of the pending members, and the rest as one member."""
-    stacked = stack_members(parts, infos, layout)
-    all_keys = np.concatenate(keys)
-    head = {f: v[:n] for f, v in stacked.items()}
-    tail = {f: v[n:] for f, v in stacked.items()}
-    rest_keys = [all_keys[n:]] if len(all_keys) > n else []
-    # the rest is one chunk-layout member whatever the layout was (already stacked)
-    rest = [tail] if rest_keys else []
-    if layout != "chunk" and rest:
-        rest = [{f: v[i] for f, v in tail.items()} for i in range(len(rest_keys[0]))]
-    return all_keys[:n], head, rest_keys, rest
+def _append(carry, carry_keys, pending, pending_keys, infos, layout):
+    stacked = stack_members(pending, infos, layout)
+    keys = np.concatenate([carry_keys, *pending_keys])
+    if carry is None:
+        return stacked, keys
+    return {f: np.concatenate([carry[f], v]) for f, v in stacked.items()}, keys
 
 
 def _keyed(keys: np.ndarray, arrays: dict[str, np.ndarray], key_field: str | None):
