@@ -30,6 +30,9 @@ from serve import load
 model = load(sys.argv[3])
 data = np.load(sys.argv[4])
 out = {f"{n}/{k}": v for n in (1, 7, 300) for k, v in model({"x": data["x"][:n]}).items()}
+import torch  # the program alone, as the JSON's "load" line says (no torch.no_grad needed)
+program = torch.export.load(sys.argv[3]).module()
+out.update({f"raw/{k}": v.detach().numpy() for k, v in program({"x": torch.from_numpy(data["x"][:7])}).items()})
 try:
     model({"features": data["x"]})
 except ValueError as err:
@@ -62,6 +65,8 @@ def test_exported_program_serves_without_manytask(trained_run, demo_shards, tmp_
         for task in ("click", "regress_a", "regress_b"):
             assert served[f"{n}/{task}"].shape == (n,)
             np.testing.assert_allclose(served[f"{n}/{task}"], expected[task][:n], atol=1e-5, rtol=0)
+    for task in ("click", "regress_a", "regress_b"):
+        np.testing.assert_array_equal(served[f"raw/{task}"], served[f"7/{task}"])
     error = str(served["error"])
     assert str(out) in error and "missing ['x']" in error and "unknown ['features']" in error
     assert "x: float32 ['batch', 100]" in error

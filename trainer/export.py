@@ -97,6 +97,9 @@ def export_model(trained: Any, out: Path, fmt: str = "pt2") -> list[Path]:
     out = Path(out)
     spec: ModelSpec = trained.spec
     serving = ServingModel(trained.model.eval(), spec).eval()
+    # an inference program: weights without autograd (some layers write into out= buffers,
+    # which autograd refuses when a weight requires grad), so callers need no torch.no_grad()
+    serving.requires_grad_(False)
     example = example_inputs(spec)
     batch = torch.export.Dim("batch", min=1, max=1 << 30)
     dynamic = {"inputs": {name: {0: batch} for name in example}}
