@@ -26,17 +26,23 @@ PREPROCESSING = "preprocessing"
 @dataclass
 class LoadedModel:
     """A trained model: `model` (eval mode, CPU), `tasks` (task -> TaskSpec), `spec` (inputs),
-    `config` (the run's resolved recipe), `preprocessing` (the run's stored Preprocessor for raw
-    columns, or None), `checkpoint` (what was loaded) and `step`."""
+    `config` (the run's resolved recipe), `preprocessing` (source name -> the run's stored
+    Preprocessor for raw columns; empty when the run stores none), `checkpoint` and `step`."""
 
     model: nn.Module
     tasks: dict[str, TaskSpec]
     spec: ModelSpec
     config: Config
-    preprocessing: Any
+    preprocessing: dict[str, Any]
     run_dir: Path
     checkpoint: Path
     step: int
+
+    def preprocessor(self, source: str | int | None = None) -> Any:
+        """The stored Preprocessor of `source` (name or index; default the first), or None."""
+        from manytask.trainer.inference import source_index
+
+        return self.preprocessing.get(self.spec.sources[source_index(self.spec, source)]) if self.spec.sources else None
 
     def predict(self, batch: Any, source: str | int | None = None, gates: bool = False) -> dict[str, np.ndarray]:
         """Predictions for every task of `batch`.
@@ -64,19 +70,15 @@ class LoadedModel:
         return out
 
 
-def load_preprocessing(run_dir: Path, spec: ModelSpec) -> Any:
-    """The run's stored preprocessing (`<run.dir>/preprocessing/<source>/`), or None.
-
-    A model trained on one source uses that source's; several sources' preprocessings would
-    need a `source` to choose, which `predict` leaves to the caller's raw data (the first).
-    """
+def load_preprocessing(run_dir: Path, spec: ModelSpec) -> dict[str, Any]:
+    """source name -> the run's stored preprocessing (`<run.dir>/preprocessing/<source>/`)."""
     root = Path(run_dir) / PREPROCESSING
-    dirs = [root / s for s in spec.sources if (root / s / "manifest.json").is_file()]
-    if not dirs:
-        return None
+    found = {s: root / s for s in spec.sources if (root / s / "manifest.json").is_file()}
+    if not found:
+        return {}
     from manytask.data_pipeline.preprocess import Preprocessor  # the data issue's contract
 
-    return Preprocessor.from_manifest(dirs[0])
+    return {s: Preprocessor.from_manifest(d) for s, d in found.items()}
 
 
 def load(path: str | Path, run_dir: str | Path | None = None) -> LoadedModel:

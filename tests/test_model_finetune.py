@@ -119,7 +119,7 @@ def test_deepspeed_freezes_whole_tensors_and_refuses_slices(base_and_finetuned, 
 
 def test_freeze_names_a_bad_pattern(tmp_path, demo_shards):
     from manytask.models import build_model
-    from manytask.trainer.finetune import freeze
+    from manytask.trainer.finetune import freeze, prepare_finetune
     from manytask.trainer.specs import build_model_spec
 
     cfg = load_config(write_recipe(tmp_path, demo_shards, **SILENT))
@@ -128,6 +128,10 @@ def test_freeze_names_a_bad_pattern(tmp_path, demo_shards):
         freeze(model, ["towers.clik"])
     with pytest.raises(ConfigError, match=r"'decoder.\*' matches no parameter"):
         freeze(model, ["decoder.*"])
+    for fixes in (["weighting.name=gradnorm"], ["weighting.name=pcgrad"], ["monitor.affinity_every=10"]):
+        frozen_cfg = load_config(write_recipe(tmp_path, demo_shards, trainer={"freeze": ["shared"]}, **SILENT), fixes)
+        with pytest.raises(ConfigError, match="keeps fixed"):
+            prepare_finetune(frozen_cfg, build_model(cfg.model, build_model_spec(cfg)[1]), say=lambda _: None)
     frozen = freeze(model, ["experts.layers.0.*", "towers.click"])
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("experts.layers.0."))
     assert frozen.sliced and all("[click]" in s for s in frozen.sliced)

@@ -33,7 +33,7 @@ def _val_x(demo_shards: Path, n: int = 300) -> np.ndarray:
 
 def test_load_gives_the_trained_model_and_predicts_any_table_form(trained_run, demo_shards):
     m = manytask.load(trained_run)
-    assert not m.model.training and m.step == 60 and m.preprocessing is None
+    assert not m.model.training and m.step == 60 and m.preprocessing == {} and m.preprocessor() is None
     assert {t: s.type for t, s in m.tasks.items()} == {"regress_a": "regression", "regress_b": "regression", "click": "binary"}
     x = _val_x(demo_shards)
     out = m.predict({"x": x})

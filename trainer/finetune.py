@@ -177,6 +177,24 @@ def freeze(model: nn.Module, patterns: list[str]) -> FrozenSlices:
     return frozen
 
 
+def _check_shared_gradients(cfg: Config, model: nn.Module) -> None:
+    """Methods that differentiate the shared part per task cannot run once it is frozen."""
+    trainable = [p.requires_grad for p in model.shared_parameters()]
+    last = [p.requires_grad for p in model.last_shared_parameters()]
+    needs = {"gradnorm": all(last), "pcgrad": any(trainable), "mgda": any(trainable)}
+    if not needs.get(cfg.weighting.name, True):
+        raise ConfigError(
+            f"'weighting.name': {cfg.weighting.name} needs per-task gradients of the shared part, which "
+            f"trainer.freeze {list(cfg.trainer.freeze)} keeps fixed; use another weighting (equal, "
+            "uncertainty, dwa, ...) or freeze less"
+        )
+    if cfg.monitor.affinity_every and not any(trainable):
+        raise ConfigError(
+            "'monitor.affinity_every': task affinity compares the tasks' gradients on the shared "
+            f"part, which trainer.freeze {list(cfg.trainer.freeze)} keeps fixed; set it to 0"
+        )
+
+
 def prepare_finetune(cfg: Config, model: nn.Module, say: Callable[[str], None] = print) -> FrozenSlices:
     """`run.init_from` then `trainer.freeze` on a freshly built model (every rank, before the
     engine wraps it); returns the frozen slices for `FrozenSlices.attach(engine)`."""
@@ -192,6 +210,7 @@ def prepare_finetune(cfg: Config, model: nn.Module, say: Callable[[str], None] =
             "which DeepSpeed keeps as flat fp32 partitions of its own; freeze whole groups "
             "(shared, experts, a name pattern) under DeepSpeed, or use engine.name ddp"
         )
+    _check_shared_gradients(cfg, model)
     if cfg.trainer.freeze:
         say(f"trainer.freeze: {len(frozen.whole)} tensors and {len(frozen.sliced)} task slices fixed: "
             f"{', '.join(frozen.whole + frozen.sliced)}")

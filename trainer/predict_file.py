@@ -115,12 +115,13 @@ def predict_to_file(
     spec: ModelSpec = loaded.spec
     src_i = source_index(spec, source)
     src_cfg = loaded.config.data.sources[src_i]
+    preprocessing = loaded.preprocessor(src_i)
     data = Path(data)
     if data.suffix in TABLE_SUFFIXES:
-        if loaded.preprocessing is None:
+        if preprocessing is None:
             raise ValueError(
-                f"{data}: a raw table needs the run's stored preprocessing, and {loaded.run_dir}/preprocessing/ "
-                f"has none (the run was trained on shards not made from a table); pass shards "
+                f"{data}: a raw table needs the run's stored preprocessing, and {loaded.run_dir}/preprocessing/"
+                f"{src_cfg.name}/ does not exist (the run was trained on shards not made from a table); pass shards "
                 f"(a directory with manifest.json) holding the fields {list(spec.inputs)}"
             )
         batches = table_batches(data, batch_size, key_field)
@@ -151,7 +152,7 @@ def predict_to_file(
                 f: np.zeros((n, *s.shape), dtype=s.dtype)
                 for f, s in spec.inputs.items() if f not in own_inputs and f not in arrays
             }
-            inputs = model_inputs_from(spec, {**arrays, **filled}, loaded.preprocessing, where=where)
+            inputs = model_inputs_from(spec, {**arrays, **filled}, preprocessing, where=where)
             source_id = torch.full((n,), src_i, dtype=torch.long)
             preds, gate_w = predict_tensors(loaded.model, spec, inputs, source_id, gates)
             columns: dict[str, np.ndarray] = {"key": np.asarray(keys).astype(str)}
