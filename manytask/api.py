@@ -61,7 +61,7 @@ class LoadedModel:
             source_index,
         )
 
-        inputs = model_inputs_from(self.spec, as_arrays(batch), self.preprocessing)
+        inputs = model_inputs_from(self.spec, as_arrays(batch), self.preprocessor(source), raw=batch)
         rows = next(iter(inputs.values())).shape[0]
         source_id = torch.full((rows,), source_index(self.spec, source), dtype=torch.long)
         preds, gate_w = predict_tensors(self.model, self.spec, inputs, source_id, gates)

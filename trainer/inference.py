@@ -48,23 +48,30 @@ def as_arrays(table: Any) -> dict[str, np.ndarray]:
 
 
 def _stack(column: np.ndarray) -> np.ndarray:
+    """A column of equal-length lists -> `[n, width]`; ragged lists (raw multi-valued columns,
+    left to the preprocessing) stay an object array."""
     if column.dtype == object and len(column) and isinstance(column[0], (list, np.ndarray)):
-        return np.stack([np.asarray(v) for v in column])
+        try:
+            return np.stack([np.asarray(v) for v in column])
+        except ValueError:
+            return column
     return column
 
 
 def model_inputs_from(
-    spec: ModelSpec, arrays: dict[str, np.ndarray], preprocessing: Any = None, where: str = "batch"
+    spec: ModelSpec, arrays: dict[str, np.ndarray], preprocessing: Any = None, where: str = "batch",
+    raw: Any = None,
 ) -> dict[str, torch.Tensor]:
     """The model's input fields as tensors `[n, *shape]` in the model's dtypes.
 
     arrays: model-ready fields, or raw columns when `preprocessing` (the run's stored
-    `Preprocessor`) is given and some field is missing. Raises ValueError naming `where`, the
-    field and what the model expects.
+    `Preprocessor`) is given and some field is missing; it encodes `raw` (the table as the
+    caller gave it) or else `arrays`. Raises ValueError naming `where`, the field and what the
+    model expects.
     """
     missing = [f for f in spec.inputs if f not in arrays]
     if missing and preprocessing is not None:
-        arrays = {**arrays, **preprocessing.encode(arrays)}
+        arrays = {**arrays, **preprocessing.encode(raw if raw is not None else arrays)}
         missing = [f for f in spec.inputs if f not in arrays]
     if missing:
         expected = ", ".join(f"{f}: {s.dtype} {list(s.shape)}" for f, s in spec.inputs.items())

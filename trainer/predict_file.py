@@ -75,8 +75,11 @@ class PredictionWriter:
             self._writer.close()
 
 
-def table_batches(path: Path, batch_size: int, key_field: str | None) -> Iterator[tuple[np.ndarray, dict]]:
-    """(keys, raw columns) of a .parquet / .csv table, batch_size rows at a time (streamed)."""
+def table_batches(path: Path, batch_size: int, key_field: str | None) -> Iterator[tuple[np.ndarray, Any]]:
+    """(keys, pyarrow Table of raw columns) of a .parquet / .csv table, batch_size rows at a
+    time (streamed)."""
+    import pyarrow as pa
+
     if path.suffix == ".csv":
         import pyarrow.csv as pacsv
 
@@ -88,16 +91,16 @@ def table_batches(path: Path, batch_size: int, key_field: str | None) -> Iterato
         batches = pq.ParquetFile(str(path)).iter_batches(batch_size=batch_size)
     start = 0
     for rb in batches:
-        arrays = as_arrays(rb)
-        n = rb.num_rows
+        table = pa.Table.from_batches([rb])
+        n = table.num_rows
         if key_field:
-            if key_field not in arrays:
-                raise ValueError(f"{path}: no column '{key_field}' for --key (columns: {sorted(arrays)})")
-            keys = np.asarray(arrays[key_field]).astype(str).astype(object)
+            if key_field not in table.column_names:
+                raise ValueError(f"{path}: no column '{key_field}' for --key (columns: {table.column_names})")
+            keys = np.asarray(table.column(key_field).to_numpy(zero_copy_only=False)).astype(str).astype(object)
         else:
             keys = np.arange(start, start + n).astype(str).astype(object)
         start += n
-        yield keys, arrays
+        yield keys, table
 
 
 def predict_to_file(
@@ -145,14 +148,16 @@ def predict_to_file(
         where = m.path
     own_inputs = set(src_cfg.inputs)
     with PredictionWriter(Path(out), fmt) as writer:
-        for keys, arrays in batches:
+        for keys, batch in batches:
+            raw = None if isinstance(batch, dict) else batch  # a raw table for the preprocessing
+            arrays = batch if raw is None else as_arrays(raw)
             n = len(keys)
             # a field this source does not provide is zero-filled, as in training
             filled = {
                 f: np.zeros((n, *s.shape), dtype=s.dtype)
                 for f, s in spec.inputs.items() if f not in own_inputs and f not in arrays
             }
-            inputs = model_inputs_from(spec, {**arrays, **filled}, preprocessing, where=where)
+            inputs = model_inputs_from(spec, {**arrays, **filled}, preprocessing, where=where, raw=raw)
             source_id = torch.full((n,), src_i, dtype=torch.long)
             preds, gate_w = predict_tensors(loaded.model, spec, inputs, source_id, gates)
             columns: dict[str, np.ndarray] = {"key": np.asarray(keys).astype(str)}
