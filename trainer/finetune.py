@@ -63,8 +63,8 @@ def transfer_weights(target: nn.Module, source: nn.Module) -> Transfer:
     names_t = {id(p): n for n, p in target.named_parameters()}
     names_s = {id(p): n for n, p in source.named_parameters()}
     owned_t, owned_s = _task_owned(target), _task_owned(source)
-    per_task_t = {id(p) for items in owned_t.values() for p, _ in items}
-    per_task_s = {id(p) for items in owned_s.values() for p, _ in items}
+    per_task_t = {names_t[id(p)] for items in owned_t.values() for p, _ in items}
+    per_task_s = {names_s[id(p)] for items in owned_s.values() for p, _ in items}
     for task, items in owned_t.items():
         old = owned_s.get(task, [])
         fits = len(old) == len(items) and all(
@@ -77,12 +77,12 @@ def transfer_weights(target: nn.Module, source: nn.Module) -> Transfer:
                 result.loaded.append(label)
             else:
                 result.new.append(label)
+        if old and not fits:  # the task changed shape (another type or width): start afresh
+            result.dropped += [f"{names_s[id(q)]}[{task}]" for q, _ in old]
     for task, items in owned_s.items():
         if task not in owned_t:
             result.dropped += [f"{names_s[id(p)]}[{task}]" for p, _ in items]
     # everything else (shared parameters, persistent buffers) by name and shape
-    per_task_t = {names_t[i] for i in per_task_t}
-    per_task_s = {names_s[i] for i in per_task_s}
     src_state = {n: t for n, t in source.state_dict().items() if n not in per_task_s}
     for name, tensor in target.state_dict(keep_vars=True).items():
         if name in per_task_t:
