@@ -86,7 +86,8 @@ def test_predict_file_matches_eval_and_sklearn(trained_run, demo_shards, tmp_pat
 
 
 def test_eval_on_two_ranks_equals_one(trained_run, tmp_path):
-    one = json.loads((_eval_once(trained_run, tmp_path / "one", nproc=1)).read_text())["metrics"]
+    assert main(["eval", str(trained_run), "--out-dir", str(tmp_path / "one"), "--batch-size", "256"]) == 0
+    one = json.loads((tmp_path / "one" / "val-step00000060.json").read_text())["metrics"]
     two_rec = json.loads((_eval_once(trained_run, tmp_path / "two", nproc=2)).read_text())
     assert two_rec["world_size"] == 2
     assert set(two_rec["metrics"]) == set(one)
