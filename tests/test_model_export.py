@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import manytask
@@ -26,6 +27,7 @@ try:
 except ModuleNotFoundError:
     pass
 import numpy as np
+import pytest
 from serve import load
 model = load(sys.argv[3])
 data = np.load(sys.argv[4])
@@ -72,12 +74,28 @@ def test_exported_program_serves_without_manytask(trained_run, demo_shards, tmp_
     assert "x: float32 ['batch', 100]" in error
 
 
-def test_onnx_without_the_onnx_package_says_what_to_install(trained_run, tmp_path, capsys):
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        assert main(["export", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
-        assert "needs the `onnx` package" in capsys.readouterr().err
+def test_onnx_export_or_a_clear_error_without_the_onnx_packages(trained_run, demo_shards, tmp_path, capsys):
+    """With onnx + onnxscript installed the ONNX file predicts what manytask.load does (checked
+    with onnxruntime when present); without them the error says what to install."""
+    import importlib.util
+
+    from manytask.data_pipeline.manifest import load_manifest
+    from manytask.trainer.inference import shard_batches
+
+    out = tmp_path / "m.onnx"
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
+        assert main(["export", str(trained_run), "--format", "onnx", "--out", str(out)]) == 2
+        assert "needs the `onnx` and `onnxscript` packages" in capsys.readouterr().err
+        assert not out.exists()
         return
-    assert main(["export", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
-    assert (tmp_path / "m.onnx").stat().st_size > 0
+    assert main(["export", str(trained_run), "--format", "onnx", "--out", str(out)]) == 0
+    assert json.loads(out.with_name("m.onnx.json").read_text())["format"] == "onnx"
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(out))
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    _, arrays = next(shard_batches(load_manifest(demo_shards / "val"), ["x"], 300))
+    expected = manytask.load(trained_run).predict({"x": arrays["x"]})
+    for n in (1, 300):
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": arrays["x"][:n]})))
+        for task in expected:
+            np.testing.assert_allclose(got[task], expected[task][:n], atol=1e-5, rtol=0)

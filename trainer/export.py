@@ -104,22 +104,24 @@ def export_model(trained: Any, out: Path, fmt: str = "pt2") -> list[Path]:
     batch = torch.export.Dim("batch", min=1, max=1 << 30)
     dynamic = {"inputs": {name: {0: batch} for name in example}}
     out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt not in ("pt2", "onnx"):
+        raise ValueError(f"--format {fmt}: expected pt2 or onnx")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401 - torch's exporter needs it (and onnxscript)
+            import onnxscript  # noqa: F401
+        except ImportError as err:
+            raise ValueError(
+                "--format onnx needs the `onnx` and `onnxscript` packages (pip install onnx onnxscript); "
+                "--format pt2 needs only torch"
+            ) from err
     with plain_tower_path(), torch.no_grad():
+        program = torch.export.export(serving, (example,), dynamic_shapes=dynamic, strict=False)
         if fmt == "pt2":
-            program = torch.export.export(serving, (example,), dynamic_shapes=dynamic, strict=False)
             torch.export.save(program, out)
-        elif fmt == "onnx":
-            try:
-                import onnx  # noqa: F401 - torch's exporter needs it
-            except ImportError as err:
-                raise ValueError(
-                    "--format onnx needs the `onnx` package (pip install onnx onnxscript); "
-                    "--format pt2 needs only torch"
-                ) from err
-            torch.onnx.export(serving, (example,), str(out), dynamic_shapes=dynamic,
-                              input_names=list(example), output_names=list(spec.tasks), dynamo=True)
-        else:
-            raise ValueError(f"--format {fmt}: expected pt2 or onnx")
+        else:  # the same program through torch's ONNX exporter: inputs and outputs keep their names
+            torch.onnx.export(program, (), str(out), input_names=list(example),
+                              output_names=list(spec.tasks), dynamo=True)
     written = [out]
     prep_root = Path(trained.run_dir) / "preprocessing"
     copied: list[str] = []
