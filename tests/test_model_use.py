@@ -205,3 +205,24 @@ def test_raw_table_goes_through_the_runs_preprocessing(trained_run, demo_shards,
     pred = pd.read_parquet(tmp_path / "pred.parquet")
     assert rows == 500 and list(pred["key"]) == [f"u{i}" for i in range(500)]
     np.testing.assert_allclose(pred["click"], expected["click"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,params", [("mmoe", {}), ("omoe", {}), ("ple", {"num_levels": 2})])
+def test_per_sample_gate_weights_are_named_like_the_models_gate_statistics(name, params):
+    import torch
+
+    from manytask.config import ModelConfig
+    from manytask.models import build_model
+    from manytask.models.spec import FieldSpec, ModelSpec, TaskSpec
+    from manytask.trainer.inference import GateRecorder
+
+    spec = ModelSpec({"x": FieldSpec("float32", (10,))}, {"a": TaskSpec("regression", 1), "b": TaskSpec("binary", 1)}, ["s"])
+    model = build_model(ModelConfig(name, params), spec).eval()
+    recorder = GateRecorder(model)
+    with recorder, torch.no_grad():
+        out = model({"x": torch.randn(6, 10)}, torch.zeros(6, dtype=torch.long))
+    weights = recorder.weights()
+    assert list(weights) == list(out.gate_means)
+    for key, w in weights.items():
+        assert w.shape[0] == 6
+        torch.testing.assert_close(w.mean(0), out.gate_means[key])
