@@ -108,6 +108,10 @@ def _eval_once(run: Path, out_dir: Path, nproc: int) -> Path:
 def test_run_dir_without_complete_checkpoint_is_named(trained_run, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(trained_run, broken)
+    newer = broken / "ckpt" / "step_00000090"  # a save that died before its COMPLETE marker
+    shutil.copytree(broken / "ckpt" / "step_00000060", newer)
+    (newer / "COMPLETE").unlink()
+    assert manytask.load(broken).checkpoint.name == "step_00000060"  # passed over
     (broken / "ckpt" / "step_00000060" / "COMPLETE").unlink()
     for cmd in (["eval", str(broken)], ["predict", str(broken), "--data", "x", "--out", str(tmp_path / "p.parquet")]):
         assert main(cmd) == 2

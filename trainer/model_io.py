@@ -27,7 +27,6 @@ from manytask.models.spec import FieldSpec, ModelSpec, TaskSpec
 from manytask.trainer.checkpoint import (
     COMMON,
     COMPLETE,
-    LATEST,
     CheckpointError,
     validate_checkpoint,
 )
@@ -39,19 +38,14 @@ MODEL_SPEC = "model_spec.json"
 def latest_verified(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint under `ckpt_root` (`<run.dir>/ckpt`), or None.
 
-    The directory named by `latest` is tried first; a newer complete directory (a job that
-    died between the rename and the pointer update) or an older one when `latest` is broken
-    are found by scanning `step_*` newest first.
+    As in `Checkpointer.resolve`, the newest valid `step_*` directory wins (`latest` may lag
+    behind it when a job died between the rename and the pointer update); incomplete or
+    corrupt ones are passed over.
     """
     root = Path(ckpt_root)
     if not root.is_dir():
         return None
-    pointer = root / LATEST
-    named = root / pointer.read_text().strip() if pointer.is_file() else None
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
-    if named is not None and named.is_dir() and (not steps or named.name >= steps[0].name):
-        steps.insert(0, named)
-    for path in steps:
+    for path in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
         if validate_checkpoint(path) is None:
             return path
     return None
