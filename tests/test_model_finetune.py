@@ -74,6 +74,7 @@ def _assert_old_tasks_unchanged(base: Path, tuned: Path, demo_shards: Path) -> N
         np.testing.assert_array_equal(after[task], before[task])
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_keep_frozen_slices_and_tensors(base_and_finetuned, demo_shards, tmp_path):
     """DDP: frozen tensors are outside its buckets, frozen slices get zero gradients on every
     rank; the old tasks stay bit-identical after a 2-rank fine-tune too."""
@@ -90,6 +91,7 @@ def test_ddp_two_ranks_keep_frozen_slices_and_tensors(base_and_finetuned, demo_s
     assert last["val/click/auc"] > 0.6  # the new task learned (trivial: 0.5)
 
 
+@pytest.mark.slow
 def test_deepspeed_freezes_whole_tensors_and_refuses_slices(base_and_finetuned, tmp_path):
     """ZeRO-2 on 2 ranks: frozen experts stay bit-identical (outside DeepSpeed's partitions);
     a task's slice of a stacked tower cannot be frozen there, and the error says so up front."""

@@ -85,6 +85,7 @@ def test_predict_file_matches_eval_and_sklearn(trained_run, demo_shards, tmp_pat
     assert not any(p.name.endswith((".parquet", ".csv")) for p in (trained_run / "ckpt").rglob("*"))
 
 
+@pytest.mark.slow
 def test_eval_on_two_ranks_equals_one(trained_run, tmp_path):
     assert main(["eval", str(trained_run), "--out-dir", str(tmp_path / "one"), "--batch-size", "256"]) == 0
     one = json.loads((tmp_path / "one" / "val-step00000060.json").read_text())["metrics"]
