@@ -52,7 +52,7 @@ class LoadedModel:
         source: which training source the rows come from (name or index; only task-conditioned
         models use it). Returns task -> array: probability `[n]` (binary), probabilities
         `[n, labels]` (multilabel) / `[n, classes]` (multiclass), values `[n]` or `[n, k]`
-        (regression, forecast); with `gates=True` also `gate/<key>` -> `[n, experts]`.
+        (regression, forecast); with `gates=True` also `gate.<key>` -> `[n, experts]` (the same names as `manytask predict`'s columns).
         """
         from manytask.trainer.inference import (
             as_arrays,
@@ -66,7 +66,7 @@ class LoadedModel:
         source_id = torch.full((rows,), source_index(self.spec, source), dtype=torch.long)
         preds, gate_w = predict_tensors(self.model, self.spec, inputs, source_id, gates)
         out = {t: p.numpy() for t, p in preds.items()}
-        out.update({f"gate/{k}": w.numpy() for k, w in gate_w.items()})
+        out.update({f"gate.{k}": w.numpy() for k, w in gate_w.items()})
         return out
 
 

@@ -48,8 +48,8 @@ def test_load_gives_the_trained_model_and_predicts_any_table_form(trained_run, d
     # the same checkpoint loaded by path, and per-sample gate weights that are distributions
     by_ckpt = manytask.load(m.checkpoint).predict({"x": x[:5]}, gates=True)
     np.testing.assert_array_equal(by_ckpt["click"], out["click"][:5])
-    assert by_ckpt["gate/click"].shape == (5, 4)
-    np.testing.assert_allclose(by_ckpt["gate/click"].sum(1), 1.0, atol=1e-6)
+    assert by_ckpt["gate.click"].shape == (5, 4)
+    np.testing.assert_allclose(by_ckpt["gate.click"].sum(1), 1.0, atol=1e-6)
 
 
 def test_predict_file_matches_eval_and_sklearn(trained_run, demo_shards, tmp_path, capsys):
