@@ -30,6 +30,13 @@ def _outside_checkpoint(path: Path, ckpt: Path) -> Path:
     return path
 
 
+def _data_tag(item: str) -> str:
+    """`--data` item -> a name for the output files: `test` for .../test, `narrow-test` for
+    narrow=.../test."""
+    source, sep, where = item.partition("=")
+    return f"{source}-{Path(where).name}" if sep else Path(item).name
+
+
 def _eval(args: argparse.Namespace) -> int:
     from manytask.trainer import distributed as D
     from manytask.trainer.inference import eval_config, evaluate_model, format_table, metrics_table
@@ -41,7 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
     if info.is_rank0:
         rows = metrics_table(result)
         data = {s.name: s.val for s in cfg.data.sources if s.val}
-        tag = "val" if not args.data else "_".join(Path(d.partition("=")[2] or d).name for d in args.data)
+        tag = "val" if not args.data else "_".join(_data_tag(d) for d in args.data)
         tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag) or "data"
         out_dir = _outside_checkpoint(Path(args.out_dir) if args.out_dir else trained.run_dir / "eval", trained.checkpoint)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +107,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("--data", nargs="+", default=None,
                    help="shards to evaluate: one directory per source in recipe order, or SOURCE=DIR "
-                   "(default: each source's val split)")
+                   "(sources not named keep their val split; default: each source's val split)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: newest complete)")
     p.add_argument("--batch-size", type=int, default=None, help="default data.val_batch_size")
     p.add_argument("--out-dir", default=None, help="where the JSON/CSV go (default RUN_DIR/eval)")
