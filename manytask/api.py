@@ -48,7 +48,8 @@ class LoadedModel:
         """Predictions for every task of `batch`.
 
         batch: dict of numpy arrays, pandas DataFrame or pyarrow Table holding the model's input
-        fields (`self.spec.inputs`), or raw columns the run's preprocessing turns into them.
+        fields that `source` provides (`self.spec.inputs`; fields only other sources have are
+        zero-filled, as in training), or raw columns the run's preprocessing turns into them.
         source: which training source the rows come from (name or index; only task-conditioned
         models use it). Returns task -> array: probability `[n]` (binary), probabilities
         `[n, labels]` (multilabel) / `[n, classes]` (multiclass), values `[n]` or `[n, k]`
@@ -61,7 +62,8 @@ class LoadedModel:
             source_index,
         )
 
-        inputs = model_inputs_from(self.spec, as_arrays(batch), self.preprocessor(source), raw=batch)
+        own = self.config.data.sources[source_index(self.spec, source)].inputs if self.config.data.sources else None
+        inputs = model_inputs_from(self.spec, as_arrays(batch), self.preprocessor(source), raw=batch, provided=own)
         rows = next(iter(inputs.values())).shape[0]
         source_id = torch.full((rows,), source_index(self.spec, source), dtype=torch.long)
         preds, gate_w = predict_tensors(self.model, self.spec, inputs, source_id, gates)

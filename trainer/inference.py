@@ -60,28 +60,31 @@ def _stack(column: np.ndarray) -> np.ndarray:
 
 def model_inputs_from(
     spec: ModelSpec, arrays: dict[str, np.ndarray], preprocessing: Any = None, where: str = "batch",
-    raw: Any = None,
+    raw: Any = None, provided: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model's input fields as tensors `[n, *shape]` in the model's dtypes.
 
     arrays: model-ready fields, or raw columns when `preprocessing` (the run's stored
     `Preprocessor`) is given and some field is missing; it encodes `raw` (the table as the
-    caller gave it) or else `arrays`. Raises ValueError naming `where`, the field and what the
-    model expects.
+    caller gave it) or else `arrays`. provided: the fields the rows' source has (default all);
+    the others are zero-filled as in training. Raises ValueError naming `where`, the field and
+    what the model expects.
     """
-    missing = [f for f in spec.inputs if f not in arrays]
+    needed = [f for f in spec.inputs if provided is None or f in provided]
+    missing = [f for f in needed if f not in arrays]
     if missing and preprocessing is not None:
         arrays = {**arrays, **preprocessing.encode(raw if raw is not None else arrays)}
-        missing = [f for f in spec.inputs if f not in arrays]
-    if missing:
-        expected = ", ".join(f"{f}: {s.dtype} {list(s.shape)}" for f, s in spec.inputs.items())
+        missing = [f for f in needed if f not in arrays]
+    if missing or not needed:
+        expected = ", ".join(f"{f}: {spec.inputs[f].dtype} {list(spec.inputs[f].shape)}" for f in needed)
         hint = "" if preprocessing is not None else " (this run stores no preprocessing for raw columns)"
         raise ValueError(
             f"{where}: missing input field(s) {missing}; the model expects {expected}; "
             f"got columns {sorted(arrays)}{hint}"
         )
     out, rows = {}, None
-    for name, fs in spec.inputs.items():
+    for name in [f for f in spec.inputs if f in arrays]:
+        fs = spec.inputs[name]
         a = np.asarray(arrays[name])
         if tuple(a.shape[1:]) != tuple(fs.shape) or a.ndim == 0:
             raise ValueError(
@@ -92,7 +95,10 @@ def model_inputs_from(
             raise ValueError(f"{where}: field '{name}' has {a.shape[0]} rows, other fields {rows}")
         rows = a.shape[0]
         out[name] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.dtype(fs.dtype)))
-    return out
+    for name, fs in spec.inputs.items():  # another source's field: zeros, as the loader fills it
+        if name not in out:
+            out[name] = torch.from_numpy(np.zeros((rows, *fs.shape), dtype=np.dtype(fs.dtype)))
+    return {f: out[f] for f in spec.inputs}
 
 
 # --------------------------------------------------------------------------- outputs

@@ -146,18 +146,13 @@ def predict_to_file(
             )
         batches = shard_batches(m, fields + list(label_fields.values()), batch_size, key_field=key_field)
         where = m.path
-    own_inputs = set(src_cfg.inputs)
+    own_inputs = list(src_cfg.inputs)
     with PredictionWriter(Path(out), fmt) as writer:
         for keys, batch in batches:
             raw = None if isinstance(batch, dict) else batch  # a raw table for the preprocessing
             arrays = batch if raw is None else as_arrays(raw)
             n = len(keys)
-            # a field this source does not provide is zero-filled, as in training
-            filled = {
-                f: np.zeros((n, *s.shape), dtype=s.dtype)
-                for f, s in spec.inputs.items() if f not in own_inputs and f not in arrays
-            }
-            inputs = model_inputs_from(spec, {**arrays, **filled}, preprocessing, where=where, raw=raw)
+            inputs = model_inputs_from(spec, arrays, preprocessing, where=where, raw=raw, provided=own_inputs)
             source_id = torch.full((n,), src_i, dtype=torch.long)
             preds, gate_w = predict_tensors(loaded.model, spec, inputs, source_id, gates)
             columns: dict[str, np.ndarray] = {"key": np.asarray(keys).astype(str)}
