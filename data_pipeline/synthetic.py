@@ -109,6 +109,19 @@ def prepare_demo(
     return _write_split(Path(out), arrays, n_train, shards, chunk_size)
 
 
+def prepare_demo_few_click(
+    out: str | os.PathLike = "data/demo_few_click", n_train: int = 40_000, n_val: int = 4_000,
+    shards: int = 8, chunk_size: int = 1024, label_fraction: float = 0.05, seed: int = 0,
+) -> dict[str, Manifest]:
+    """The demo's samples with `click` labelled on `label_fraction` of the training samples
+    only (-1 = no label; validation keeps every label): the "add a task with few labels"
+    example (configs/demo_add_click.yaml)."""
+    arrays = mmoe_pair(n_train + n_val, correlation=0.5, seed=seed)
+    hide = np.random.default_rng(seed + 1).random(n_train) >= label_fraction
+    arrays["click"][:n_train][hide] = -1
+    return _write_split(Path(out), arrays, n_train, shards, chunk_size)
+
+
 def prepare_timeseries(
     out: str | os.PathLike = "data/timeseries", n_train: int = 20_000, n_val: int = 2_000,
     shards: int = 8, chunk_size: int = 512, seed: int = 0,
@@ -120,5 +133,6 @@ def prepare_timeseries(
 
 DATASETS: dict[str, Callable[..., dict[str, Manifest]]] = {
     "demo": prepare_demo,
+    "demo_few_click": prepare_demo_few_click,
     "timeseries": prepare_timeseries,
 }

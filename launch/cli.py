@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "from metrics.jsonl); resume unfinished ones instead of starting over")
     p.set_defaults(func=_compare)
 
+    from manytask.launch.model_commands import add_model_commands  # eval, predict, export
+
+    add_model_commands(sub)
+
     p = sub.add_parser("report", help="write PNG plots of a run from its metrics.jsonl")
     p.add_argument("run_dir")
     p.set_defaults(func=_report)

@@ -31,11 +31,14 @@ class RunConfig:
     seed: int = 0
     resume: str = "auto"  # auto | never | path to a checkpoint directory
     lock_lease: float = 600.0  # seconds: a run lock not refreshed for this long is stale
+    init_from: str | None = None  # a trained RUN_DIR or checkpoint: a new run from its weights
 
     def validate(self, file: str | None) -> None:
         require(self.resume in ("auto", "never") or Path(self.resume).is_dir(), file, "run.resume", self.resume,
                 "auto, never or an existing checkpoint directory")
         require(self.lock_lease > 0, file, "run.lock_lease", self.lock_lease, "seconds > 0")
+        require(self.init_from is None or Path(self.init_from).exists(), file, "run.init_from", self.init_from,
+                "a trained run directory or checkpoint directory that exists")
 
 
 @dataclass
@@ -126,6 +129,7 @@ class TrainerConfig:
     log_every: int = 10
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = 100  # stop anyway after this many skipped steps
+    freeze: list[str] = field(default_factory=list)  # shared | experts | towers.<task> | name pattern
 
     def validate(self, file: str | None) -> None:
         at_least(file, "trainer", 1, max_steps=self.max_steps, grad_accum=self.grad_accum,

@@ -116,3 +116,16 @@ def deepspeed_reference(tmp_path_factory, demo_shards) -> Path:
     tmp = tmp_path_factory.mktemp("ds_reference")
     torchrun(small_recipe(tmp, demo_shards, "ref", **DEEPSPEED))
     return tmp / "ref" / "run"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, demo_shards) -> Path:
+    """One short single-process training of the demo recipe (60 steps, no W&B): its run
+    directory, read by the model-in-use tests (load, eval, predict, export)."""
+    from manytask.config import load_config
+    from manytask.trainer.loop import train
+
+    tmp = tmp_path_factory.mktemp("trained_run")
+    silent = {"logging": {"wandb": False, "progress": False, "heatmap_every": 0}}
+    train(load_config(write_recipe(tmp, demo_shards, **silent)))
+    return tmp / "run"

@@ -146,7 +146,7 @@ class TorchEngine:
             self.model.register_comm_hook(None, self.piggyback.hook)
         else:
             self.piggyback = None
-        self.params = list(self.module.parameters())
+        self.params = [p for p in self.module.parameters() if p.requires_grad]  # trainer.freeze
         self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.grad_accum = cfg.trainer.grad_accum

@@ -1,12 +1,17 @@
 """Validation: per-task loss and metrics over the whole validation split, synced across ranks.
 
-Metrics come from torchmetrics, chosen so that every state is a fixed-size sum (binned AUROC,
-counts, error sums): one all-reduce per state gives the exact global value, and a rank whose
-share of the split has no sample of a task contributes zeros instead of hanging a gather.
+Metrics come from torchmetrics and are synced with its own public mechanism (`compute()`
+gathers every state from every rank and reduces it: sums for counts and error sums, a
+concatenation for exact AUROC's predictions), so the result is the metric of the whole split,
+not an average of per-rank metrics. During training AUROC is binned (256 thresholds: fixed-size
+states, cheap at every `eval_every`); `exact=True` (what `manytask eval` uses) keeps every
+prediction for the exact AUROC and accumulates in float64, so it equals scikit-learn's on the
+same predictions.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -32,19 +37,20 @@ DEFAULT_METRICS = {
 HIGHER_IS_BETTER = {"auc": True, "accuracy": True, "mse": False, "mae": False, "loss": False}
 
 
-def make_metric(name: str, spec: TaskSpec) -> torchmetrics.Metric:
-    """A torchmetrics metric whose states are all sums; raises ValueError for unknown names."""
+def make_metric(name: str, spec: TaskSpec, exact: bool = False) -> torchmetrics.Metric:
+    """A torchmetrics metric (binned AUROC unless `exact`); ValueError for unknown names."""
     import torchmetrics  # imported here: ~1.3 s that every rank would pay at start-up
 
     kind, n = spec.type, spec.out_dim
+    bins = None if exact else 256
     table = {
-        ("auc", "binary"): lambda: torchmetrics.classification.BinaryAUROC(thresholds=256),
+        ("auc", "binary"): lambda: torchmetrics.classification.BinaryAUROC(thresholds=bins),
         ("accuracy", "binary"): lambda: torchmetrics.classification.BinaryAccuracy(),
         ("accuracy", "multiclass"): lambda: torchmetrics.classification.MulticlassAccuracy(
             num_classes=n, average="micro"
         ),
         ("auc", "multilabel"): lambda: torchmetrics.classification.MultilabelAUROC(
-            num_labels=n, thresholds=256
+            num_labels=n, thresholds=bins
         ),
         ("accuracy", "multilabel"): lambda: torchmetrics.classification.MultilabelAccuracy(num_labels=n),
         ("mse", "regression"): torchmetrics.MeanSquaredError,
@@ -56,27 +62,34 @@ def make_metric(name: str, spec: TaskSpec) -> torchmetrics.Metric:
         valid = sorted(m for m, k in table if k == kind)
         raise ValueError(f"metric '{name}' is not available for a {kind} task (choose from {valid})")
     metric = table[(name, kind)]()
-    metric.sync_on_compute = False  # synced by all_reduce_states, see module docstring
+    if exact:
+        metric.set_dtype(torch.float64)
+    if name == "auc" and exact:
+        # A list state that stays empty on one rank would skip that rank's gathers in
+        # compute() and hang the others: every rank starts with one empty update.
+        width = (0, n) if kind == "multilabel" else (0,)
+        metric.update(torch.zeros(width), torch.zeros(width, dtype=torch.long))
     return metric
 
 
-def _metric_inputs(spec: TaskSpec, output: torch.Tensor, label: torch.Tensor):
+def _metric_inputs(spec: TaskSpec, output: torch.Tensor, label: torch.Tensor, exact: bool = False):
     if spec.type == "binary":
         return torch.sigmoid(output.float().reshape(-1)), label.reshape(-1).long()
     if spec.type == "multiclass":
         return output.float(), label.reshape(-1).long()
     if spec.type == "multilabel":
         return torch.sigmoid(output.float()), label.long()
-    return output.float().reshape(label.shape), label.float()
+    real = torch.float64 if exact else torch.float32
+    return output.float().reshape(label.shape).to(real), label.to(real)
 
 
-def all_reduce_states(metric: torchmetrics.Metric) -> None:
-    for name in metric._defaults:
-        value = getattr(metric, name)
-        if not torch.is_tensor(value):
-            raise TypeError(f"metric {type(metric).__name__} keeps a list state '{name}'")
-        D.all_reduce_sum(value)
-    metric._update_count = max(metric._update_count, 1)
+def synced_compute(metric: torchmetrics.Metric) -> float:
+    """The metric over every rank's updates (torchmetrics gathers and reduces the states; a
+    collective: call on every rank). A rank without updates of its own contributes nothing."""
+    with warnings.catch_warnings():
+        # "compute called before update" on a rank whose share held no sample of the task
+        warnings.filterwarnings("ignore", message=r".*was called before the ``update``")
+        return float(metric.compute())
 
 
 @torch.no_grad()
@@ -86,15 +99,17 @@ def evaluate(
     specs: dict[str, TaskSpec],
     cfg: Config,
     device: torch.device,
+    exact: bool = False,
 ) -> dict[str, float]:
     """Per-task metrics over `batches` (this rank's share), reduced over all ranks.
 
     Returns `{"val/<task>/loss": ..., "val/<task>/<metric>": ...}`, identical on every rank.
+    exact: exact AUROC and float64 sums (see the module docstring).
     """
     was_training = model.training
     model.eval()
     metrics = {
-        task: {m: make_metric(m, spec).to(device) for m in cfg.tasks[task].metrics or DEFAULT_METRICS[spec.type]}
+        task: {m: make_metric(m, spec, exact).to(device) for m in cfg.tasks[task].metrics or DEFAULT_METRICS[spec.type]}
         for task, spec in specs.items()
     }
     tasks = list(specs)
@@ -111,7 +126,7 @@ def evaluate(
                 continue
             loss_sum[i] += float(losses[task]) * n
             count[i] += n
-            preds, target = _metric_inputs(specs[task], out.outputs[task][mask], batch.labels[task][mask])
+            preds, target = _metric_inputs(specs[task], out.outputs[task][mask], batch.labels[task][mask], exact)
             for metric in metrics[task].values():
                 metric.update(preds, target)
     D.all_reduce_sum(loss_sum)
@@ -120,7 +135,7 @@ def evaluate(
     for i, task in enumerate(tasks):
         result[f"val/{task}/loss"] = float(loss_sum[i] / count[i]) if count[i] > 0 else float("nan")
         for name, metric in metrics[task].items():
-            all_reduce_states(metric)
-            result[f"val/{task}/{name}"] = float(metric.compute()) if count[i] > 0 else float("nan")
+            # count is global, so every rank takes the same branch (compute() is a collective)
+            result[f"val/{task}/{name}"] = synced_compute(metric) if count[i] > 0 else float("nan")
     model.train(was_training)
     return result

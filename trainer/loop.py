@@ -24,8 +24,10 @@ from manytask.trainer import distributed as D
 from manytask.trainer.checkpoint import Checkpointer, check_compatible
 from manytask.trainer.engines import autocast, build_engine, restart_schedule
 from manytask.trainer.evaluate import evaluate
+from manytask.trainer.finetune import prepare_finetune
 from manytask.trainer.logger import MetricsLogger
 from manytask.trainer.memory import keep_freed_memory
+from manytask.trainer.model_io import write_model_spec
 from manytask.trainer.monitor import (
     GateHealth,
     TaskAffinity,
@@ -250,11 +252,14 @@ def hold_run_dir(run: RunDir, cfg: Config, info: D.DistInfo) -> RunLock:
 
 def _build_parts(cfg: Config, info: D.DistInfo, run: RunDir, lock: RunLock) -> Job:
     specs, model_spec = build_model_spec(cfg)
+    write_model_spec(run.path, model_spec, info.is_rank0)  # a loaded model needs no shards
     model = build_model(cfg.model, model_spec)
+    frozen = prepare_finetune(cfg, model, run.say)  # run.init_from weights, trainer.freeze
     weighting = build_weighting(cfg.weighting, cfg.tasks).to(info.device)
     learnable = [p for p in weighting.parameters() if p.requires_grad]
     weighting_opt = torch.optim.Adam(learnable, lr=cfg.trainer.lr) if learnable else None
     engine = build_engine(cfg, model, info)
+    frozen.attach(engine)
     data = MultiSourceLoader(cfg, info.rank, info.world_size, cfg.run.seed)
     sampler = TaskSampler(
         [s.name for s in cfg.data.sources], source_sizes(cfg), cfg.sampler, cfg.run.seed,
