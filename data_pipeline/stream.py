@@ -263,6 +263,7 @@ class ShardStream:
                         yield Block(worker, before, after, offset, len(rows), data, slot_ends)
                         lo = stop
                     pos = p1
+                    arrays = rows_of_slot = None  # type: ignore[assignment]  # freed before the next window is read
             finally:
                 if members is not None:
                     members.close()
