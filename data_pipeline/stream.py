@@ -258,6 +258,8 @@ class ShardStream:
                             rows = rows[offset:]
                             drop_left[0] -= offset
                         data = {k: self._gather(k, v, rows) for k, v in arrays.items()}
+                        if stop >= hi:  # the window's last block: free it while suspended at the yield
+                            arrays = rows_of_slot = None  # type: ignore[assignment]
                         # The end of the part is the start of the next epoch's part.
                         after = Position(epoch, index, skipped) if index < total else Position(epoch + 1, 0, skipped)
                         yield Block(worker, before, after, offset, len(rows), data, slot_ends)
