@@ -74,10 +74,11 @@ class BatchBuilder:
         """The fields source i's batches need (its inputs and label fields)."""
         return self.src_fields[i]
 
-    def __call__(self, parts: list[dict[str, np.ndarray] | None]) -> Batch:
-        """parts[i]: field -> array [n_i, ...] of source i, or None. The arrays are copied
-        (they may be views of a worker's shared memory)."""
-        rows = [_rows(p) if p is not None else 0 for p in parts]
+    def __call__(self, parts: list[dict[str, np.ndarray] | None], rows: list[int] | None = None) -> Batch:
+        """parts[i]: field -> array [n_i, ...] of source i, or None; rows: the n_i if known.
+        The arrays are copied (they may be views of a worker's shared memory)."""
+        if rows is None:
+            rows = [_rows(p) if p is not None else 0 for p in parts]
         present = [(i, p, n) for i, (p, n) in enumerate(zip(parts, rows)) if n > 0]
         sizes = [n for _, _, n in present]
         total = sum(sizes)

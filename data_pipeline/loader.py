@@ -244,7 +244,9 @@ class MultiSourceLoader:
         if self.num_workers == 0:
             self._blocks = InProcessBlocks(streams, starts)
         else:
-            self._blocks = WorkerPool(streams, starts, self.num_workers)
+            # Read-ahead is a per-rank budget too: 2 blocks per source and worker, 1 beyond 8
+            # sources (a source's next block then comes from the next worker, already read).
+            self._blocks = WorkerPool(streams, starts, self.num_workers, prefetch=2 if len(streams) <= 8 else 1)
 
     def next_batch(self, counts: list[int]) -> Batch:
         """A Batch of sum(counts) samples: counts[i] from source i, sources in recipe order.
@@ -256,8 +258,10 @@ class MultiSourceLoader:
             raise ValueError(f"counts must be {len(self.cursors)} non-negative ints, got {counts}")
         if self._blocks is None:
             self._start()
-        parts = [c.take(int(n), self._blocks, i) if n else None for i, (c, n) in enumerate(zip(self.cursors, counts))]
-        return self._build(parts)
+        counts = [int(n) for n in counts]
+        blocks = self._blocks
+        parts = [c.take(n, blocks, i) if n else None for i, (c, n) in enumerate(zip(self.cursors, counts))]
+        return self._build(parts, counts)
 
     def skipped(self) -> dict[str, int]:
         """Corrupt samples skipped so far, per source."""

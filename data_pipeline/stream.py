@@ -214,7 +214,8 @@ class ShardStream:
         drop: samples at the start of the first block that were already consumed (they are
         left out of it and reported as its `offset`; a drop longer than that block, possible
         only after a block-size change, continues into the next). Block data are fresh
-        contiguous numpy arrays [n, ...]. A reader whose part of an epoch is empty (possible
+        contiguous numpy arrays [n, ...] (in a worker: arrays in its shared slot, see
+        `out_buffer`). A reader whose part of an epoch is empty (possible
         only after an elastic resume) yields one empty block for it.
         """
         epoch, index, skipped = start
@@ -236,8 +237,8 @@ class ShardStream:
         total = length(part)
         j, pos = position_in(part, index)
         bs = self.block_size
-        for k, (s, e) in enumerate(part[j:]):
-            pos = pos if k == 0 else s  # a later interval may start inside the last window
+        for nth, (s, e) in enumerate(part[j:]):
+            pos = pos if nth == 0 else s  # a later interval may start inside the last window
             w0, w1 = order.window_of_position(pos), order.window_of_position(e - 1)
             first, end = order.window_members(w0)[0], order.window_members(w1)[1]
             # Shards with key offsets are read window by window, only the keys this reader
@@ -271,11 +272,14 @@ class ShardStream:
                             rows = rows[offset:]
                             drop_left[0] -= offset
                         data = {k: self._gather(k, v, rows) for k, v in arrays.items()}
+                        if stop >= hi:  # the window's last block: free it while suspended at the yield
+                            arrays = rows_of_slot = None  # type: ignore[assignment]
                         # The end of the part is the start of the next epoch's part.
                         after = Position(epoch, index, skipped) if index < total else Position(epoch + 1, 0, skipped)
                         yield Block(worker, before, after, offset, len(rows), data, slot_ends)
                         lo = stop
                     pos = p1
+                    arrays = rows_of_slot = None  # type: ignore[assignment]  # freed before the next window is read
             finally:
                 if members is not None:
                     members.close()

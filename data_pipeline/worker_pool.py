@@ -109,7 +109,13 @@ def _worker_setup() -> None:
         import ctypes
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # A worker's big allocations are window payloads read once: give them back on free
+        # (the trainer's keep_freed_memory, inherited through fork, would keep every one).
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
 
 
 def _portable(err: BaseException) -> BaseException:

@@ -140,3 +140,18 @@ def test_plan_at_scale_1024_ranks_x_8_workers():
                 assert set(order.shards_of(part)) <= shards
     # With ~13 samples per reader a reader reads its window's group (the shuffle needs it).
     assert opens / (1000 * readers) <= 2 * 100_000 / groups
+
+
+def test_manifests_without_offsets_read_the_same_order(source):
+    """Shards indexed before key offsets were recorded (or `pipe:` urls) are streamed through
+    whole windows instead of read key by key: the samples and their order are the same."""
+    import copy
+
+    m, _ = source
+    bare = copy.deepcopy(m)
+    for shard in bare.shards:
+        shard.offsets = []
+    assert ShardStream(m, fields=["id"]).indexed and not ShardStream(bare, fields=["id"]).indexed
+    for world, workers in ((1, 1), (3, 2)):
+        got = [read_epoch(bare, r, world, workers) for r in range(world)]
+        assert got == [read_epoch(m, r, world, workers) for r in range(world)]
