@@ -250,6 +250,8 @@ def read_shard(
     except _TAR_ERRORS as err:
         at = f"at sample '{key}'" if key is not None else "before the first sample key"
         why = f"corrupt or truncated tar {at} ({type(err).__name__}: {err})"
+        if skip_corrupt:
+            log.warning("%s: %s; skipping the rest of the shard", where, why)
         if key is not None and wanted_member(index) and skip_corrupt:
             yield index, key, None
         yield from missing_from(index + 1 if key is not None else 0, why)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from manytask.config import Config, dump_config
+from manytask.data_pipeline.integrity import log_data_warnings_to
 from manytask.data_pipeline.preprocess import copy_preprocessing
 from manytask.trainer.distributed import DistInfo
 
@@ -17,6 +18,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "config.yaml").write_text(dump_config(cfg))
             copy_preprocessing(cfg, self.path)  # vocabularies + statistics, for serving later
+            log_data_warnings_to(self.log_file)  # skipped corrupt shards / non-finite samples
 
     @property
     def ckpt(self) -> Path:
