@@ -140,7 +140,7 @@ def test_first_nonfinite_input_is_named_or_skipped_by_policy(tmp_path, caplog):
 
 def test_training_loader_checks_inputs_not_labels(tmp_path):
     from manytask.config import load_config
-    from manytask.data_pipeline.loader import MultiSourceLoader
+    from manytask.data_pipeline.loader import MultiSourceLoader, val_batches
     from manytask.schema import ConfigError
     from tests.conftest import write_recipe
 
@@ -164,6 +164,11 @@ def test_training_loader_checks_inputs_not_labels(tmp_path):
     with MultiSourceLoader(load_config(recipe, ["data.on_nonfinite_input=allow"])) as loader:
         seen = [loader.next_batch([256]).inputs["x"] for _ in range(4)]
         assert any(bool(x.isnan().any()) for x in seen) and sum(loader.skipped().values()) == 0
+    write_shards(tmp_path / "d" / "val", data, 256, 64, prefix="val", vocab={"click": 2})
+    with pytest.raises(ShardError, match=r"source 'synthetic'.*input field 'x' at sample key '0000000000' row 7"):
+        list(val_batches(load_config(recipe)))
+    kept = list(val_batches(load_config(recipe, ["data.on_nonfinite_input=skip"])))
+    assert sum(len(b) for b in kept) == 511
     with pytest.raises(ConfigError, match="on_nonfinite_input"):
         load_config(recipe, ["data.on_nonfinite_input=ignore"])
 
