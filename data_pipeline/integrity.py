@@ -195,3 +195,21 @@ def nonfinite_message(source: str, url: str, key: str | None, field: str, row: i
     where = f"sample key '{key}'" + (f" row {row} (of that chunk)" if chunk else "")
     return (f"source '{source}': non-finite value (NaN or inf) in input field '{field}' at {where} "
             f"of shard {url}; fix the data, or set data.on_nonfinite_input: skip to drop such samples")
+
+
+def log_data_warnings_to(path: str | os.PathLike) -> None:
+    """Send the data pipeline's warnings (a shard skipped as corrupt, samples skipped for
+    non-finite inputs) to `path` as well (the run's train.log); replaces an earlier target, so
+    several runs in one process do not write each other's logs. DataLoader workers forked
+    after this call inherit it."""
+    import logging
+
+    logger = logging.getLogger("manytask.data_pipeline")
+    for handler in [h for h in logger.handlers if getattr(h, "_manytask_run_log", False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    handler = logging.FileHandler(path, delay=True)
+    handler._manytask_run_log = True  # type: ignore[attr-defined]
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger.addHandler(handler)

@@ -234,16 +234,18 @@ class FieldEncoder:
     def __init__(self, spec: ColumnSpec):
         self.spec = spec
 
-    def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:  # pragma: no cover - trivial
-        pass
+    def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
+        """Count / accumulate what the encoder needs from the training rows `train` (bool [n])."""
 
     def finish(self) -> None:
-        pass
+        """After the last `fit`: turn the counts into the vocabulary / statistics."""
 
     def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
+        """Raw columns of rows row0.. -> field -> array [n, ...] (row0 only names rows in errors)."""
         raise NotImplementedError
 
     def record(self) -> dict[str, Any]:
+        """What manifest.json records for this field under "preprocessing"."""
         return {"kind": self.kind, "columns": self.spec.columns, "role": self.spec.role, "spec": self.spec.text}
 
     def vocab_sizes(self) -> dict[str, int]:
@@ -251,7 +253,7 @@ class FieldEncoder:
         return {}
 
     def write_files(self, folder: Path) -> None:
-        pass
+        """Write the vocabulary file(s) beside a split's manifest (only vocabularies have one)."""
 
 
 class Vocabulary(FieldEncoder):

@@ -8,8 +8,9 @@ import numpy as np
 
 from manytask.config import Config
 from manytask.data_pipeline.batch import Batch, BatchBuilder
+from manytask.data_pipeline.integrity import nonfinite_message, nonfinite_rows
 from manytask.data_pipeline.manifest import FieldInfo, Manifest
-from manytask.data_pipeline.shard_reader import read_shard
+from manytask.data_pipeline.shard_reader import ShardError, read_shard
 from manytask.data_pipeline.sources import check_sources
 from manytask.data_pipeline.stream import stack_members
 from manytask.schema import ConfigError
@@ -49,7 +50,12 @@ def val_batches(
             continue
         fields = {f: m.fields[f] for f in build.fields(i)}
         emitted = 0
-        for arrays in _val_arrays(m, fields, rank, world_size, batch_size, cfg.data.skip_corrupt):
+        policy = cfg.data.on_nonfinite_input
+        check = [] if policy == "allow" else [
+            f for f in cfg.data.sources[i].inputs if np.dtype(fields[f].dtype).kind == "f"
+        ]
+        for arrays in _val_arrays(m, fields, rank, world_size, batch_size, cfg.data.skip_corrupt,
+                                  (cfg.data.sources[i].name, check, policy)):
             parts: list[dict | None] = [None] * n_src
             parts[i] = arrays
             yield build(parts)
@@ -59,8 +65,10 @@ def val_batches(
 
 
 def _val_arrays(m: Manifest, fields: dict[str, FieldInfo], rank: int, world: int, batch_size: int,
-                skip_corrupt: bool) -> Iterator[dict[str, np.ndarray]]:
-    """This rank's members of manifest `m`, as arrays of batch_size rows (last one shorter)."""
+                skip_corrupt: bool, finite: tuple[str, list[str], str] = ("", [], "allow"),
+                ) -> Iterator[dict[str, np.ndarray]]:
+    """This rank's members of manifest `m`, as arrays of batch_size rows (last one shorter).
+    finite: (source name, float input fields to check, data.on_nonfinite_input policy)."""
     pending: list[dict] = []
     carry: dict[str, np.ndarray] | None = None
     rows = 0
@@ -70,14 +78,24 @@ def _val_arrays(m: Manifest, fields: dict[str, FieldInfo], rank: int, world: int
         first += len(shard.members)
         if not select:
             continue
-        for q, _key, data in read_shard(
+        for _q, key, data in read_shard(
             m.shard_url(s), fields, m.layout, shard.members, select=select,
             skip_corrupt=skip_corrupt, manifest=m.path, shard=shard,
         ):
             if data is None:
                 continue
+            source, check, policy = finite
+            chunk = m.layout == "chunk"
+            found = nonfinite_rows(data, check, chunk) if check else None
+            if found is not None:
+                field, bad = found
+                if policy != "skip":
+                    raise ShardError(nonfinite_message(source, m.shard_url(s), key, field, int(np.argmax(bad)), chunk))
+                if bad.all():
+                    continue
+                data = {k: v[~bad] for k, v in data.items()} if chunk else data
             pending.append(data)
-            rows += shard.members[q]
+            rows += len(next(iter(data.values()))) if chunk else 1
             if rows >= batch_size:
                 carry = _with_carry(carry, stack_members(pending, fields, m.layout))
                 pending = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -139,7 +140,7 @@ def test_first_nonfinite_input_is_named_or_skipped_by_policy(tmp_path, caplog):
 
 def test_training_loader_checks_inputs_not_labels(tmp_path):
     from manytask.config import load_config
-    from manytask.data_pipeline.loader import MultiSourceLoader
+    from manytask.data_pipeline.loader import MultiSourceLoader, val_batches
     from manytask.schema import ConfigError
     from tests.conftest import write_recipe
 
@@ -163,5 +164,33 @@ def test_training_loader_checks_inputs_not_labels(tmp_path):
     with MultiSourceLoader(load_config(recipe, ["data.on_nonfinite_input=allow"])) as loader:
         seen = [loader.next_batch([256]).inputs["x"] for _ in range(4)]
         assert any(bool(x.isnan().any()) for x in seen) and sum(loader.skipped().values()) == 0
+    write_shards(tmp_path / "d" / "val", data, 256, 64, prefix="val", vocab={"click": 2})
+    with pytest.raises(ShardError, match=r"source 'synthetic'.*input field 'x' at sample key '0000000000' row 7"):
+        list(val_batches(load_config(recipe)))
+    kept = list(val_batches(load_config(recipe, ["data.on_nonfinite_input=skip"])))
+    assert sum(len(b) for b in kept) == 511
     with pytest.raises(ConfigError, match="on_nonfinite_input"):
         load_config(recipe, ["data.on_nonfinite_input=ignore"])
+
+
+def test_a_corrupt_shard_skipped_in_training_is_named_in_train_log(tmp_path):
+    from manytask.config import load_config
+    from manytask.trainer.loop import train
+    from tests.conftest import write_recipe
+
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((2048, 4)).astype(np.float32),
+            "y_a": rng.standard_normal(2048).astype(np.float32),
+            "y_b": rng.standard_normal(2048).astype(np.float32), "click": rng.integers(0, 2, 2048)}
+    for split in ("train", "val"):
+        write_shards(tmp_path / "d" / split, data, 512, 128, prefix=split, vocab={"click": 2})
+    shard = tmp_path / "d/train/train-000002.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 4096] = rng.bytes(4096)
+    shard.write_bytes(bytes(raw))
+    recipe = write_recipe(tmp_path, tmp_path / "d", logging={"wandb": False, "progress": False, "heatmap_every": 0})
+    train(load_config(recipe, ["data.skip_corrupt=true", "trainer.max_steps=20", "trainer.log_every=10"]))
+    log = (tmp_path / "run/train.log").read_text()
+    assert "train-000002.tar" in log and "skipping the rest of the shard" in log
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("data/synthetic/skipped", 0) for r in rows) > 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from manytask.config import Config, dump_config
+from manytask.data_pipeline.integrity import log_data_warnings_to
 from manytask.data_pipeline.preprocess import copy_preprocessing
 from manytask.trainer.distributed import DistInfo
 
@@ -26,6 +27,7 @@ class RunDir:
         self.info = info
         if info.is_rank0:
             self.path.mkdir(parents=True, exist_ok=True)
+            log_data_warnings_to(self.log_file)  # skipped corrupt shards / non-finite samples
 
     @property
     def ckpt(self) -> Path:
