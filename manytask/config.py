@@ -37,8 +37,6 @@ class RunConfig:
         require(self.resume in ("auto", "never") or Path(self.resume).is_dir(), file, "run.resume", self.resume,
                 "auto, never or an existing checkpoint directory")
         require(self.lock_lease > 0, file, "run.lock_lease", self.lock_lease, "seconds > 0")
-        require(self.init_from is None or Path(self.init_from).exists(), file, "run.init_from", self.init_from,
-                "a trained run directory or checkpoint directory that exists")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -191,6 +192,8 @@ def test_a_corrupt_shard_skipped_in_training_is_named_in_train_log(tmp_path):
     recipe = write_recipe(tmp_path, tmp_path / "d", logging={"wandb": False, "progress": False, "heatmap_every": 0})
     train(load_config(recipe, ["data.skip_corrupt=true", "trainer.max_steps=20", "trainer.log_every=10"]))
     log = (tmp_path / "run/train.log").read_text()
-    assert "train-000002.tar" in log and "skipping the rest of the shard" in log
+    # a damaged header loses its key (keys are read by their manifest offsets), a checksum
+    # mismatch the rest of the shard: either way the warning names the shard
+    assert re.search(r"train-000002\.tar.*skipping (that key|the rest of the shard)", log)
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert max(r.get("data/synthetic/skipped", 0) for r in rows) > 0

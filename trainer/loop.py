@@ -85,6 +85,7 @@ class Job:
     wandb_run_id: str | None = None
     last_shared: list = field(default_factory=list)  # the model's last shared layer (GradNorm)
     shared_params: list = field(default_factory=list)  # every shared parameter (PCGrad)
+    model_spec: Any = None  # what the model was built from (written to the run dir for loading)
 
     @property
     def tasks(self) -> list[str]:
@@ -252,7 +253,6 @@ def hold_run_dir(run: RunDir, cfg: Config, info: D.DistInfo) -> RunLock:
 
 def _build_parts(cfg: Config, info: D.DistInfo, run: RunDir, lock: RunLock) -> Job:
     specs, model_spec = build_model_spec(cfg)
-    write_model_spec(run.path, model_spec, info.is_rank0)  # a loaded model needs no shards
     model = build_model(cfg.model, model_spec)
     frozen = prepare_finetune(cfg, model, run.say)  # run.init_from weights, trainer.freeze
     weighting = build_weighting(cfg.weighting, cfg.tasks).to(info.device)
@@ -273,6 +273,7 @@ def _build_parts(cfg: Config, info: D.DistInfo, run: RunDir, lock: RunLock) -> J
         gate_health=GateHealth(cfg.monitor, gate_experts_of(engine.module)),
         samples_per_task={t: 0 for t in specs}, last_shared=list(engine.module.last_shared_parameters()),
         shared_params=[p for p in engine.module.shared_parameters() if p.requires_grad],
+        model_spec=model_spec,
     )
 
 
@@ -355,6 +356,7 @@ def restore(job: Job) -> None:
         for key, (old, new) in changes.items():
             job.run.say(f"  recipe change applied from step {job.step}: {key}: {old!r} -> {new!r}")
     job.run.record_config(job.cfg, job.step, path, changes)
+    write_model_spec(job.run.path, job.model_spec, job.info.is_rank0)  # a loaded model needs no shards
 
 
 # --------------------------------------------------------------------------- loop
