@@ -241,6 +241,26 @@ def test_csv_to_trained_multitask_model_keeps_its_preprocessing(tmp_path):
     for name, values in encoded.items():
         np.testing.assert_allclose(values, written[name], rtol=1e-6)
 
+    # The trained model in use on raw rows: manytask.load and `manytask predict` on the raw
+    # CSV go through the run's stored preprocessing and give what the shards' fields give.
+    import manytask
+
+    model = manytask.load(tmp_path / "run")
+    inputs = ["city", "genres", "age", "income", "income_missing"]
+    from_fields = model.predict({k: written[k] for k in inputs})
+    raw_rows = df.iloc[written["row"]].drop(columns=["y", "click"])
+    from_raw = model.predict(raw_rows)
+    for task in ("y", "click"):
+        np.testing.assert_allclose(from_raw[task], from_fields[task], rtol=1e-5)
+    raw_csv = tmp_path / "val_raw.csv"
+    raw_rows.to_csv(raw_csv, index=False)
+    out = tmp_path / "pred.parquet"
+    assert main(["predict", str(tmp_path / "run"), "--data", str(raw_csv), "--out", str(out), "--key", "row"]) == 0
+    pred = pd.read_parquet(out)
+    assert [int(k) for k in pred["key"]] == list(written["row"])
+    np.testing.assert_allclose(pred["click"], from_fields["click"], rtol=1e-5)
+    np.testing.assert_allclose(pred["y"], from_fields["y"], rtol=1e-5)
+
 
 def test_diamonds_recipe_from_the_raw_csv(tmp_path):
     """`manytask data prepare diamonds`: the CSV inside the plotnine wheel, converted by column
