@@ -92,7 +92,8 @@ class ModelConfig:
 
 
 FIXED_MIXTURES = ("uniform", "proportional", "temperature", "annealed", "manual")
-ADAPTIVE_MIXTURES = ("loss_ratio", "progress")  # driven by the agreed per-task train losses
+# driven by the agreed per-task train losses, or (val_loss_ratio) the validation losses
+ADAPTIVE_MIXTURES = ("loss_ratio", "progress", "val_loss_ratio")
 
 
 @dataclass
@@ -108,7 +109,7 @@ class SchedulePoint:
 @dataclass
 class SamplerConfig:
     strategy: Literal["uniform", "proportional", "temperature", "annealed", "manual", "loss_ratio",
-                      "progress", "schedule"] = "proportional"
+                      "progress", "val_loss_ratio", "schedule"] = "proportional"
     mode: Literal["single", "mixed"] = "mixed"  # one source per step, or batches mixed in proportion
     temperature: float = 2.0  # temperature strategy: p ∝ min(n, size_cap)^(1/T)
     size_cap: int = 2**31 - 1  # K in the temperature strategy

@@ -154,3 +154,17 @@ def test_adaptive_state_round_trip_is_bitwise(tmp_path) -> None:
     fixed = sampler()
     with pytest.raises(ValueError, match="no loss signals"):
         sampler(**options).load_state_dict(fixed.state_dict())
+
+
+def test_val_loss_ratio_moves_only_at_evaluations() -> None:
+    s = sampler(strategy="val_loss_ratio", min_prob=0.05)
+    val = lambda big, mid, small: {"val/ctr/loss": big, "val/cvr/loss": mid, "val/dwell/loss": mid,  # noqa: E731
+                                   "val/rating/loss": small, "val/ctr/auc": 0.5}
+    s.observe_eval(0, val(1.0, 2.0, 4.0))
+    np.testing.assert_allclose(s.probs(1), [1 / 3] * 3)  # every ratio is 1 at the first evaluation
+    for step in range(1, 50):
+        s.observe(step, losses_at(step))  # train losses do not move this strategy
+    np.testing.assert_allclose(s.probs(50), [1 / 3] * 3)
+    s.observe_eval(50, val(0.9, 1.0, 1.0))  # ratios 0.9, 0.5, 0.25
+    np.testing.assert_allclose(s.probs(51), np.array([0.9, 0.5, 0.25]) / 1.65, rtol=1e-12)
+    assert s.metrics(51)["sampler/small/signal"] == pytest.approx(0.25)

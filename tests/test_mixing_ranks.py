@@ -16,11 +16,12 @@ from test_resume import final_params, preempt
 
 STEPS = 60
 # Two sources over the demo shards, each labelling its own tasks, so that the mixture decides
-# which tasks a batch trains; the schedule runs loss_ratio into progress, so both adaptive
-# strategies' state is live for the whole run.
+# which tasks a batch trains; the schedule runs loss_ratio into progress into val_loss_ratio
+# (evaluations every 10 steps), so every adaptive strategy's state is live during the run.
 ADAPTIVE = {
     "strategy": "schedule",
-    "schedule": [{"step": 0, "strategy": "loss_ratio"}, {"step": STEPS, "strategy": "progress"}],
+    "schedule": [{"step": 0, "strategy": "loss_ratio"}, {"step": 30, "strategy": "progress"},
+                 {"step": 50, "strategy": "val_loss_ratio"}],
     "update_every": 4, "ema": 0.5, "beta": 2.0, "min_prob": 0.1,
 }
 
@@ -32,8 +33,8 @@ def mixing_recipe(tmp_path: Path, shards: Path, name: str, **sections) -> Path:
         {"name": "clicks", "train": str(shards / "train"), "val": str(shards / "val"), "inputs": ["x"],
          "labels": {"click": "click"}},
     ]
-    return small_recipe(tmp_path, shards, name, data={"sources": sources, "num_workers": 0},
-                        sampler=ADAPTIVE, **sections)
+    sections = {"sampler": ADAPTIVE, **sections, "trainer": {"eval_every": 10, **sections.get("trainer", {})}}
+    return small_recipe(tmp_path, shards, name, data={"sources": sources, "num_workers": 0}, **sections)
 
 
 def rows(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -59,7 +60,8 @@ def _train_and_record(rank: int, port: int, out: dict) -> None:
 
     def watched(self, step, losses):
         observe(self, step, losses)
-        seen.append((step, self.probs(step).tobytes(), self.signals.source_signal("loss_ratio").tobytes()))
+        seen.append((step, self.probs(step).tobytes(), self.source_signal("loss_ratio").tobytes(),
+                     self.source_signal("val_loss_ratio").tobytes()))
 
     TaskSampler.observe = watched
     train(load_config(os.environ["MIXING_RECIPE"]))
@@ -68,12 +70,15 @@ def _train_and_record(rank: int, port: int, out: dict) -> None:
 
 
 def test_every_rank_computes_the_same_adaptive_mixture(tmp_path, demo_shards, monkeypatch):
-    recipe = mixing_recipe(tmp_path, demo_shards, "ranks", trainer={"max_steps": 24})
+    schedule = [{"step": 0, "strategy": "loss_ratio"}, {"step": 12, "strategy": "progress"},
+                {"step": 18, "strategy": "val_loss_ratio"}]
+    recipe = mixing_recipe(tmp_path, demo_shards, "ranks", trainer={"max_steps": 24, "eval_every": 6},
+                           sampler={**ADAPTIVE, "schedule": schedule})
     monkeypatch.setenv("MIXING_RECIPE", str(recipe))
     out = spawn_ranks(_train_and_record)
     assert len(out[0]) == 24
     assert out[0] == out[1], "the ranks' mixtures differ"
-    probs = {p for _, p, _ in out[0]}
+    probs = {p for _, p, _, _ in out[0]}
     assert len(probs) > 3, "the mixture adapted over the run"
 
 
@@ -96,6 +101,8 @@ def test_adaptive_mixing_resumes_bitwise(tmp_path, demo_shards, adaptive_referen
     assert not differ, f"steps differ from the uninterrupted run: {differ}"
     probs = {tuple(v for k, v in sorted(r.items()) if k.endswith("/prob")) for r in want.values()}
     assert len(probs) > 5, "the mixture moved during the run"
+    val_signal = {r["sampler/clicks/signal_val_loss_ratio"] for r in want.values()}
+    assert len(val_signal) > 3, "the validation-driven signal moved at evaluations"
     a, b = final_params(run), final_params(adaptive_reference)
     assert all(torch.equal(a[k], b[k]) for k in b), "final parameters differ"
 
@@ -111,7 +118,7 @@ def test_adaptive_mixing_resumes_on_one_rank(tmp_path, adaptive_reference):
     got = rows(run)
     assert sorted(got) == list(range(1, STEPS + 9))
     mixture = lambda r: {k: v for k, v in r.items() if k.endswith("/prob") or "/signal" in k}  # noqa: E731
-    # step 60 was an update (60 % 4 == 0); steps 61-63 use the same mixture
+    # step 60 was an update (60 % 4 == 0) and an evaluation; steps 61-63 use the same mixture
     assert mixture(got[61]) == mixture(got[STEPS]) == mixture(got[63])
     assert mixture(got[64]) != mixture(got[63]), "updates go on after the resume"
 
@@ -131,7 +138,7 @@ def test_report_draws_the_mixture_of_a_real_run(tmp_path, adaptive_reference):
     rows = read_metrics(run)
     probs = {s: series(rows, f"sampler/{s}/prob") for s in ("regress", "clicks")}
     fig = mixture_over_time(probs, {"click": series(rows, "train/click/loss")},
-                            {"clicks": series(rows, "sampler/clicks/signal_loss_ratio")})
+                            {"clicks": series(rows, "sampler/clicks/signal_val_loss_ratio")})
     top, losses, signals = fig.axes[:3]
     assert len(top.collections) == 2, "one stacked band per source"
     assert len(probs["clicks"][0]) == STEPS and len(losses.lines) == 1 and len(signals.lines) == 1

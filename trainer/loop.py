@@ -402,6 +402,7 @@ def train(cfg: Config) -> dict[str, float]:
             metrics.update(job.affinity.maybe_measure(job, job.step))
             if job.step % t.eval_every == 0 or job.step == t.max_steps:
                 val = run_eval(job)
+                job.sampler.observe_eval(job.step, val)  # val_loss_ratio mixing
                 metrics.update(val)
             if metrics:
                 job.logger.log(job.step, metrics)

@@ -39,7 +39,7 @@ class LossSignals:
 
     tasks:         task names, in the order of the internal arrays.
     source_tasks:  per source (in the sampler's source order), the tasks it labels.
-    kind:          "loss_ratio" or "progress" — which signal `source_signal` returns.
+    ema, update_every: the loss EMA's decay and how many steps an update interval holds.
     """
 
     def __init__(self, tasks: list[str], source_tasks: list[list[str]], ema: float, update_every: int) -> None:

@@ -11,6 +11,8 @@ and into per-step sample counts:
 - `manual`:       p_i ∝ cfg.weights[source_i]
 - `loss_ratio`:   p_i ∝ base_i * (L_i / L_i⁰) ** beta   (L: EMA of the source's tasks' train loss)
 - `progress`:     p_i ∝ base_i * g_i ** beta             (g: EMA of the relative improvement)
+- `val_loss_ratio`: p_i ∝ base_i * (V_i / V_i⁰) ** beta  (V: validation loss at the latest
+                  evaluation, V⁰ at the first one the sampler saw; moves at evaluations only)
 - `schedule`:     the mixtures of `cfg.schedule` points (weights or a strategy each) at their
                   steps, interpolated linearly between points or held until the next one
 
@@ -35,6 +37,7 @@ exactly, so a resumed run mixes bit for bit as the uninterrupted one.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -120,12 +123,15 @@ class TaskSampler:
         uses = self.strategies_used()
         self._manual = self._manual_weights() if "manual" in uses else None
         self.signals: LossSignals | None = None
+        self.val_signals: LossSignals | None = None
         if uses & set(ADAPTIVE_MIXTURES):
             if source_tasks is None:
                 raise ConfigError(f"'sampler.strategy' {cfg.strategy}: adaptive mixing needs the tasks each source labels")
             labels = [list(source_tasks.get(s, [])) for s in self.sources]
             tasks = list(dict.fromkeys(t for ts in labels for t in ts))
             self.signals = LossSignals(tasks, labels, cfg.ema, cfg.update_every)
+            # validation losses are already means over a whole split: no smoothing, every one counts
+            self.val_signals = LossSignals(tasks, labels, ema=0.0, update_every=1)
         self._points = [
             (p.step, p.strategy) if p.strategy else (p.step, self._normalized(p.weights)) for p in cfg.schedule
         ]
@@ -192,7 +198,7 @@ class TaskSampler:
             weights = self._manual
         elif strategy in ADAPTIVE_MIXTURES:
             base = self._mixture(self.cfg.base, step)
-            weights = base * self.signals.source_signal(strategy) ** self.cfg.beta
+            weights = base * self.source_signal(strategy) ** self.cfg.beta
         else:  # the config's Literal normally stops this earlier
             raise ConfigError(f"'sampler.strategy': unknown strategy {strategy!r}")
         return weights / weights.sum()
@@ -214,6 +220,18 @@ class TaskSampler:
         (s0, _), (s1, _) = points[later - 1], points[later]
         t = (step - s0) / (s1 - s0)
         return (1.0 - t) * at(later - 1) + t * at(later)
+
+    def source_signal(self, strategy: str) -> np.ndarray:
+        """float64 [sources]: what drives adaptive `strategy` (L/L⁰, progress or V/V⁰)."""
+        if strategy == "val_loss_ratio":
+            return self.val_signals.source_signal("loss_ratio")
+        return self.signals.source_signal(strategy)
+
+    def observe_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Feed an evaluation's `val/<task>/loss` (all-reduced: the same on every rank) to
+        `val_loss_ratio`; a no-op for the other strategies."""
+        if self.val_signals is not None:
+            self.val_signals.observe(step, {t: metrics.get(f"val/{t}/loss", math.nan) for t in self.val_signals.tasks})
 
     def observe(self, step: int, losses: dict[str, float]) -> None:
         """Feed the agreed per-task mean losses of completed step `step` (1-based count of steps
@@ -255,7 +273,7 @@ class TaskSampler:
         p = self.probs(step)
         out: dict[str, float] = {}
         adaptive = sorted(self.strategies_used() & set(ADAPTIVE_MIXTURES))
-        signals = {kind: self.signals.source_signal(kind) for kind in adaptive} if self.signals else {}
+        signals = {kind: self.source_signal(kind) for kind in adaptive}
         for i, name in enumerate(self.sources):
             out[f"sampler/{name}/prob"] = float(p[i])
             out[f"sampler/{name}/samples"] = float(self.samples[i])
@@ -269,6 +287,7 @@ class TaskSampler:
         state = {"sources": list(self.sources), "samples": list(self.samples), "last_step": self.last_step}
         if self.signals is not None:
             state["signals"] = self.signals.state_dict()
+            state["val_signals"] = self.val_signals.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -282,3 +301,4 @@ class TaskSampler:
             if "signals" not in state:
                 raise ValueError("sampler state holds no loss signals: it was saved by a run with a fixed mixture")
             self.signals.load_state_dict(state["signals"])
+            self.val_signals.load_state_dict(state["val_signals"])
