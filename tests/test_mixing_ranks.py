@@ -108,8 +108,12 @@ def test_adaptive_mixing_resumes_bitwise(tmp_path, demo_shards, adaptive_referen
 
 
 def test_adaptive_mixing_resumes_on_one_rank(tmp_path, adaptive_reference):
-    """The 2-rank run continued on 1 rank: the mixing state carries over exactly (the
-    mixture before the first new update is the one the 2-rank run left)."""
+    """The 2-rank run continued on 1 rank: the mixing state carries over exactly — the
+    mixture until the next update is the one the 2-rank run's last checkpoint holds."""
+    from manytask.config import load_config
+    from manytask.data_pipeline.loader import source_sizes
+    from manytask.trainer.task_sampler import TaskSampler
+
     run = tmp_path / "run"
     shutil.copytree(adaptive_reference, run)
     recipe = tmp_path / "recipe.yaml"
@@ -117,9 +121,15 @@ def test_adaptive_mixing_resumes_on_one_rank(tmp_path, adaptive_reference):
     torchrun(recipe, f"run.dir={run}", f"trainer.max_steps={STEPS + 8}", nproc=1)
     got = rows(run)
     assert sorted(got) == list(range(1, STEPS + 9))
+
+    cfg = load_config(recipe)
+    saved = TaskSampler([s.name for s in cfg.data.sources], source_sizes(cfg), cfg.sampler, cfg.run.seed,
+                        STEPS, cfg.data.batch_size, {s.name: list(s.labels) for s in cfg.data.sources})
+    common = adaptive_reference / "ckpt" / f"step_{STEPS:08d}" / "common.pt"
+    saved.load_state_dict(torch.load(common, weights_only=True)["sampler"])
     mixture = lambda r: {k: v for k, v in r.items() if k.endswith("/prob") or "/signal" in k}  # noqa: E731
-    # step 60 was an update (60 % 4 == 0) and an evaluation; steps 61-63 use the same mixture
-    assert mixture(got[61]) == mixture(got[STEPS]) == mixture(got[63])
+    # steps 61-63: no update (every 4 steps) and no evaluation, so the saved mixture holds
+    assert mixture(got[61]) == mixture(saved.metrics(61)) == mixture(got[63])
     assert mixture(got[64]) != mixture(got[63]), "updates go on after the resume"
 
 
