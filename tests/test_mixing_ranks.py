@@ -14,6 +14,8 @@ import torch
 from conftest import small_recipe, spawn_ranks, torchrun
 from test_resume import final_params, preempt
 
+pytestmark = pytest.mark.slow  # real 2-rank runs
+
 STEPS = 60
 # Two sources over the demo shards, each labelling its own tasks, so that the mixture decides
 # which tasks a batch trains; the schedule runs loss_ratio into progress into val_loss_ratio
