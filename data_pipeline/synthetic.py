@@ -8,6 +8,7 @@
   with random frequency, phase and amplitude. Fields: series float32 [T, C], forecast
   float32 [H] (next H steps of channel 0), label int64 [] (the regime; vocab K).
 
+`prepare_skewed_mix(out)` writes one large and three small sources (configs/skewed_mix.yaml).
 `prepare_demo(out)` writes train/ and val/ for configs/demo.yaml; `DATASETS` maps the names
 `manytask data prepare <name>` accepts to their prepare functions.
 """
@@ -131,8 +132,30 @@ def prepare_timeseries(
     return _write_split(Path(out), arrays, n_train, shards, chunk_size)
 
 
+# source -> training samples of the skewed mix: one large source, three small ones (80:4:2:1)
+SKEWED_MIX = {"large": 40_000, "small_a": 2_000, "small_b": 1_000, "small_c": 500}
+
+
+def prepare_skewed_mix(
+    out: str | os.PathLike = "data/skewed_mix", sizes: dict[str, int] | None = None, n_val: int = 2_000,
+    dim: int = 32, seed: int = 0,
+) -> dict[str, Manifest]:
+    """One large source and several small ones, for comparing task-mixing strategies
+    (configs/skewed_mix.yaml): `out/<source>/{train,val}`, every source with input `x` `[dim]`
+    and its own MMoE pair (its own task weights; fields y_a, y_b, click), so each source's
+    tasks are related to but not the same as the others'. Validation: `n_val` samples per
+    source whatever its training size, so every task is measured equally well."""
+    manifests = {}
+    for i, (name, n) in enumerate((sizes or SKEWED_MIX).items()):
+        arrays = mmoe_pair(n + n_val, dim=dim, correlation=0.5, seed=seed + 10 * i)
+        split = _write_split(Path(out) / name, arrays, n, shards=max(1, min(4, n // 500)), chunk=256)
+        manifests.update({f"{name}/{k}": m for k, m in split.items()})
+    return manifests
+
+
 DATASETS: dict[str, Callable[..., dict[str, Manifest]]] = {
     "demo": prepare_demo,
+    "skewed_mix": prepare_skewed_mix,
     "demo_few_click": prepare_demo_few_click,
     "timeseries": prepare_timeseries,
 }

@@ -89,20 +89,103 @@ class ModelConfig:
     params: dict[str, Any] = field(default_factory=dict)  # validated by the model's builder
 
 
+FIXED_MIXTURES = ("uniform", "proportional", "temperature", "annealed", "manual")
+# driven by the agreed per-task train losses, or (val_loss_ratio) the validation losses
+ADAPTIVE_MIXTURES = ("loss_ratio", "progress", "val_loss_ratio")
+
+
+@dataclass
+class SchedulePoint:
+    """One point of `sampler.schedule`: at `step`, the mixture is `weights` (source -> weight,
+    normalized; a source not named gets 0) or the named `strategy` (fixed or adaptive)."""
+
+    step: int
+    weights: dict[str, float] = field(default_factory=dict)
+    strategy: str | None = None
+
+
 @dataclass
 class SamplerConfig:
-    strategy: Literal["uniform", "proportional", "temperature", "annealed", "manual"] = "proportional"
+    strategy: Literal["uniform", "proportional", "temperature", "annealed", "manual", "loss_ratio",
+                      "progress", "val_loss_ratio", "schedule"] = "proportional"
     mode: Literal["single", "mixed"] = "mixed"  # one source per step, or batches mixed in proportion
     temperature: float = 2.0  # temperature strategy: p ∝ min(n, size_cap)^(1/T)
     size_cap: int = 2**31 - 1  # K in the temperature strategy
     alpha_start: float = 1.0  # annealed: p ∝ n^alpha, alpha falls linearly ...
     alpha_end: float = 0.1  # ... to this at max_steps
     weights: dict[str, float] = field(default_factory=dict)  # manual: source -> weight
+    # schedule: mixtures at given steps, interpolated (linear) or held until the next point
+    schedule: list[SchedulePoint] = field(default_factory=list)
+    interpolate: Literal["linear", "hold"] = "linear"
+    # adaptive (loss_ratio, progress): p ∝ base mixture * signal^beta, the signal recomputed
+    # every `update_every` steps from train losses smoothed by an EMA with decay `ema`
+    base: Literal["uniform", "proportional", "temperature", "annealed", "manual"] = "uniform"
+    beta: float = 1.0
+    ema: float = 0.9
+    update_every: int = 10
+    # floor and ceiling of every source's probability (one number for all, or source -> number)
+    min_prob: float | dict[str, float] = 0.0
+    max_prob: float | dict[str, float] = 1.0
 
     def validate(self, file: str | None) -> None:
         require(self.temperature > 0, file, "sampler.temperature", self.temperature, "a number > 0")
-        at_least(file, "sampler", 1, size_cap=self.size_cap)
+        at_least(file, "sampler", 1, size_cap=self.size_cap, update_every=self.update_every)
+        at_least(file, "sampler", 0, beta=self.beta)
         at_least(file, "sampler.weights", 0, **self.weights)
+        require(0 <= self.ema < 1, file, "sampler.ema", self.ema, "an EMA decay in [0, 1)")
+        for key in ("min_prob", "max_prob"):
+            bound = getattr(self, key)
+            for name, value in (bound.items() if isinstance(bound, dict) else [("", bound)]):
+                dotted = f"sampler.{key}.{name}" if name else f"sampler.{key}"
+                require(0 <= value <= 1, file, dotted, value, "a probability in [0, 1]")
+        if (self.strategy == "schedule") != bool(self.schedule):
+            raise ConfigError(
+                f"'sampler.schedule' in {file}: strategy 'schedule' and a non-empty sampler.schedule go "
+                f"together (got strategy {self.strategy!r} and {len(self.schedule)} schedule points)"
+            )
+        previous = -1
+        for i, point in enumerate(self.schedule):
+            key = f"sampler.schedule.{i}"
+            require(point.step > previous, file, f"{key}.step", point.step,
+                    f"steps increasing from >= 0 (the previous point is at step {previous})")
+            previous = point.step
+            if bool(point.weights) == (point.strategy is not None):
+                raise ConfigError(f"'{key}' in {file}: give either weights (source -> weight) or a strategy, "
+                                  f"not {'both' if point.weights else 'neither'}")
+            if point.strategy is not None:
+                names = FIXED_MIXTURES + ADAPTIVE_MIXTURES
+                near = closest(point.strategy, names)
+                require(point.strategy in names, file, f"{key}.strategy", point.strategy,
+                        f"one of {', '.join(names)}" + (f" (did you mean '{near}'?)" if near else ""))
+            else:
+                at_least(file, f"{key}.weights", 0, **point.weights)
+                require(sum(point.weights.values()) > 0, file, f"{key}.weights", point.weights,
+                        "non-negative weights with a positive sum")
+
+    def check_sources(self, sources: list[str], file: str | None) -> None:
+        """Source names in weights, schedule points and bounds against `sources`; floors and
+        ceilings that a mixture can satisfy (sum of floors <= 1 <= sum of ceilings)."""
+        named = [(f"sampler.schedule.{i}.weights", p.weights) for i, p in enumerate(self.schedule)]
+        named += [(f"sampler.{k}", b) for k in ("min_prob", "max_prob") if isinstance(b := getattr(self, k), dict)]
+        for key, mapping in named:
+            for name in mapping:
+                if name not in sources:
+                    near = closest(name, sources)
+                    fix = f"; did you mean '{near}'?" if near else ""
+                    raise ConfigError(f"'{key}.{name}' in {file}: unknown source{fix} (sources: {', '.join(sources)})")
+        lo, hi = self.bounds(sources)
+        require(sum(lo) <= 1 + 1e-12, file, "sampler.min_prob", self.min_prob,
+                f"floors summing to at most 1 over the {len(sources)} sources")
+        require(sum(hi) >= 1 - 1e-12, file, "sampler.max_prob", self.max_prob,
+                f"ceilings summing to at least 1 over the {len(sources)} sources")
+
+    def bounds(self, sources: list[str]) -> tuple[list[float], list[float]]:
+        """(floor, ceiling) per source, in `sources` order."""
+
+        def per_source(bound: float | dict[str, float], default: float) -> list[float]:
+            return [bound.get(s, default) if isinstance(bound, dict) else bound for s in sources]
+
+        return per_source(self.min_prob, 0.0), per_source(self.max_prob, 1.0)
 
 
 @dataclass
@@ -228,6 +311,7 @@ class Config:
                     f"(add it to some data.sources[].labels)"
                 )
 
+        self.sampler.check_sources([s.name for s in self.data.sources], file)
         self._check_params(file)
         if self.engine.name == "deepspeed" and self.weighting.name == "pcgrad":
             raise ConfigError(

@@ -263,7 +263,7 @@ def _build_parts(cfg: Config, info: D.DistInfo, run: RunDir, lock: RunLock) -> J
     data = MultiSourceLoader(cfg, info.rank, info.world_size, cfg.run.seed)
     sampler = TaskSampler(
         [s.name for s in cfg.data.sources], source_sizes(cfg), cfg.sampler, cfg.run.seed,
-        cfg.trainer.max_steps, cfg.data.batch_size,
+        cfg.trainer.max_steps, cfg.data.batch_size, {s.name: list(s.labels) for s in cfg.data.sources},
     )
     return Job(
         cfg=cfg, info=info, run=run, lock=lock, specs=specs, data=data, sampler=sampler, engine=engine,
@@ -382,6 +382,7 @@ def train(cfg: Config) -> dict[str, float]:
         while job.step < t.max_steps:
             result = train_step(job, job.step)
             job.step += 1
+            job.sampler.observe(job.step, result.losses)  # adaptive mixing: the agreed losses
             window_samples += result.samples * job.info.world_size
             for task, n in result.counts.items():
                 job.samples_per_task[task] += n
@@ -403,6 +404,7 @@ def train(cfg: Config) -> dict[str, float]:
             metrics.update(job.affinity.maybe_measure(job, job.step))
             if job.step % t.eval_every == 0 or job.step == t.max_steps:
                 val = run_eval(job)
+                job.sampler.observe_eval(job.step, val)  # val_loss_ratio mixing
                 metrics.update(val)
             if metrics:
                 job.logger.log(job.step, metrics)

@@ -71,3 +71,41 @@ def affinity_heatmap(matrix: np.ndarray, tasks: list[str]) -> Figure:
         _annotate(ax, values, dark=np.abs(values) > 0.6)  # RdBu is dark at both ends
     fig.colorbar(image, ax=ax, label="cosine")
     return fig
+
+
+Curves = dict[str, tuple[list[int], list[float]]]  # label -> (steps, values)
+
+
+def mixture_over_time(probs: Curves, losses: Curves, signals: Curves | None = None) -> Figure:
+    """The task mixture as a stacked area over steps, the per-task train losses beneath it on
+    the same step axis, and (when logged) the signal driving each source's share at the bottom.
+
+    probs: source -> (steps, probability) — `sampler/<source>/prob`; the bands stack to 1.
+    losses: task -> (steps, train loss); signals: curve label -> (steps, signal).
+    """
+    panels = 2 + bool(signals)
+    fig = Figure(figsize=(8, 2.2 + 2.3 * panels), layout="constrained")
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    steps = sorted({s for st, _ in probs.values() for s in st})
+    stacked = []
+    for st, values in probs.values():
+        at = dict(zip(st, values))
+        stacked.append([at.get(s, np.nan) for s in steps])
+    axes[0].stackplot(steps, np.nan_to_num(np.asarray(stacked, dtype=float)), labels=list(probs), alpha=0.85)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_ylabel("sampling probability")
+    axes[0].set_title("task mixture over time")
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for ax, curves, label in ((axes[1], losses, "train loss"), (axes[2] if signals else None, signals, "signal")):
+        if ax is None:
+            continue
+        for name, (st, values) in curves.items():
+            ax.plot(st, values, label=name)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if losses and all(v > 0 for _, values in losses.values() for v in values):
+        axes[1].set_yscale("log")
+    axes[-1].set_xlabel("step")
+    return fig

@@ -5,7 +5,9 @@ Writes into `RUN_DIR/report/`:
 - `train_loss.png`: every task's train loss and the total `train/loss` together;
 - `gates.png`: per gate, mean gate weight of each expert (rows) over logged steps (columns);
 - `affinity.png`: the last logged `affinity/<a>/<b>` gradient cosines as a task × task matrix;
-- `sampler.png`, `weights.png`: sampler probabilities and loss weights per task over steps.
+- `sampler.png`: the task mixture (`sampler/<source>/prob`) as a stacked area over steps, the
+  per-task train losses beneath it and, for adaptive mixing, the signal driving each source;
+- `weights.png`: loss weights per task over steps.
 Charts whose metrics were never logged are skipped.
 """
 
@@ -20,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from manytask.trainer.logger import read_metrics, safe_file_name
-from manytask.trainer.plots import affinity_heatmap
+from manytask.trainer.plots import affinity_heatmap, mixture_over_time
 
 # the gate is a task, `<task>/level<l>` (PLE), `(shared)` or `(shared)/level<l>`
 EXPERT_KEY = re.compile(r"^gates/(?P<gate>.+)/expert_(?P<expert>\d+)$")
@@ -166,6 +168,19 @@ def per_task_figure(rows: list[dict[str, Any]], pattern: str, title: str, path: 
     return written
 
 
+def mixture_figure(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """`sampler.png`: the mixture over time with the per-task train losses beneath it."""
+    probs = {m["source"]: series(rows, m.string) for m in keys_matching(rows, r"^sampler/(?P<source>[^/]+)/prob$")}
+    if not probs:
+        return []
+    losses = {m["task"]: series(rows, m.string) for m in keys_matching(rows, r"^train/(?P<task>[^/]+)/loss$")}
+    signals = {f"{m['source']} {m['kind']}".replace("signal_", ""): series(rows, m.string)
+               for m in keys_matching(rows, r"^sampler/(?P<source>[^/]+)/(?P<kind>signal.*)$")}
+    written: list[Path] = []
+    _save(mixture_over_time(probs, losses, signals), out / "sampler.png", written)
+    return written
+
+
 def write_report(run_dir: str | Path) -> list[Path]:
     """Charts of a run as PNG files in `run_dir/report/`; returns the written paths."""
     run_dir = Path(run_dir)
@@ -178,7 +193,6 @@ def write_report(run_dir: str | Path) -> list[Path]:
         *task_loss_figures(rows, out),
         *gate_figure(rows, out),
         *affinity_figure(rows, out),
-        *per_task_figure(rows, r"^sampler/(?P<task>[^/]+)/prob$", "sampler probability",
-                         out / "sampler.png"),
+        *mixture_figure(rows, out),
         *per_task_figure(rows, r"^weights/(?P<task>[^/]+)$", "loss weight", out / "weights.png"),
     ]
