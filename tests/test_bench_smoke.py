@@ -41,3 +41,10 @@ def test_data_benchmarks_run():
 def test_ingest_benchmark_runs_at_smoke_size():
     out = run("bench.bench_ingest", "--smoke")
     assert "conversion / pyarrow read:" in out and "peak RSS x4 table" in out
+
+
+def test_memory_benchmark_runs_ddp_and_zero3_on_real_ranks():
+    out = run("bench.bench_memory", "--smoke", "--engines", "ddp,zero3")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "MiB" not in line}
+    assert set(rows) == {"ddp", "zero3"}
+    assert rows["ddp"].split("|")[3].strip() == "1.00"  # DDP is the baseline of its own run

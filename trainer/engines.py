@@ -216,8 +216,8 @@ class DeepSpeedEngine:
         from manytask.trainer.ds_checkpoint import use_weights_only_loading
 
         self.cfg, self.info, self.kind = cfg, info, "deepspeed"
-        ds_config = deepspeed_config(cfg, info)
         params = [p for p in model.parameters() if p.requires_grad]
+        ds_config = deepspeed_config(cfg, info, sum(getattr(p, "ds_numel", p.numel()) for p in params))
         # Unless the embedded config names a DeepSpeed optimizer, ZeRO wraps torch's own: its
         # state (step count included) round-trips exactly, so resumed runs stay bitwise equal.
         # foreach, not fused: ZeRO swaps its flat partitions into the param groups afterwards,
@@ -303,7 +303,46 @@ class DeepSpeedEngine:
                     yield f"optimizer.state.{i}.{key}", value
 
 
-def deepspeed_config(cfg: Config, info: DistInfo) -> dict[str, Any]:
+def zero_stage(cfg: Config) -> int | None:
+    """The recipe's ZeRO stage under DeepSpeed (0 when it names none), None on other engines."""
+    if cfg.engine.name != "deepspeed":
+        return None
+    return int(cfg.engine.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+
+def model_construction(cfg: Config, info: DistInfo) -> contextlib.AbstractContextManager:
+    """The context the model is built in.
+
+    ZeRO-3: `deepspeed.zero.Init`, which partitions every module's parameters as soon as the
+    module is built, so no rank ever holds more than one layer in full (and that only while it
+    is built) instead of the whole model until `deepspeed.initialize`. Its parameters are
+    broadcast from rank 0 before partitioning, so every rank builds the same model. Not with
+    `run.init_from`: copying a trained model's weights in needs the full tensors.
+    Other engines: a no-op (they replicate the model anyway).
+    """
+    if zero_stage(cfg) != 3 or cfg.run.init_from:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, info), mem_efficient_linear=False)
+
+
+# DeepSpeed's default buckets hold 5e8 elements: its gradient-reduction buffer alone is 2 GB of
+# fp32 per rank, allocated whatever the model's size (stage 3 allocates it in `initialize`),
+# more than the model states it partitions for a 100M-parameter model.
+MAX_BUCKET, MIN_BUCKET = 500_000_000, 1 << 20
+
+
+def bucket_elements(num_params: int) -> int:
+    """Default ZeRO bucket size for a model of `num_params` elements: a sixteenth of the model
+    (a few collectives per step, and buffers far below the model states), between 1M elements
+    and DeepSpeed's own default, a multiple of 1024 (ZeRO aligns partitions to the world size)."""
+    return int(min(MAX_BUCKET, max(MIN_BUCKET, num_params // 16))) // 1024 * 1024
+
+
+def deepspeed_config(cfg: Config, info: DistInfo, num_params: int | None = None) -> dict[str, Any]:
+    """DeepSpeed's config: the recipe's `engine.deepspeed`, completed from the trainer section;
+    with `num_params`, ZeRO's buckets sized for the model (unless the recipe sets them)."""
     t = cfg.trainer
     ds = dict(cfg.engine.deepspeed)
     ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
@@ -314,7 +353,18 @@ def deepspeed_config(cfg: Config, info: DistInfo) -> dict[str, Any]:
     ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW under ZeRO
     if info.device.type == "cuda" and t.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
         ds.setdefault("bf16", {"enabled": True})
-    ds.setdefault("zero_optimization", {"stage": 0})
+    zero = dict(ds.get("zero_optimization", {"stage": 0}))
+    if num_params is not None and zero.get("stage", 0) > 0:
+        bucket = bucket_elements(num_params)
+        zero.setdefault("reduce_bucket_size", bucket)
+        zero.setdefault("allgather_bucket_size", bucket)
+        if zero["stage"] == 3:
+            # DeepSpeed keeps up to 1e9 gathered parameters alive (and any reused within 1e9
+            # elements): the whole model stays gathered through forward and backward.
+            zero.setdefault("stage3_prefetch_bucket_size", bucket)
+            zero.setdefault("stage3_max_live_parameters", bucket)
+            zero.setdefault("stage3_max_reuse_distance", bucket)
+    ds["zero_optimization"] = zero
     return ds
 
 

@@ -12,7 +12,7 @@ same predictions.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,6 +92,30 @@ def synced_compute(metric: torchmetrics.Metric) -> float:
         return float(metric.compute())
 
 
+def in_lockstep(batches: Iterable[Batch]) -> Iterator[tuple[Batch, bool]]:
+    """`(batch, counts)` until every rank is out of batches: a rank whose share ran out
+    repeats its last batch with counts=False, so all ranks make the same number of forwards;
+    a rank that had none at all (a validation split smaller than the ranks' shares) borrows
+    another rank's first batch, also with counts=False.
+
+    ZeRO-3 gathers each layer's parameters inside the forward (a collective): ranks with
+    different numbers of validation batches would otherwise wait for each other for ever.
+    One small object all-gather per batch."""
+    it, last = iter(batches), None
+    me = torch.distributed.get_rank() if D.is_initialized() else 0
+    while True:
+        batch = next(it, None)
+        last = batch if batch is not None else last
+        state = D.all_gather_object((batch is not None, last is not None))
+        if not any(has for has, _ in state):
+            return
+        if not all(had for _, had in state):
+            lender = next(r for r, (has, _) in enumerate(state) if has)
+            lent = D.broadcast_object(batch if me == lender else None, src=lender)
+            last = last if last is not None else lent
+        yield (batch, True) if batch is not None else (last, False)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -100,11 +124,13 @@ def evaluate(
     cfg: Config,
     device: torch.device,
     exact: bool = False,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Per-task metrics over `batches` (this rank's share), reduced over all ranks.
 
     Returns `{"val/<task>/loss": ..., "val/<task>/<metric>": ...}`, identical on every rank.
     exact: exact AUROC and float64 sums (see the module docstring).
+    lockstep: every rank makes the same number of forwards (`in_lockstep`; ZeRO-3).
     """
     was_training = model.training
     model.eval()
@@ -115,9 +141,12 @@ def evaluate(
     tasks = list(specs)
     loss_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     count = torch.zeros(len(tasks), dtype=torch.float64, device=device)
-    for batch in batches:
+    paired = in_lockstep(batches) if lockstep else ((b, True) for b in batches)
+    for batch, counts in paired:
         batch = batch.to(device)
         out = model(batch.inputs, batch.source_id)
+        if not counts:
+            continue
         losses = task_losses(out.outputs, batch.labels, batch.masks, specs)
         for i, task in enumerate(tasks):
             mask = batch.masks[task]

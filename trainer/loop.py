@@ -22,7 +22,13 @@ from manytask.models.losses import task_losses
 from manytask.models.spec import TaskSpec
 from manytask.trainer import distributed as D
 from manytask.trainer.checkpoint import Checkpointer, check_compatible
-from manytask.trainer.engines import autocast, build_engine, restart_schedule
+from manytask.trainer.engines import (
+    autocast,
+    build_engine,
+    model_construction,
+    restart_schedule,
+    zero_stage,
+)
 from manytask.trainer.evaluate import evaluate
 from manytask.trainer.finetune import prepare_finetune
 from manytask.trainer.logger import MetricsLogger
@@ -253,7 +259,8 @@ def hold_run_dir(run: RunDir, cfg: Config, info: D.DistInfo) -> RunLock:
 
 def _build_parts(cfg: Config, info: D.DistInfo, run: RunDir, lock: RunLock) -> Job:
     specs, model_spec = build_model_spec(cfg)
-    model = build_model(cfg.model, model_spec)
+    with model_construction(cfg, info):  # ZeRO-3: each rank holds only its partition
+        model = build_model(cfg.model, model_spec)
     frozen = prepare_finetune(cfg, model, run.say)  # run.init_from weights, trainer.freeze
     weighting = build_weighting(cfg.weighting, cfg.tasks).to(info.device)
     learnable = [p for p in weighting.parameters() if p.requires_grad]
@@ -362,7 +369,8 @@ def restore(job: Job) -> None:
 # --------------------------------------------------------------------------- loop
 def run_eval(job: Job) -> dict[str, float]:
     batches = val_batches(job.cfg, job.info.rank, job.info.world_size, job.cfg.data.val_batch_size)
-    return evaluate(job.engine.module, batches, job.specs, job.cfg, job.info.device)
+    return evaluate(job.engine.module, batches, job.specs, job.cfg, job.info.device,
+                    lockstep=zero_stage(job.cfg) == 3)
 
 
 def train(cfg: Config) -> dict[str, float]:
