@@ -26,8 +26,9 @@ from manytask.trainer.weightings.base import (
     Weighting,
     WeightingContext,
     device_of,
+    exact_sum,
     present_here,
-    weighted_sum,
+    rank_shares,
 )
 from manytask.trainer.weightings.task_gradients import SurgeryBuffer, task_gradients
 
@@ -78,7 +79,8 @@ class PCGradWeighting(Weighting):
         c = pcgrad_coefficients(tg.gram, order_seed=ctx.step).to(tg.grads.device, tg.grads.dtype)
         self.surgery.add(ctx.step, params, c @ tg.grads)
         weights = {t: 1.0 if present_here(t, losses, ctx) else 0.0 for t in self.task_names}
-        return weighted_sum(losses, weights, device), weights
+        shares = rank_shares(self.task_names, losses, ctx, tg.counts)  # towers: exact over ranks
+        return exact_sum(self.task_names, losses, weights, shares, device), weights
 
     def before_step(self) -> None:
         """Replace the shared parameters' gradients by the projected sum (mean over micro-batches)."""
