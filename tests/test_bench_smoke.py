@@ -41,3 +41,12 @@ def test_data_benchmarks_run():
 def test_ingest_benchmark_runs_at_smoke_size():
     out = run("bench.bench_ingest", "--smoke")
     assert "conversion / pyarrow read:" in out and "peak RSS x4 table" in out
+
+
+def test_weightings_benchmark_runs_at_smoke_size():
+    out = run("bench.bench_weightings", "--smoke")
+    from manytask.trainer.weightings import WEIGHTINGS
+
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "x |" in line}
+    assert set(rows) == {*WEIGHTINGS, "equal + T backward"}
+    assert rows["equal"].count("1.00x") == 2  # the baseline is itself, for time and memory

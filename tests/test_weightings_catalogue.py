@@ -275,3 +275,34 @@ def test_two_ranks_train_like_one_process_on_the_whole_batch(method: str, two_ra
     moved = train(method, 0, 1, lambda t: t)  # deterministic reference
     torch.testing.assert_close(one, moved, rtol=0, atol=0)
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- refused at config time
+RECIPE = """
+data:
+  sources:
+    - {name: s, train: data/x/train, inputs: [x], labels: {a: y_a, b: y_b}}
+tasks:
+  a: {type: regression}
+  b: {type: binary}
+engine: {name: deepspeed, deepspeed: {zero_optimization: {stage: 3}}}
+"""
+
+
+@pytest.mark.parametrize("method", list(WEIGHTINGS))
+def test_zero3_and_deepspeed_refusals_follow_each_methods_path(method: str, tmp_path) -> None:
+    from manytask.config import load_config
+    from manytask.schema import ConfigError
+
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE)
+    cls = WEIGHTINGS[method]
+    if cls.surgery:  # rewrites .grad: not under DeepSpeed at all
+        with pytest.raises(ConfigError, match=rf"'weighting.name'.*{method} rewrites the shared gradients"):
+            load_config(path, [f"weighting.name={method}", "engine.deepspeed.zero_optimization.stage=2"])
+    elif cls.gradients in ("shared", "last_layer"):
+        with pytest.raises(ConfigError, match=rf"'weighting.name'.*{method} needs per-task gradients.*ZeRO stage 3"):
+            load_config(path, [f"weighting.name={method}"])
+        load_config(path, [f"weighting.name={method}", "engine.deepspeed.zero_optimization.stage=2"])
+    else:
+        assert load_config(path, [f"weighting.name={method}"]).weighting.name == method

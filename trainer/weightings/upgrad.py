@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from manytask.schema import ConfigError
@@ -32,28 +33,29 @@ class UPGradParams:
 
 
 def project_to_dual_cone(gram: torch.Tensor, u: torch.Tensor, max_iter: int = 200, tol: float = 1e-12) -> torch.Tensor:
-    """v = argmin_{v ≥ u} vᵀ M v [K]: Gᵀv is the projection of Gᵀu onto {x : G x ≥ 0}."""
-    m = gram.double()
-    v = u.double().clone()
-    diag = m.diagonal()
+    """v = argmin_{v ≥ u} vᵀ M v for every row of u [N, K] at once (or one u [K]): Gᵀv is the
+    projection of Gᵀu onto {x : G x ≥ 0}. Cyclic coordinate descent, exact per coordinate."""
+    m = gram.double().numpy()
+    lower = np.atleast_2d(u.double().numpy())
+    v = lower.copy()
+    diag = np.diagonal(m)
     for _ in range(max_iter):
         moved = 0.0
         for j in range(m.shape[0]):
             if diag[j] <= 0:
                 continue
-            new = max(float(u[j]), float(v[j] - (m[j] @ v) / diag[j]))
-            moved = max(moved, abs(new - float(v[j])))
-            v[j] = new
+            new = np.maximum(lower[:, j], v[:, j] - (v @ m[:, j]) / diag[j])
+            moved = max(moved, float(np.abs(new - v[:, j]).max()))
+            v[:, j] = new
         if moved < tol:
             break
-    return v
+    out = torch.from_numpy(v)
+    return out if u.dim() == 2 else out[0]
 
 
 def upgrad_coefficients(gram: torch.Tensor, max_iter: int = 200) -> torch.Tensor:
     """c [K] = Σ_i argmin_{v ≥ e_i} vᵀMv."""
-    K = gram.shape[0]
-    eye = torch.eye(K, dtype=torch.float64)
-    return torch.stack([project_to_dual_cone(gram, eye[i], max_iter) for i in range(K)]).sum(0)
+    return project_to_dual_cone(gram, torch.eye(gram.shape[0], dtype=torch.float64), max_iter).sum(0)
 
 
 class UPGradWeighting(CoefficientWeighting):
