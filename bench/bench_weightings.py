@@ -125,15 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         BATCH, REPEATS, TASK_COUNTS = 64, 1, [2]
     torch.set_num_threads(1 if args.smoke else torch.get_num_threads())
     methods = ["equal", REFERENCE, *[m for m in WEIGHTINGS if m != "equal"]]
-    results = {T: measure(T, methods) for T in TASK_COUNTS}
-    head = " | ".join(f"T={T} time | T={T} mem" for T in TASK_COUNTS)
-    print(f"MMoE {EXPERTS} experts {EXPERT_HIDDEN}, towers {TOWER}, batch {BATCH}; ratios to `equal` (median of {REPEATS})")
-    print(f"| weighting | {head} |")
-    print("| --- |" + " ---: |" * (2 * len(TASK_COUNTS)))
-    for m in methods:
-        cells = " | ".join(f"{results[T][m][1]:.2f}x | {results[T][m][2]:.2f}x" for T in TASK_COUNTS)
-        print(f"| {m} | {cells} |")
-    print("equal step (ms): " + ", ".join(f"T={T}: {results[T]['equal'][0]:.1f}" for T in TASK_COUNTS))
+    print(f"MMoE {EXPERTS} experts {EXPERT_HIDDEN}, towers {TOWER}, batch {BATCH}; ratios to `equal` "
+          f"(median of {REPEATS} alternating repetitions)", flush=True)
+    for T in TASK_COUNTS:  # one table per T, printed as soon as measured
+        result = measure(T, methods)
+        print(f"\nT={T} (equal step {result['equal'][0]:.1f} ms)\n| weighting | time | memory |\n| --- | ---: | ---: |")
+        for m in methods:
+            print(f"| {m} | {result[m][1]:.2f}x | {result[m][2]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,3 +50,4 @@ def test_weightings_benchmark_runs_at_smoke_size():
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "x |" in line}
     assert set(rows) == {*WEIGHTINGS, "equal + T backward"}
     assert rows["equal"].count("1.00x") == 2  # the baseline is itself, for time and memory
+    assert "T=2 (equal step" in out
