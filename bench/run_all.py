@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHES = ["bench.bench_streams", "bench.bench_integrity", "bench.bench_ingest", "bench.bench_sources", "bench.bench_plan", "bench.bench_models", "bench.bench_trainer", "bench.bench_sampler", "bench.bench_predict", "bench.bench_gpu", "bench.bench_memory"]
+BENCHES = ["bench.bench_streams", "bench.bench_integrity", "bench.bench_ingest", "bench.bench_sources", "bench.bench_plan", "bench.bench_models", "bench.bench_trainer", "bench.bench_weightings", "bench.bench_sampler", "bench.bench_predict", "bench.bench_gpu", "bench.bench_memory"]
 
 
 def main() -> int:

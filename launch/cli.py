@@ -69,7 +69,13 @@ def _compare(args: argparse.Namespace) -> int:
     from manytask.config import load_config
     from manytask.trainer.compare import compare
 
-    compare(load_config(args.recipe, args.overrides), runs_dir=args.runs_dir, reuse=args.reuse)
+    cfg = load_config(args.recipe, args.overrides)
+    if args.weightings:
+        from manytask.trainer.sweep import parse_weightings, sweep
+
+        sweep(cfg, parse_weightings(args.weightings), args.seeds, runs_dir=args.runs_dir, reuse=args.reuse)
+        return 0
+    compare(cfg, runs_dir=args.runs_dir, reuse=args.reuse)
     return 0
 
 
@@ -123,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="reuse runs that finished with the same config (read their final val/ metrics "
                    "from metrics.jsonl); resume unfinished ones instead of starting over")
+    p.add_argument("--weightings", default=None,
+                   help="sweep loss weightings instead: a comma list of weighting names or `all`; equal, "
+                   "rlw and a tuned static baseline are always included; writes <run.dir>/sweep/sweep.md")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per weighting in a sweep (mean ± std)")
     p.set_defaults(func=_compare)
 
     from manytask.launch.model_commands import add_model_commands  # eval, predict, export

@@ -313,11 +313,14 @@ class Config:
 
         self.sampler.check_sources([s.name for s in self.data.sources], file)
         self._check_params(file)
-        if self.engine.name == "deepspeed" and self.weighting.name == "pcgrad":
+        from manytask.trainer.weightings import weighting_class
+
+        method = self.weighting.name
+        if self.engine.name == "deepspeed" and weighting_class(method, file).surgery:
             raise ConfigError(
-                f"'weighting.name' in {file}: pcgrad rewrites the shared gradients between "
+                f"'weighting.name' in {file}: {method} rewrites the shared gradients between "
                 "backward and the optimizer step, which DeepSpeed's engine owns; use engine.name "
-                "ddp (or auto) with pcgrad, or another weighting under DeepSpeed"
+                f"ddp (or auto) with {method}, or another weighting under DeepSpeed"
             )
         self._check_zero3(file)
 
@@ -343,11 +346,16 @@ class Config:
                 "full shared parameters, which ZeRO stage 3 partitions across ranks; set "
                 "monitor.affinity_every=0 or engine.deepspeed.zero_optimization.stage <= 2"
             )
-        if self.weighting.name == "gradnorm":
+        from manytask.trainer.weightings import weighting_class
+
+        needs = weighting_class(self.weighting.name, file).gradients
+        if needs in ("shared", "last_layer"):
+            what = "the last shared layer" if needs == "last_layer" else "the shared parameters"
             raise ConfigError(
-                f"'weighting.name' in {file}: gradnorm needs per-task gradients of the last shared "
-                "layer, which ZeRO stage 3 partitions across ranks; use another weighting or "
-                "engine.deepspeed.zero_optimization.stage <= 2"
+                f"'weighting.name' in {file}: {self.weighting.name} needs per-task gradients of "
+                f"{what}, which ZeRO stage 3 partitions across ranks; use a weighting without "
+                "gradients (equal, static, uncertainty, dwa, worst_case, rlw, famo, imtl_l) or mgda, "
+                "or engine.deepspeed.zero_optimization.stage <= 2"
             )
 
     @property

@@ -48,3 +48,13 @@ def test_memory_benchmark_runs_ddp_and_zero3_on_real_ranks():
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "MiB" not in line}
     assert set(rows) == {"ddp", "zero3"}
     assert rows["ddp"].split("|")[3].strip() == "1.00"  # DDP is the baseline of its own run
+
+
+def test_weightings_benchmark_runs_at_smoke_size():
+    out = run("bench.bench_weightings", "--smoke")
+    from manytask.trainer.weightings import WEIGHTINGS
+
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "x |" in line}
+    assert set(rows) == {*WEIGHTINGS, "equal + T backward"}
+    assert rows["equal"].count("1.00x") == 2  # the baseline is itself, for time and memory
+    assert "T=2 (equal step" in out

@@ -104,7 +104,8 @@ def run_steps(
         ctx = WeightingContext(
             local_counts={t: 0 if t in gone else 32 for t in TASKS} if zero_absent else None,
             step=step,
-            shared=z,
+            representation=z,
+            last_shared_layer=list(model.trunk.parameters()),
             shared_params=list(model.trunk.parameters()),
             all_reduce_mean=all_reduce_mean or (lambda x: x),
             present={t: t in here for t in TASKS},
@@ -134,6 +135,16 @@ def expected_sum(method: str, weights: dict[str, float], present: set[str]) -> f
         "worst_case": k,
         "uncertainty": None,
         "pcgrad": k,
+        "rlw": k,
+        "famo": k,
+        "imtl_g": k,
+        "db_mtl": None,  # 1 / loss
+        "imtl_l": None,  # learned
+        "cagrad": None,  # K (1 + λ) / (1 + c²)
+        "nash_mtl": None,
+        "aligned_mtl": None,
+        "upgrad": None,  # ≥ K: equal plus the projections' corrections
+        "gradvac": None,
     }[method]
 
 
@@ -178,7 +189,9 @@ def test_non_finite_loss_does_not_corrupt_state(method: str) -> None:
     before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in weighting.state_dict().items()}
     z, losses = toy_losses(model, torch.Generator().manual_seed(5))
     losses["b"] = losses["b"] * float("nan")
-    ctx = WeightingContext(step=3, shared=z, shared_params=list(model.trunk.parameters()))
+    ctx = WeightingContext(
+        step=3, representation=z, last_shared_layer=list(model.trunk.parameters()), shared_params=list(model.trunk.parameters())
+    )
     total, weights = weighting.combine(losses, ctx)
     assert not torch.isfinite(total)  # the trainer sees it and skips the step
     after = dict(weighting.state_dict())
@@ -254,7 +267,7 @@ def test_gradnorm_balances_gradient_norms() -> None:
         z = shared(torch.randn(64, 6, generator=gen))
         # Same kind of task, but one loss is 10x the scale: its gradients dominate the trunk.
         losses = {"small": z[:, :3].pow(2).mean(), "large": 10 * z[:, 3:].pow(2).mean()}
-        ctx = WeightingContext(step=step, shared=z, shared_params=[shared.weight, shared.bias])
+        ctx = WeightingContext(step=step, representation=z, last_shared_layer=[shared.weight, shared.bias])
         before = dict(zip(two, weighting.weights))
         weighting.combine(losses, ctx)
         g = grad_norms(losses, before)
@@ -272,7 +285,7 @@ def test_mgda_finds_the_min_norm_convex_combination(seed: int) -> None:
     z = torch.zeros(5, 3, dtype=torch.float64, requires_grad=True)
     losses = {"a": (g1 * z).sum(), "b": (g2 * z).sum()}  # dL/dz is exactly g1, g2
     two = {"a": TaskConfig("regression"), "b": TaskConfig("regression")}
-    _, weights = build_weighting(WeightingConfig("mgda"), two).combine(losses, WeightingContext(shared=z))
+    _, weights = build_weighting(WeightingConfig("mgda"), two).combine(losses, WeightingContext(representation=z))
     grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
     norms = (grid[:, None, None] * g1 + (1 - grid[:, None, None]) * g2).pow(2).sum((1, 2))
     best = float(grid[norms.argmin()])
@@ -313,7 +326,7 @@ def test_pcgrad_rewrites_shared_gradients_and_leaves_task_parameters_alone() -> 
     weighting = build_weighting(WeightingConfig("pcgrad"), TASKS)
     for _micro in range(2):
         losses = {"a": head * (w @ u) + head, "b": w @ v, "c": 0 * w.sum()}
-        ctx = WeightingContext(step=5, all_shared_params=[w], local_counts={"a": 4, "b": 4, "c": 0})
+        ctx = WeightingContext(step=5, shared_params=[w], local_counts={"a": 4, "b": 4, "c": 0})
         total, weights = weighting.combine(losses, ctx)
         (total / 2).backward()
     assert weights == {"a": 1.0, "b": 1.0, "c": 1.0}

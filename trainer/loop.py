@@ -89,8 +89,8 @@ class Job:
     samples_per_task: dict[str, int] = field(default_factory=dict)
     nonfinite_steps: int = 0
     wandb_run_id: str | None = None
-    last_shared: list = field(default_factory=list)  # the model's last shared layer (GradNorm)
-    shared_params: list = field(default_factory=list)  # every shared parameter (PCGrad)
+    last_shared_layer: list = field(default_factory=list)  # the model's last shared layer (GradNorm)
+    shared_params: list = field(default_factory=list)  # every trainable shared parameter (gradient methods)
     model_spec: Any = None  # what the model was built from (written to the run dir for loading)
 
     @property
@@ -107,6 +107,32 @@ class Job:
 
 
 @dataclass
+class Tally:
+    """What one rank counts in a micro-batch, for every rank to sum: labelled samples and loss
+    sums per task, and whether this rank was asked to stop. Sent as one float64 vector
+    (`pack`), so under DDP it rides in the gradient all-reduce (distributed.PiggybackSum)."""
+
+    counts: torch.Tensor  # [T] labelled samples per task
+    loss_sums: torch.Tensor  # [T] count × mean loss per task (NaN/inf propagate)
+    stop: torch.Tensor  # [] 1.0 if a preemption signal arrived
+
+    @classmethod
+    def of(cls, counts: list[int], losses: list[torch.Tensor], stop: bool, device: torch.device) -> Tally:
+        n = torch.tensor(counts, dtype=torch.float64, device=device)
+        return cls(n, torch.stack([x.detach() for x in losses]).double() * n, torch.tensor(float(stop), dtype=torch.float64, device=device))
+
+    def pack(self) -> torch.Tensor:
+        return torch.cat([self.counts, self.loss_sums, self.stop.reshape(1)])
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor, tasks: int) -> Tally:
+        return cls(flat[:tasks], flat[tasks : 2 * tasks], flat[2 * tasks])
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.counts + other.counts, self.loss_sums + other.loss_sums, self.stop + other.stop)
+
+
+@dataclass
 class Agreed:
     """What every rank agrees on for a step, summed over ranks and micro-batches: labelled
     samples and loss sums per task, a stop request, whether any loss was non-finite."""
@@ -116,15 +142,18 @@ class Agreed:
     stop: bool = False
     nonfinite: bool = False
 
-    def add(self, summed: torch.Tensor) -> None:
-        """Fold in one summed agreement vector `[counts (T), stop, loss sums (T)]`."""
-        values, T = summed.tolist(), len(self.count)
-        sums = values[T + 1 :]
-        self.count = [a + b for a, b in zip(self.count, values[:T])]
+    def add(self, summed: Tally) -> None:
+        """Fold in a tally summed over ranks."""
+        sums = summed.loss_sums.tolist()
+        self.count = [a + b for a, b in zip(self.count, summed.counts.tolist())]
         self.loss_sum = [a + b for a, b in zip(self.loss_sum, sums)]
-        self.stop |= values[T] > 0
+        self.stop |= float(summed.stop) > 0
         # a NaN or inf on any rank stays non-finite in the sum (and reached every gradient)
         self.nonfinite |= not all(map(math.isfinite, sums))
+
+    def losses(self, tasks: list[str]) -> dict[str, float]:
+        """Mean loss per task over all ranks (NaN when no rank had a label)."""
+        return {t: s / c if c > 0 else math.nan for t, s, c in zip(tasks, self.loss_sum, self.count)}
 
 
 def train_step(job: Job, step: int) -> StepResult:
@@ -132,7 +161,7 @@ def train_step(job: Job, step: int) -> StepResult:
     counts_per_source = job.sampler.counts(step)
     accum = cfg.trainer.grad_accum
     agreed = Agreed([0.0] * len(tasks), [0.0] * len(tasks))
-    weights, total, local, pending = {}, None, None, None
+    weights, total, tally, pending = {}, None, None, None
     # DeepSpeed must not run backward on a non-finite loss, so it agrees on each micro-batch
     # before its backward; the torch engines agree once per step, during the last backward
     # (under DDP inside the gradient all-reduce itself: one collective per step).
@@ -147,42 +176,33 @@ def train_step(job: Job, step: int) -> StepResult:
             with autocast(cfg, info):
                 out = engine.model(batch.inputs, batch.source_id)
                 losses = task_losses(out.outputs, batch.labels, batch.masks, job.specs)
-            head = torch.tensor([*n, float(job.preempt.requested)], dtype=torch.float64, device=info.device)
-            vec = torch.cat([head, torch.stack([losses[t].detach() for t in tasks]).double() * head[: len(tasks)]])
+            mine = Tally.of(n, [losses[t] for t in tasks], job.preempt.requested, info.device)
             if agree_first:
-                agreed.add(engine.agree(vec).result())
+                agreed.add(Tally.unpack(engine.agree(mine.pack()).result(), len(tasks)))
             else:
-                local = vec if local is None else local + vec
+                tally = mine if tally is None else tally + mine
                 if last:
-                    pending = engine.agree(local)
+                    pending = engine.agree(tally.pack())
             if not agreed.nonfinite:
-                ctx = WeightingContext(
-                    step=step,
-                    shared=out.shared,
-                    shared_params=job.last_shared,
-                    all_shared_params=job.shared_params,
-                    all_reduce_mean=D.all_reduce_mean,
-                    local_counts=dict(zip(tasks, n)),
-                )  # presence is left to the weighting: those that need it agree on it themselves
-                total, weights = job.weighting.combine(losses, ctx)
+                total, weights = job.weighting.combine(losses, weighting_context(job, step, out, dict(zip(tasks, n))))
                 if out.aux_losses:
                     total = total + sum(out.aux_losses.values())
                 engine.backward(total)
     if pending is not None:
-        agreed.add(pending.result())
+        agreed.add(Tally.unpack(pending.result(), len(tasks)))
     if agreed.nonfinite:
         engine.skip_step()
         if job.weighting_opt is not None:
             job.weighting_opt.zero_grad(set_to_none=True)
     else:
-        job.weighting.before_step()  # gradient surgery (pcgrad) rewrites shared gradients here
+        job.weighting.before_step()  # gradient surgery (pcgrad, db_mtl) rewrites shared gradients here
         engine.step([t for t, c in zip(tasks, agreed.count) if c == 0])
         if job.weighting_opt is not None:
             sync_weighting_grads(job)
             job.weighting_opt.step()
             job.weighting_opt.zero_grad(set_to_none=True)
     return StepResult(
-        losses={t: s / c if c > 0 else math.nan for t, s, c in zip(tasks, agreed.loss_sum, agreed.count)},
+        losses=agreed.losses(tasks),
         counts={t: int(c) for t, c in zip(tasks, agreed.count)},
         weights=weights,
         total=float(total.detach()) if not agreed.nonfinite and total is not None else math.nan,
@@ -190,6 +210,20 @@ def train_step(job: Job, step: int) -> StepResult:
         stop_requested=agreed.stop,
         samples=sum(counts_per_source) * accum,
         out=out,
+    )
+
+
+def weighting_context(job: Job, step: int, out: Any, local_counts: dict[str, int]) -> WeightingContext:
+    """What the weighting may use this micro-batch. Presence is left to the weighting: those
+    that need it agree on it in their own collective."""
+    return WeightingContext(
+        step=step,
+        representation=out.shared,
+        last_shared_layer=job.last_shared_layer,
+        shared_params=job.shared_params,
+        all_reduce_mean=D.all_reduce_mean,
+        local_counts=local_counts,
+        seed=job.cfg.run.seed,
     )
 
 
@@ -278,7 +312,7 @@ def _build_parts(cfg: Config, info: D.DistInfo, run: RunDir, lock: RunLock) -> J
         ckpt=Checkpointer(run.ckpt, info, cfg.checkpoint.keep_last), preempt=PreemptionFlag().install(),
         affinity=TaskAffinity(cfg.monitor, list(specs)),
         gate_health=GateHealth(cfg.monitor, gate_experts_of(engine.module)),
-        samples_per_task={t: 0 for t in specs}, last_shared=list(engine.module.last_shared_parameters()),
+        samples_per_task={t: 0 for t in specs}, last_shared_layer=list(engine.module.last_shared_parameters()),
         shared_params=[p for p in engine.module.shared_parameters() if p.requires_grad],
         model_spec=model_spec,
     )

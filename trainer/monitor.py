@@ -31,6 +31,7 @@ from manytask.config import MonitorConfig
 from manytask.data_pipeline.batch import Batch
 from manytask.models.losses import task_losses
 from manytask.trainer import distributed as D
+from manytask.trainer.weightings.task_gradients import flat_gradient, gram_matrix
 
 Say = Callable[[str], None]
 
@@ -39,14 +40,14 @@ Say = Callable[[str], None]
 def cosine_matrix(grads: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """[T, T] cosine similarity of per-task gradients (`[T, P]` or T tensors, any shape).
 
-    Computed in float64; a row or column of a task whose gradient is all zero (no labelled
+    From the Gram matrix (`weightings/task_gradients.py`, the gradient methods' too), in
+    float64; a row or column of a task whose gradient is all zero (no labelled
     sample in the measured batch) is NaN: "unknown", not "unrelated".
     """
-    g = torch.stack([x.reshape(-1).double() for x in grads])
-    norms = g.norm(dim=1, keepdim=True)
-    unit = g / norms.clamp_min(1e-300)
-    matrix = unit @ unit.T
-    missing = (norms.reshape(-1) == 0).nonzero().reshape(-1)
+    gram = gram_matrix(torch.stack([x.reshape(-1) for x in grads]))
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    matrix = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-300)
+    missing = (norms == 0).nonzero().reshape(-1)
     matrix[missing, :] = math.nan
     matrix[:, missing] = math.nan
     return matrix
@@ -76,9 +77,7 @@ def task_gradients(
             n = int(batch.masks[task].sum())
             if n == 0 or not params:
                 continue
-            g = torch.autograd.grad(losses[task], params, retain_graph=True, allow_unused=True)
-            flat = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params)])
-            total[i] += n * flat.float()
+            total[i] += n * flat_gradient(losses[task], params)
     return D.all_reduce_sum(total)
 
 

@@ -1,7 +1,16 @@
 """Loss weightings, looked up by the recipe's `weighting.name`.
 
 Adding a method: one file defining a `Weighting` subclass (with a `Params` dataclass for its
-`weighting.params:` block) plus one line in `WEIGHTINGS`.
+`weighting.params:` block) plus one line in `WEIGHTINGS`. A method that needs per-task
+gradients takes them from `task_gradients.py`; one whose shared step is a combination
+Σ_t c_t g_t subclasses `CoefficientWeighting` and only computes c from the Gram matrix.
+
+Paths (each method's docstring says which it takes):
+- losses only: equal, static, uncertainty, dwa, worst_case, rlw, famo, imtl_l;
+- coefficients from the Gram matrix, one backward of Σ_t c_t L_t: imtl_g, cagrad, nash_mtl,
+  aligned_mtl, upgrad, gradvac;
+- surgery (writes the shared `.grad` after the backward; not under DeepSpeed): pcgrad, db_mtl;
+- gradnorm (last shared layer's gradients), mgda (shared representation's gradients).
 """
 
 from __future__ import annotations
@@ -10,14 +19,23 @@ from typing import Any
 
 from manytask.config import TaskConfig, WeightingConfig
 from manytask.schema import ConfigError, closest, load_dataclass
+from manytask.trainer.weightings.aligned_mtl import AlignedMTLWeighting
 from manytask.trainer.weightings.base import Weighting, WeightingContext
+from manytask.trainer.weightings.cagrad import CAGradWeighting
+from manytask.trainer.weightings.db_mtl import DBMTLWeighting
 from manytask.trainer.weightings.dwa import DWAWeighting
 from manytask.trainer.weightings.equal import EqualWeighting
+from manytask.trainer.weightings.famo import FAMOWeighting
 from manytask.trainer.weightings.gradnorm import GradNormWeighting
+from manytask.trainer.weightings.gradvac import GradVacWeighting
+from manytask.trainer.weightings.imtl import IMTLGWeighting, IMTLLWeighting
 from manytask.trainer.weightings.mgda import MGDAWeighting, min_norm_weights
+from manytask.trainer.weightings.nash_mtl import NashMTLWeighting
 from manytask.trainer.weightings.pcgrad import PCGradWeighting
+from manytask.trainer.weightings.rlw import RLWWeighting
 from manytask.trainer.weightings.static import StaticWeighting
 from manytask.trainer.weightings.uncertainty import UncertaintyWeighting
+from manytask.trainer.weightings.upgrad import UPGradWeighting
 from manytask.trainer.weightings.worst_case import WorstCaseWeighting
 
 WEIGHTINGS: dict[str, type[Weighting]] = {
@@ -29,6 +47,16 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "mgda": MGDAWeighting,
     "worst_case": WorstCaseWeighting,
     "pcgrad": PCGradWeighting,
+    "rlw": RLWWeighting,
+    "famo": FAMOWeighting,
+    "db_mtl": DBMTLWeighting,
+    "imtl_l": IMTLLWeighting,
+    "imtl_g": IMTLGWeighting,
+    "cagrad": CAGradWeighting,
+    "nash_mtl": NashMTLWeighting,
+    "aligned_mtl": AlignedMTLWeighting,
+    "upgrad": UPGradWeighting,
+    "gradvac": GradVacWeighting,
 }
 
 

@@ -9,7 +9,10 @@ A weighting is an `nn.Module` with
 with no labelled sample on this rank is either left out or passed as a finite 0 that stays in
 the graph (models/losses.py); pass `ctx.local_counts` so that such a 0 is not mistaken for a
 measured loss when losses are averaged over ranks.
-`total` is the scalar the trainer backpropagates once; `weights` maps every task to the
+`total` is the scalar the trainer backpropagates once (the methods that all-reduce build it with
+`rank_shares`, so that the ranks' averaged backward is exactly that of one process on the
+whole batch, however the labelled samples are split; `equal`/`static`/`rlw`, which make no
+collective, are exact when every rank holds the same number of each task's labels); `weights` maps every task to the
 python float its loss was multiplied by (the trainer logs it as `weights/<task>`), 0.0 for a
 task absent on every rank.
 
@@ -26,6 +29,7 @@ skip the step.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,27 +50,31 @@ def identity(x: torch.Tensor) -> torch.Tensor:
 class WeightingContext:
     """What the trainer knows at the moment it combines the losses.
 
-    step:            optimizer step (drives windows and schedules).
-    shared:          the model's shared representation, requires grad, [B, ...] (MGDA), or None.
-    shared_params:   parameters of the last shared layer (GradNorm).
-    all_shared_params: every shared parameter (PCGrad); empty: use shared_params.
-    all_reduce_mean: elementwise mean over ranks (may work in place; it gets a fresh
-                     tensor); identity in one process.
-    present:         task -> True if it has >= 1 labelled sample on ANY rank this step (agreed
-                     by the trainer). A task missing here: the adaptive methods decide from the
-                     all-reduced count; `equal`/`static` (no collective) from local `losses`.
-    local_counts:    task -> labelled samples on this rank, or None. Given, the per-task means
-                     over ranks are weighted by them (the exact global mean) and a rank with 0
-                     samples contributes nothing; None: every task in `losses` counts as held.
+    step:              optimizer step (drives windows, schedules and RLW's draw).
+    representation:    the model's shared representation Z, requires grad, [B, ...] (MGDA), or None.
+    last_shared_layer: parameters of the last shared layer (GradNorm).
+    shared_params:     every trainable shared parameter (the gradient methods; see
+                       `task_gradients.py`).
+    all_reduce_mean:   elementwise mean over ranks (may work in place; it gets a fresh
+                       tensor); identity in one process.
+    present:           task -> True if it has >= 1 labelled sample on ANY rank this step. A
+                       task missing here: the adaptive methods decide from the all-reduced
+                       count; `equal`/`static`/`rlw` (no collective) from local `losses`.
+    local_counts:      task -> labelled samples on this rank, or None. Given, the per-task
+                       means over ranks are weighted by them (the exact global mean) and a rank
+                       with 0 samples contributes nothing; None: every task in `losses` counts
+                       as held.
+    seed:              the run's seed (RLW draws from (seed, step): the same on every rank).
     """
 
     step: int = 0
-    shared: torch.Tensor | None = None
+    representation: torch.Tensor | None = None
+    last_shared_layer: list[torch.nn.Parameter] = field(default_factory=list)
     shared_params: list[torch.nn.Parameter] = field(default_factory=list)
-    all_shared_params: list[torch.nn.Parameter] = field(default_factory=list)
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = identity
     present: dict[str, bool] = field(default_factory=dict)
     local_counts: dict[str, int] | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -75,9 +83,21 @@ class NoParams:
 
 
 class Weighting(torch.nn.Module):
-    """Base class: the task names (recipe order) and the method's validated params."""
+    """Base class: the task names (recipe order), the method's validated params, and the
+    method's running state saved under the task list it was built for.
+
+    `gradients` says which gradients a method takes (checked at config time, e.g. ZeRO-3):
+    "none" (losses only), "last_layer" (per-task gradients of the last shared layer),
+    "representation" (of the shared representation, MGDA-UB), "shared" (of every shared
+    parameter, through `task_gradients.py`). `state_fields` names the attributes that make
+    up the running state; the base saves them with the task list and refuses a checkpoint
+    made for other tasks.
+    """
 
     Params: type = NoParams  # each method's dataclass for `weighting.params`
+    gradients: str = "none"
+    surgery: bool = False  # rewrites the shared `.grad` in before_step (refused under DeepSpeed)
+    state_fields: tuple[str, ...] = ()
 
     def __init__(self, tasks: dict[str, TaskConfig], params: Any = None) -> None:
         super().__init__()
@@ -94,7 +114,17 @@ class Weighting(torch.nn.Module):
 
     def before_step(self) -> None:
         """Called after the step's backward, before the optimizer step (not on skipped steps):
-        gradient surgery (`pcgrad`) rewrites gradients here; loss weightings do nothing."""
+        gradient surgery (`pcgrad`, `db_mtl`) rewrites gradients here; the others do nothing."""
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"tasks": list(self.task_names), **{k: copy.deepcopy(getattr(self, k)) for k in self.state_fields}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if list(state["tasks"]) != self.task_names:
+            name = type(self).__name__
+            raise ValueError(f"{name} state was saved for tasks {state['tasks']}, this run has {self.task_names}")
+        for k in self.state_fields:
+            setattr(self, k, copy.deepcopy(state[k]))
 
 
 def present_here(task: str, losses: dict[str, torch.Tensor], ctx: WeightingContext) -> bool:
@@ -118,9 +148,9 @@ def device_of(losses: dict[str, torch.Tensor], ctx: WeightingContext, module: to
     """
     for loss in losses.values():
         return loss.device
-    if ctx.shared is not None:
-        return ctx.shared.device
-    for p in [*ctx.shared_params, *module.parameters()]:
+    if ctx.representation is not None:
+        return ctx.representation.device
+    for p in [*ctx.shared_params, *ctx.last_shared_layer, *module.parameters()]:
         return p.device
     return torch.device("cpu")
 
@@ -210,6 +240,23 @@ def reduce_losses(
     loss = [mean(0, i) if present[i] else None for i in range(n)]
     named = {name: [mean(k + 1, i) if present[i] else None for i in range(n)] for k, name in enumerate(extra)}
     return Reduced(present=present, loss=loss, extra=named, held=held_mean, tensor=tensor)
+
+
+def rank_shares(tasks: list[str], losses: dict[str, torch.Tensor], ctx: WeightingContext, mean_held: list[float]) -> list[float]:
+    """Per task, h_t / h̄_t: this rank's `held()` over its mean over ranks (0 if not held).
+
+    Multiplying this rank's loss by it turns the ranks' averaged gradient (DDP, DeepSpeed)
+    into the gradient of the global mean loss: (1/R) Σ_r (n_r / n̄) ∇L_r = Σ_r n_r ∇L_r / N.
+    """
+    return [held(t, losses, ctx) / mean_held[i] if mean_held[i] > 0 else 0.0 for i, t in enumerate(tasks)]
+
+
+def exact_sum(
+    tasks: list[str], losses: dict[str, torch.Tensor], weights: dict[str, float], shares: list[float], device: torch.device
+) -> torch.Tensor:
+    """Σ_t w_t · share_t · L_t over this rank's losses (zero weights kept in the graph)."""
+    scaled = {t: weights[t] * shares[i] for i, t in enumerate(tasks)}
+    return weighted_sum({t: losses[t] for t in tasks if t in losses}, scaled, device)
 
 
 def softmax_weights(scores: list[float | None], temperature: float) -> list[float]:

@@ -14,7 +14,6 @@ ranks keep the same history and weights. A step whose losses are not finite is n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -24,9 +23,10 @@ from manytask.trainer.weightings.base import (
     Weighting,
     WeightingContext,
     device_of,
+    exact_sum,
+    rank_shares,
     reduce_losses,
     softmax_weights,
-    weighted_sum,
 )
 
 
@@ -47,6 +47,7 @@ class DWAWeighting(Weighting):
     """State (plain python): current window index, its running sums/counts, last two averages."""
 
     Params = DWAParams
+    state_fields = ("window_index", "sums", "counts", "prev", "prev2")
 
     def __init__(self, tasks: dict[str, TaskConfig], params: DWAParams | None = None) -> None:
         super().__init__(tasks, params)
@@ -87,23 +88,4 @@ class DWAWeighting(Weighting):
                 if present:
                     self.sums[i] += red.loss[i]
                     self.counts[i] += 1
-        return weighted_sum(losses, weights, device), weights
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "tasks": list(self.task_names),
-            "window_index": self.window_index,
-            "sums": list(self.sums),
-            "counts": list(self.counts),
-            "prev": list(self.prev),
-            "prev2": list(self.prev2),
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        if list(state["tasks"]) != self.task_names:
-            raise ValueError(f"dwa state was saved for tasks {state['tasks']}, this run has {self.task_names}")
-        self.window_index = state["window_index"]
-        self.sums = [float(v) for v in state["sums"]]
-        self.counts = [int(v) for v in state["counts"]]
-        self.prev = [None if v is None else float(v) for v in state["prev"]]
-        self.prev2 = [None if v is None else float(v) for v in state["prev2"]]
+        return exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device), weights

@@ -5,10 +5,9 @@ last shared layer, G_i = ||∇_W w_i L_i|| = w_i ||∇_W L_i||, approaches
     target_i = mean_j(G_j) · r_i^alpha,   r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0)),
 so tasks that train slower (higher relative loss) get larger gradients.
 
-Per step: one `autograd.grad` per task wrt `ctx.shared_params` (retain_graph, so the trainer's
-single backward still works), then the gradient norms and losses are averaged over the ranks
-holding each task (`ctx.all_reduce_mean`: a mean of per-rank norms, which stands in for the
-norm of the global gradient without reducing whole gradients). The weights themselves are
+Path: per-task gradients of the last shared layer (`ctx.last_shared_layer`) through
+`task_gradients.py`, i.e. exact over ranks; ||∇_W L_i|| is the square root of the Gram
+matrix's diagonal, and the losses come out of the same collective. The weights themselves are
 not an optimizer parameter: they take their own SGD step on L_grad = Σ_i |G_i - target_i|
 (target held constant, so dL_grad/dw_i = sign(G_i - target_i) · ||∇_W L_i||), with `lr`,
 are kept above `min_weight`, and the present tasks are rescaled to keep their sum, so
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -31,9 +29,10 @@ from manytask.trainer.weightings.base import (
     Weighting,
     WeightingContext,
     device_of,
-    reduce_losses,
-    weighted_sum,
+    exact_sum,
+    rank_shares,
 )
+from manytask.trainer.weightings.task_gradients import task_gradients
 
 
 @dataclass
@@ -54,6 +53,8 @@ class GradNormWeighting(Weighting):
     """State: `weights` (T floats, sum T) and `initial` losses L_i(0) (None until first seen)."""
 
     Params = GradNormParams
+    gradients = "last_layer"
+    state_fields = ("weights", "initial")
 
     def __init__(self, tasks: dict[str, TaskConfig], params: GradNormParams | None = None) -> None:
         super().__init__(tasks, params)
@@ -63,20 +64,17 @@ class GradNormWeighting(Weighting):
     def combine(
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        if not ctx.shared_params:
-            raise ValueError("gradnorm needs ctx.shared_params (the last shared layer's parameters)")
+        if not ctx.last_shared_layer:
+            raise ValueError("gradnorm needs ctx.last_shared_layer (the last shared layer's parameters)")
         device = device_of(losses, ctx, self)
-        norms: dict[str, torch.Tensor] = {}
-        for task, loss in losses.items():
-            if not loss.requires_grad:
-                norms[task] = torch.zeros((), device=device)
-                continue
-            grads = torch.autograd.grad(loss, ctx.shared_params, retain_graph=True, allow_unused=True)
-            sq = [g.detach().pow(2).sum() for g in grads if g is not None]
-            norms[task] = torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=device)
-        red = reduce_losses(self.task_names, losses, ctx, device, extra={"grad_norm": norms})
+        tg = task_gradients(self.task_names, losses, ctx.last_shared_layer, ctx, device)
+        norms = tg.gram.diagonal().clamp_min(0).sqrt().tolist()
+        red = Reduced(
+            present=tg.present, loss=tg.losses, held=tg.counts,
+            extra={"grad_norm": [norms[i] if p else None for i, p in enumerate(tg.present)]},
+        )
         used = {t: self.weights[i] if red.present[i] else 0.0 for i, t in enumerate(self.task_names)}
-        total = weighted_sum(losses, used, device)
+        total = exact_sum(self.task_names, losses, used, rank_shares(self.task_names, losses, ctx, tg.counts), device)
         if red.finite:
             self._update(red)
         return total, used
@@ -104,12 +102,3 @@ class GradNormWeighting(Weighting):
         scale = old_sum / sum(new.values())
         for i in idx:
             self.weights[i] = new[i] * scale
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"tasks": list(self.task_names), "weights": list(self.weights), "initial": list(self.initial)}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        if list(state["tasks"]) != self.task_names:
-            raise ValueError(f"gradnorm state was saved for tasks {state['tasks']}, this run has {self.task_names}")
-        self.weights = [float(w) for w in state["weights"]]
-        self.initial = [None if v is None else float(v) for v in state["initial"]]

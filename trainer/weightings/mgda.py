@@ -3,7 +3,7 @@ NeurIPS 2018).
 
 Find simplex weights α (α_i >= 0, Σ α_i = 1 over the present tasks) minimising
 ||Σ_i α_i g_i||², where g_i = ∂L_i/∂Z is task i's gradient wrt the shared representation
-Z = ctx.shared ([B, ...]; the "upper bound" of the paper, one `autograd.grad` per task
+Z = ctx.representation ([B, ...]; the "upper bound" of the paper, one `autograd.grad` per task
 instead of gradients over all shared parameters). The resulting direction decreases every
 task's loss unless the point is Pareto-stationary. total = Σ_i α_i L_i.
 
@@ -32,9 +32,10 @@ from manytask.trainer.weightings.base import (
     Weighting,
     WeightingContext,
     device_of,
+    exact_sum,
     held,
+    rank_shares,
     reduce_losses,
-    weighted_sum,
 )
 
 
@@ -82,20 +83,21 @@ class MGDAWeighting(Weighting):
     """No state: α is solved afresh every step from the all-reduced Gram matrix."""
 
     Params = MGDAParams
+    gradients = "representation"
 
     def combine(
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        if ctx.shared is None:
-            raise ValueError("mgda needs ctx.shared (the model's shared representation, requiring grad)")
+        if ctx.representation is None:
+            raise ValueError("mgda needs ctx.representation (the model's shared representation, requiring grad)")
         device = device_of(losses, ctx, self)
         n = len(self.task_names)
-        flat = torch.zeros(n, ctx.shared.numel(), dtype=torch.float64, device=device)
+        flat = torch.zeros(n, ctx.representation.numel(), dtype=torch.float64, device=device)
         for i, task in enumerate(self.task_names):
             loss, share = losses.get(task), held(task, losses, ctx)
             if loss is None or share == 0 or not loss.requires_grad:
                 continue
-            (g,) = torch.autograd.grad(loss, ctx.shared, retain_graph=True, allow_unused=True)
+            (g,) = torch.autograd.grad(loss, ctx.representation, retain_graph=True, allow_unused=True)
             if g is not None:
                 flat[i] = share * g.detach().reshape(-1).to(torch.float64)
         red = reduce_losses(self.task_names, losses, ctx, device, extra_tensor=flat @ flat.T)
@@ -104,7 +106,7 @@ class MGDAWeighting(Weighting):
         weights = {t: 0.0 for t in self.task_names}
         for k, i in enumerate(idx):
             weights[self.task_names[i]] = alpha[k]
-        return weighted_sum(losses, weights, device), weights
+        return exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device), weights
 
     def _solve(
         self, gram: torch.Tensor, share: list[float], loss: list[float | None], idx: list[int]

@@ -29,8 +29,9 @@ from manytask.trainer.weightings.base import (
     Weighting,
     WeightingContext,
     device_of,
+    exact_sum,
+    rank_shares,
     reduce_losses,
-    weighted_sum,
 )
 
 
@@ -67,7 +68,7 @@ class UncertaintyWeighting(Weighting):
         w = torch.tensor(self.loss_scale, device=device) * torch.exp(-s)
         values = w.detach().tolist()
         weights = {t: values[i] if red.present[i] else 0.0 for i, t in enumerate(self.task_names)}
-        total = weighted_sum(losses, weights, device)  # the model's part: w_i held constant
+        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device)  # the model's part: w_i held constant
         for i in range(len(self.task_names)):
             if red.present[i]:  # an absent task adds no term: its s_i gets a zero gradient
                 # (w_i - w_i.detach()) * L̄_i has value 0 and gives d/ds_i from the all-reduced

@@ -14,7 +14,6 @@ with non-finite losses updates nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -24,9 +23,10 @@ from manytask.trainer.weightings.base import (
     Weighting,
     WeightingContext,
     device_of,
+    exact_sum,
+    rank_shares,
     reduce_losses,
     softmax_weights,
-    weighted_sum,
 )
 
 
@@ -48,6 +48,7 @@ class WorstCaseWeighting(Weighting):
     """State (plain python): per-task loss EMA and first loss (None until the task is seen)."""
 
     Params = WorstCaseParams
+    state_fields = ("smoothed", "initial")
 
     def __init__(self, tasks: dict[str, TaskConfig], params: WorstCaseParams | None = None) -> None:
         super().__init__(tasks, params)
@@ -84,15 +85,4 @@ class WorstCaseWeighting(Weighting):
             # A present task not yet scored (its first loss was not finite) still enters the
             # total with weight 1, so the trainer sees the bad loss and skips the step.
             weights[task] = w[i] if scores[i] is not None or not red.present[i] else 1.0
-        return weighted_sum(losses, weights, device), weights
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"tasks": list(self.task_names), "smoothed": list(self.smoothed), "initial": list(self.initial)}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        if list(state["tasks"]) != self.task_names:
-            raise ValueError(
-                f"worst_case state was saved for tasks {state['tasks']}, this run has {self.task_names}"
-            )
-        self.smoothed = [None if v is None else float(v) for v in state["smoothed"]]
-        self.initial = [None if v is None else float(v) for v in state["initial"]]
+        return exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device), weights

@@ -1,0 +1,198 @@
+"""Per-task gradients of the shared parameters: the one place every gradient-based method
+(and the task-affinity monitor) gets them from.
+
+`task_gradients(...)` takes one `autograd.grad` per task held on this rank with respect to
+the shared parameters (retain_graph, so the trainer's single backward still runs; no `.grad`
+buffer or DDP hook is touched), weights each by this rank's labelled count of the task, and
+averages gradients, counts and loss sums over ranks in ONE collective. Dividing by the mean
+count gives, on every rank, the exact gradient of each task's mean loss over every labelled
+sample of the step, g_t [P] — what one process on the whole batch would compute.
+
+Methods need either
+- the Gram matrix M = G Gᵀ [T, T] (MGDA-style solvers, CAGrad, IMTL-G, Nash-MTL,
+  Aligned-MTL, UPGrad, GradVac, PCGrad's projections): every one of these produces a
+  combination Σ_t c_t g_t whose coefficients c follow from M alone, so the method then runs
+  as one ordinary backward of Σ_t c_t L_t (`exact_weighted_sum`);
+- or the gradients themselves (DB-MTL's running gradient buffer).
+
+`gram_matrix` is a sum of per-block partial products Σ_k G_k G_kᵀ over parameter blocks, so
+a rank holding only a shard of the (reduced) gradients contributes its blocks' [T, T]
+partial sum and a sum over ranks finishes it. Today's trainer runs it on full gradients
+(DDP, ZeRO-1/2); ZeRO-3 is refused at config time for the methods that need it
+(`Weighting.gradients` != "none").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from manytask.trainer.weightings.base import (
+    Weighting,
+    WeightingContext,
+    device_of,
+    exact_sum,
+    held,
+    rank_shares,
+)
+
+
+def flat_gradient(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """∂loss/∂params flattened to [P] (float32; zeros for a parameter the loss does not use).
+
+    `autograd.grad` with retain_graph: the graph stays for the trainer's backward.
+    """
+    grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
+
+
+def gram_matrix(grads: torch.Tensor, block: int = 1 << 22) -> torch.Tensor:
+    """M = G Gᵀ [T, T] (float64) of per-task gradients `[T, P]`, summed over column blocks.
+
+    Summing partial products block by block is what makes it shard-friendly: the blocks may
+    live on different ranks (sharded gradients) and their partial [T, T] sums then add up.
+    """
+    T, P = grads.shape
+    out = torch.zeros(T, T, dtype=torch.float64, device=grads.device)
+    for start in range(0, P, block):
+        piece = grads[:, start : start + block].double()
+        out += piece @ piece.T
+    return out.cpu()
+
+
+@dataclass
+class TaskGradients:
+    """Per-task gradients over all ranks for one micro-batch (identical on every rank).
+
+    grads:   [T, P] float32, row t = gradient of task t's mean loss over every labelled
+             sample of all ranks; zeros for a task labelled nowhere.
+    counts:  [T] mean over ranks of `held()` (labelled samples; 0 = absent everywhere).
+    losses:  T global mean losses (None when absent).
+    present: T flags: labelled on some rank and not flagged absent by the trainer.
+    """
+
+    grads: torch.Tensor
+    counts: list[float]
+    losses: list[float | None]
+    present: list[bool]
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """G Gᵀ [T, T] float64 on the CPU (computed on demand, cached)."""
+        if not hasattr(self, "_gram"):
+            self._gram = gram_matrix(self.grads)
+        return self._gram
+
+
+def task_gradients(
+    tasks: list[str],
+    losses: dict[str, torch.Tensor],
+    params: Sequence[torch.nn.Parameter],
+    ctx: WeightingContext,
+    device: torch.device,
+) -> TaskGradients:
+    """The exact global per-task gradients of `params` (see the module docstring).
+
+    Each rank's gradient of task t counts with `held()` (its labelled count with
+    `ctx.local_counts`, else 1 if it has the loss). One collective of 2T + T·P floats,
+    issued on every rank whatever its data.
+    """
+    size = sum(p.numel() for p in params)
+    T = len(tasks)
+    counts = torch.zeros(T, dtype=torch.float32, device=device)
+    loss_sums = torch.zeros(T, dtype=torch.float32, device=device)
+    grads = torch.zeros(T, size, dtype=torch.float32, device=device)
+    for i, task in enumerate(tasks):
+        n = held(task, losses, ctx)
+        if n == 0:
+            continue
+        loss = losses[task]
+        counts[i] = n
+        loss_sums[i] = n * loss.detach().float()
+        if loss.requires_grad and size:
+            grads[i] = n * flat_gradient(loss, params)
+    reduced = ctx.all_reduce_mean(torch.cat([counts, loss_sums, grads.reshape(-1)]))
+    mean_counts = reduced[:T].double().cpu()
+    sums = reduced[T : 2 * T].double().cpu()
+    grads = reduced[2 * T :].reshape(T, size) / reduced[:T].clamp_min(1e-12).unsqueeze(1)
+    grads[reduced[:T] == 0] = 0.0
+    present = [mean_counts[i] > 0 and bool(ctx.present.get(t, True)) for i, t in enumerate(tasks)]
+    mean_loss = [float(sums[i] / mean_counts[i]) if present[i] else None for i in range(T)]
+    return TaskGradients(grads=grads, counts=mean_counts.tolist(), losses=mean_loss, present=present)
+
+
+class CoefficientWeighting(Weighting):
+    """A gradient method whose shared direction is Σ_t c_t g_t with c computed from the
+    Gram matrix of the present tasks' gradients (`coefficients`); it runs as ONE backward of
+    Σ_t c_t L_t (scaled per rank by `rank_shares`, so it is exact across ranks). Task-specific
+    parameters (towers) then get c_t times their ordinary gradient. The weights logged are c.
+
+    A step with a non-finite loss or gradient keeps coefficients 1 (the total shows the
+    NaN and the trainer skips the step) and leaves the method's state alone.
+    """
+
+    gradients = "shared"
+
+    def coefficients(self, gram: torch.Tensor, losses: list[float], idx: list[int], step: int) -> list[float]:
+        """c [K] for the K present tasks `idx` (recipe indices) from their Gram matrix [K, K]
+        (float64) and global mean losses."""
+        raise NotImplementedError
+
+    def combine(
+        self, losses: dict[str, torch.Tensor], ctx: WeightingContext
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        params = [p for p in ctx.shared_params if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(self).__name__} needs ctx.shared_params (the model's shared parameters)")
+        device = device_of(losses, ctx, self)
+        tg = task_gradients(self.task_names, losses, params, ctx, device)
+        idx = [i for i, p in enumerate(tg.present) if p]
+        coeffs = [0.0] * len(self.task_names)
+        if idx:
+            gram = tg.gram[idx][:, idx]
+            sub_losses = [tg.losses[i] for i in idx]
+            if bool(torch.isfinite(gram).all()) and all(math.isfinite(v) for v in sub_losses):
+                values = self.coefficients(gram, sub_losses, idx, ctx.step)
+            else:
+                values = [1.0] * len(idx)
+            for k, i in enumerate(idx):
+                coeffs[i] = float(values[k])
+        weights = dict(zip(self.task_names, coeffs))
+        shares = rank_shares(self.task_names, losses, ctx, tg.counts)
+        return exact_sum(self.task_names, losses, weights, shares, device), weights
+
+
+class SurgeryBuffer:
+    """The shared direction a surgery method (`pcgrad`, `db_mtl`) writes into `.grad` after
+    the trainer's backward: summed over a step's micro-batches, written as their mean."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.nn.Parameter] = []
+        self.grad: torch.Tensor | None = None
+        self.micro = 0
+        self.step: int | None = None
+
+    def add(self, step: int, params: list[torch.nn.Parameter], direction: torch.Tensor) -> None:
+        if self.step != step:  # a new step (the previous one may have been skipped)
+            self.grad, self.micro, self.step = None, 0, step
+        self.grad = direction if self.grad is None else self.grad + direction
+        self.micro += 1
+        self.params = params
+
+    @torch.no_grad()
+    def write(self) -> None:
+        """Replace the parameters' gradients by the mean direction `[P]`, in order."""
+        if self.grad is None:
+            return
+        grad, offset = self.grad / self.micro, 0
+        for p in self.params:
+            piece = grad[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = piece.clone()
+            else:
+                p.grad.copy_(piece)
+            offset += p.numel()
+        self.grad, self.micro, self.step = None, 0, None
