@@ -27,6 +27,17 @@ def closest(name: str, options: typing.Iterable[str]) -> str | None:
     return match[0] if match else None
 
 
+def registry_entry(registry: dict[str, Any], name: str, what: str, file: str | None = None) -> Any:
+    """`registry[name]` for the recipe key `<what>.name`; ConfigError naming the file, the
+    closest valid name and every valid one otherwise (e.g. what="model": "(models: ...)")."""
+    if name in registry:
+        return registry[name]
+    near = closest(name, registry)
+    fix = f"; did you mean '{near}'?" if near else ""
+    where = f" in {file}" if file else ""
+    raise ConfigError(f"'{what}.name'{where}: unknown {what} '{name}'{fix} ({what}s: {', '.join(registry)})")
+
+
 def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):

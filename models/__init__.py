@@ -30,7 +30,7 @@ from manytask.models import (
     timeseries,
 )
 from manytask.models.spec import FieldSpec, ModelOutput, ModelSpec, TaskSpec
-from manytask.schema import ConfigError, closest, load_dataclass
+from manytask.schema import ConfigError, load_dataclass, registry_entry
 
 Builder = Callable[[dict, ModelSpec], nn.Module]
 
@@ -61,12 +61,7 @@ MODELS: dict[str, ModelEntry] = {
 
 def model_entry(name: str, file: str | None = None) -> ModelEntry:
     """The registry entry for `model.name`; ConfigError naming the closest model otherwise."""
-    if name not in MODELS:
-        near = closest(name, MODELS)
-        fix = f"; did you mean '{near}'?" if near else ""
-        where = f" in {file}" if file else ""
-        raise ConfigError(f"'model.name'{where}: unknown model '{name}'{fix} (models: {', '.join(MODELS)})")
-    return MODELS[name]
+    return registry_entry(MODELS, name, "model", file)
 
 
 def model_params(cfg: ModelConfig, file: str | None = None) -> Any:

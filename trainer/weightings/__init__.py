@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from manytask.config import TaskConfig, WeightingConfig
-from manytask.schema import ConfigError, closest, load_dataclass
+from manytask.schema import load_dataclass, registry_entry
 from manytask.trainer.weightings.aligned_mtl import AlignedMTLWeighting
 from manytask.trainer.weightings.base import Weighting, WeightingContext
 from manytask.trainer.weightings.cagrad import CAGradWeighting
@@ -63,12 +63,7 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
 def weighting_class(name: str, file: str | None = None) -> type[Weighting]:
     """The registry entry for `weighting.name` (its `Params` is the dataclass of
     `weighting.params`); ConfigError naming the closest weighting otherwise."""
-    if name not in WEIGHTINGS:
-        near = closest(name, WEIGHTINGS)
-        fix = f"; did you mean '{near}'?" if near else ""
-        where = f" in {file}" if file else ""
-        raise ConfigError(f"'weighting.name'{where}: unknown weighting '{name}'{fix} (known: {', '.join(WEIGHTINGS)})")
-    return WEIGHTINGS[name]
+    return registry_entry(WEIGHTINGS, name, "weighting", file)
 
 
 def weighting_params(cfg: WeightingConfig, file: str | None = None) -> Any:

@@ -27,11 +27,10 @@ from manytask.schema import ConfigError
 from manytask.trainer.weightings.base import (
     Weighting,
     WeightingContext,
-    device_of,
     exact_sum,
     rank_shares,
 )
-from manytask.trainer.weightings.task_gradients import SurgeryBuffer, task_gradients
+from manytask.trainer.weightings.task_gradients import SurgeryBuffer, shared_task_gradients
 
 EPS = 1e-8
 
@@ -69,11 +68,7 @@ class DBMTLWeighting(Weighting):
     def combine(
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        params = [p for p in ctx.shared_params if p.requires_grad]
-        if not params:
-            raise ValueError("db_mtl needs ctx.shared_params (the model's shared parameters)")
-        device = device_of(losses, ctx, self)
-        tg = task_gradients(self.task_names, losses, params, ctx, device)
+        params, device, tg = shared_task_gradients(self, losses, ctx)
         rows = [i for i, p in enumerate(tg.present) if p]
         finite = all(tg.losses[i] is not None and torch.isfinite(torch.tensor(tg.losses[i])) for i in rows)
         finite = finite and bool(torch.isfinite(tg.grads).all())

@@ -25,12 +25,11 @@ import torch
 from manytask.trainer.weightings.base import (
     Weighting,
     WeightingContext,
-    device_of,
     exact_sum,
     present_here,
     rank_shares,
 )
-from manytask.trainer.weightings.task_gradients import SurgeryBuffer, task_gradients
+from manytask.trainer.weightings.task_gradients import SurgeryBuffer, shared_task_gradients
 
 
 def pcgrad_coefficients(gram: torch.Tensor, order_seed: int) -> torch.Tensor:
@@ -71,11 +70,7 @@ class PCGradWeighting(Weighting):
     def combine(
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        params = [p for p in ctx.shared_params if p.requires_grad]
-        if not params:
-            raise ValueError("pcgrad needs ctx.shared_params (the model's shared parameters)")
-        device = device_of(losses, ctx, self)
-        tg = task_gradients(self.task_names, losses, params, ctx, device)
+        params, device, tg = shared_task_gradients(self, losses, ctx)
         c = pcgrad_coefficients(tg.gram, order_seed=ctx.step).to(tg.grads.device, tg.grads.dtype)
         self.surgery.add(ctx.step, params, c @ tg.grads)
         weights = {t: 1.0 if present_here(t, losses, ctx) else 0.0 for t in self.task_names}

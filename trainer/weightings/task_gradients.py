@@ -124,6 +124,19 @@ def task_gradients(
     return TaskGradients(grads=grads, counts=mean_counts.tolist(), losses=mean_loss, present=present)
 
 
+def shared_task_gradients(
+    weighting: Weighting, losses: dict[str, torch.Tensor], ctx: WeightingContext
+) -> tuple[list[torch.nn.Parameter], torch.device, TaskGradients]:
+    """(the trainable shared parameters, the losses' device, their per-task gradients reduced
+    over ranks): what every method on the shared gradients starts from. ValueError when the
+    context has none."""
+    params = [p for p in ctx.shared_params if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(weighting).__name__} needs ctx.shared_params (the model's shared parameters)")
+    device = device_of(losses, ctx, weighting)
+    return params, device, task_gradients(weighting.task_names, losses, params, ctx, device)
+
+
 class CoefficientWeighting(Weighting):
     """A gradient method whose shared direction is Σ_t c_t g_t with c computed from the
     Gram matrix of the present tasks' gradients (`coefficients`); it runs as ONE backward of
@@ -144,11 +157,7 @@ class CoefficientWeighting(Weighting):
     def combine(
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        params = [p for p in ctx.shared_params if p.requires_grad]
-        if not params:
-            raise ValueError(f"{type(self).__name__} needs ctx.shared_params (the model's shared parameters)")
-        device = device_of(losses, ctx, self)
-        tg = task_gradients(self.task_names, losses, params, ctx, device)
+        _, device, tg = shared_task_gradients(self, losses, ctx)
         idx = [i for i, p in enumerate(tg.present) if p]
         coeffs = [0.0] * len(self.task_names)
         if idx:
