@@ -82,13 +82,14 @@ def preempt(recipe: Path, run: Path, at_step: int) -> int:
     wait_for_step(run, at_step, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     # The signal is delivered now; the step being computed may already be past its agreement
-    # point, so the job stops after at most the next one.
+    # point, so the job stops after at most the next one. `seen` is a lower bound of the step
+    # the ranks were at: rank 0 may have finished a step whose metrics line is not on disk yet.
     seen = max(logged_steps(run))
     out, _ = proc.communicate(timeout=120)
     assert "preemption signal: stopping at step" in out, out[-3000:]
     assert "ChildFailedError" not in out, "every rank exited 0"
     stopped = int(out.split("preemption signal: stopping at step ")[1].split()[0])
-    assert at_step <= stopped <= seen + 2, f"stopped at {stopped}, signal sent after step {seen}"
+    assert at_step <= stopped <= seen + 3, f"stopped at {stopped}, signal sent after step {seen} (logged)"
     assert (run / "ckpt" / LATEST).read_text().strip() == f"step_{stopped:08d}", "saved where it stopped"
     return stopped
 
