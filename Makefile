@@ -7,7 +7,7 @@ export WANDB_SILENT ?= true
 # DeepSpeed JIT-builds CPU ops once per machine; keep them with the venv so CI reuses them.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo test lint bench validate clean
+.PHONY: setup demo test test-fast lint bench validate clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The quick loop while editing: unit tests only, no real processes or training runs (~1/4 of the time).
+test-fast: setup
+	$(PY) -m pytest -q -m "not processes" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -129,3 +131,46 @@ def trained_run(tmp_path_factory, demo_shards) -> Path:
     silent = {"logging": {"wandb": False, "progress": False, "heatmap_every": 0}}
     train(load_config(write_recipe(tmp, demo_shards, **silent)))
     return tmp / "run"
+
+
+# `make test-fast` runs the unit tests only (`-m "not processes"`): a test is marked `processes`
+# when it, a module-level function or fixture it uses, or a shared fixture starts real processes
+# or a training run. Found from the source, so a new test needs no marker by hand.
+_STARTS_WORK = re.compile(
+    r"\b(torchrun|spawn_ranks|mp\.spawn|subprocess\.\w+|Popen|train|run_sweep)\(|main\(\[\s*\"(train|launch|compare)\"")
+
+
+def _function_sources(path: Path) -> dict[str, str]:
+    tree = ast.parse(path.read_text())
+    text = path.read_text()
+    return {node.name: ast.get_source_segment(text, node) or "" for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def _heavy(sources: dict[str, str], known: set[str]) -> set[str]:
+    """Names among `sources` that start work directly or through a name already heavy."""
+    heavy = set(known) | {n for n, src in sources.items() if _STARTS_WORK.search(src)}
+    while True:
+        more = {n for n, src in sources.items() if n not in heavy
+                and any(re.search(rf"\b{re.escape(h)}\b", src) for h in heavy)}
+        if not more:
+            return heavy
+        heavy |= more
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "processes: starts real processes or a training run (make test-fast skips it)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    shared = _heavy(_function_sources(Path(__file__)), set())
+    by_file: dict[Path, tuple[dict[str, str], set[str]]] = {}
+    for item in items:
+        path = Path(str(item.fspath))
+        if path not in by_file:
+            sources = _function_sources(path)
+            by_file[path] = sources, _heavy(sources, shared)
+        sources, heavy = by_file[path]
+        name = item.originalname if hasattr(item, "originalname") else item.name
+        if name in heavy or set(item.fixturenames) & heavy:
+            item.add_marker(pytest.mark.processes)
