@@ -365,6 +365,8 @@ def convert_table(
     columns = list(dict.fromkeys(c for e in encoders for c in e.spec.columns))
     strings = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "hash", "eq")
                or (e.spec.kind == "multi" and source.columns[e.spec.columns[0]] == "string")}
+    # Vocabulary columns are read as dictionaries where the format stores them so (Parquet).
+    dictionaries = {e.spec.columns[0] for e in encoders if e.spec.kind == "cat"}
     n = source.count_rows()
     if n == 0:
         raise ValueError(f"{input}: the table has no rows")
@@ -372,7 +374,7 @@ def convert_table(
 
     def batches(wanted: list[str]):
         row0 = 0
-        for cols in source.batches(wanted, strings & set(wanted), batch_rows):
+        for cols in source.batches(wanted, strings & set(wanted), batch_rows, dictionaries):
             rows = len(next(iter(cols.values())))
             yield row0, rows, cols
             row0 += rows

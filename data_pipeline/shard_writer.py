@@ -30,9 +30,8 @@ TAR_MTIME = 0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
-def npy_bytes(arr: np.ndarray, _headers: dict = {}) -> bytes:  # noqa: B006 - a deliberate cache
-    """`.npy` encoding of `arr` (header cached per dtype/shape; payload is `arr.tobytes()`)."""
-    arr = np.asarray(arr)  # keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
+def npy_header(arr: np.ndarray, _headers: dict = {}) -> bytes:  # noqa: B006 - a deliberate cache
+    """The `.npy` header of `arr` (format 1.0, C order), cached per dtype and shape."""
     key = (arr.dtype.str, arr.shape)
     header = _headers.get(key)
     if header is None:
@@ -42,7 +41,20 @@ def npy_bytes(arr: np.ndarray, _headers: dict = {}) -> bytes:  # noqa: B006 - a 
         header = buf.getvalue()
         if len(_headers) < 1024:
             _headers[key] = header
-    return header + arr.tobytes()  # C order, matching fortran_order False
+    return header
+
+
+def npy_parts(arr: np.ndarray) -> list:
+    """`.npy` encoding of `arr` as [header, payload]: the payload is the array's own memory
+    when it is C-contiguous (no copy; the caller joins or hashes it), else a C-order copy."""
+    arr = np.asarray(arr)  # keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
+    payload = arr.data.cast("B") if arr.flags.c_contiguous and arr.ndim else arr.tobytes()
+    return [npy_header(arr), payload]
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """`.npy` encoding of `arr` (header cached per dtype/shape; payload is `arr.tobytes()`)."""
+    return b"".join(npy_parts(arr))
 
 
 def infer_fields(
@@ -164,20 +176,31 @@ class ShardSink:
         self._drain(final=False)
 
     def _drain(self, final: bool) -> None:
-        if not self._pending_rows:
-            return
-        arrays = self._pending[0] if len(self._pending) == 1 else {
-            k: np.concatenate([p[k] for p in self._pending]) for k in self.fields
-        }
-        n, lo = self._pending_rows, 0
-        while n - lo >= self.chunk or (final and lo < n):
-            room = self.samples_per_shard - self._in_shard
-            take = min(self.chunk, room, n - lo)
-            self._write_key({k: v[lo : lo + take] for k, v in arrays.items()}, take)
-            lo += take
-        rest = {k: v[lo:] for k, v in arrays.items()}
-        self._pending = [rest] if n - lo else []
-        self._pending_rows = n - lo
+        """Write every full key the pending rows make (and, when `final`, the rest). Keys are
+        slices (views) of the batches `add` was given; only a key that straddles two batches
+        is copied together."""
+        pending = self._pending
+        while pending:
+            head = pending[0]
+            rows = len(next(iter(head.values())))
+            take = min(self.chunk, self.samples_per_shard - self._in_shard)
+            if rows < take and len(pending) > 1:  # top the key up from the next batch
+                nxt = pending[1]
+                need = min(take - rows, len(next(iter(nxt.values()))))
+                pending[0] = {k: np.concatenate([head[k], nxt[k][:need]]) for k in head}
+                pending[1] = {k: v[need:] for k, v in nxt.items()}
+                if not len(next(iter(pending[1].values()))):
+                    del pending[1]
+                continue
+            if rows < take and not final:
+                break
+            take = min(take, rows)
+            self._write_key({k: v[:take] for k, v in head.items()}, take)
+            if take == rows:
+                pending.pop(0)
+            else:
+                pending[0] = {k: v[take:] for k, v in head.items()}
+        self._pending_rows = sum(len(next(iter(p.values()))) for p in pending)
 
     def _write_key(self, part: dict[str, np.ndarray], rows: int) -> None:
         if self._tar is None:
@@ -191,17 +214,17 @@ class ShardSink:
         for name, info in self.fields.items():
             arr = part[name]
             if self.chunk > 1:
-                sample[info.suffix(name)] = npy_bytes(arr)
+                sample[info.suffix(name)] = npy_parts(arr)
             elif info.ext == "cls":
-                sample[info.suffix(name)] = str(int(arr[0])).encode()
+                sample[info.suffix(name)] = [str(int(arr[0])).encode()]
             elif info.ext == "json":
-                sample[info.suffix(name)] = json.dumps(arr[0].tolist()).encode()
+                sample[info.suffix(name)] = [json.dumps(arr[0].tolist()).encode()]
             else:
-                sample[info.suffix(name)] = npy_bytes(arr[0])
+                sample[info.suffix(name)] = npy_parts(arr[0])
         offsets.append(tw.offset)  # where this key's first header starts: readers seek to it
         tw.write(sample)
         # TarWriter writes a key's members in sorted suffix order: hash them in that order.
-        digests.append(digest(sample[k] for k in sorted(sample) if k != "__key__"))
+        digests.append(digest(p for k in sorted(sample) if k != "__key__" for p in sample[k]))
         members.append(rows)
         self._written += rows
         self._in_shard += rows
@@ -232,6 +255,9 @@ class ShardSink:
         return manifest
 
 
+_ZEROS = bytes(tarfile.BLOCKSIZE)
+
+
 class FastTarWriter:
     """A WebDataset tar writer for regular-file members: the bytes `webdataset.TarWriter` writes
     (USTAR headers, mode 0444, owner bigdata, mtime TAR_MTIME, keys' members in sorted suffix
@@ -243,27 +269,33 @@ class FastTarWriter:
         self.fileobj = fileobj
         info = tarfile.TarInfo("")
         info.mode, info.mtime, info.uname, info.gname = 0o444, TAR_MTIME, "bigdata", "bigdata"
-        self._template = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        template = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        template[124:136] = bytes(12)  # size: set per member
+        template[148:156] = b" " * 8  # the checksum counts its own field as spaces
+        self._template = bytes(template)
+        self._sum = sum(template)  # + the name's and the size's bytes = each header's checksum
         self.offset = 0
 
     def _header(self, name: bytes, size: int) -> bytes:
         if len(name) > 100:
             raise ValueError(f"tar member name longer than 100 bytes: {name[:40]!r}...")
-        h = bytearray(self._template)
-        h[0 : len(name)] = name
-        h[124:136] = b"%011o\x00" % size
-        h[148:156] = b"        "
-        h[148:156] = b"%06o\x00 " % sum(h)
-        return bytes(h)
+        size_field = b"%011o\x00" % size
+        checksum = b"%06o\x00 " % (self._sum + sum(name) + sum(size_field))
+        t = self._template
+        return b"".join((name, t[len(name) : 124], size_field, t[136:148], checksum, t[156:]))
 
     def write(self, sample: dict) -> None:
-        """One key's members, in sorted suffix order, as one write (header, payload, padding)."""
+        """One key's members, in sorted suffix order, as one write (header, payload, padding).
+        A member's value is its bytes, or a list of buffers that make them (`npy_parts`)."""
         key = sample["__key__"]
         parts = []
         for suffix in sorted(k for k in sample if k != "__key__"):
             payload = sample[suffix]
-            parts += [self._header(f"{key}.{suffix}".encode(), len(payload)), payload,
-                      b"\x00" * (-len(payload) % tarfile.BLOCKSIZE)]
+            pieces = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+            size = sum(len(p) for p in pieces)
+            parts.append(self._header(f"{key}.{suffix}".encode(), size))
+            parts += pieces
+            parts.append(_ZEROS[: -size % tarfile.BLOCKSIZE])
         data = b"".join(parts)
         self.fileobj.write(data)
         self.offset += len(data)

@@ -80,18 +80,23 @@ class TableSource:
         return int(self._dataset({}).count_rows())
 
     def batches(
-        self, columns: list[str], strings: set[str] = frozenset(), batch_rows: int = 131_072
+        self, columns: list[str], strings: set[str] = frozenset(), batch_rows: int = 131_072,
+        dictionaries: set[str] = frozenset(),
     ) -> Iterator[dict[str, Any]]:
         """Column name -> pyarrow Array (numpy array for NPZ) of up to `batch_rows` rows, in
         table order. `strings`: CSV columns read as text whatever they look like (categorical
-        ids such as zip codes keep their leading zeros)."""
+        ids such as zip codes keep their leading zeros). `dictionaries`: Parquet string columns
+        read as dictionary arrays (indices into the column chunk's distinct values) — Parquet
+        stores them so, and a vocabulary then counts and looks up each distinct value once per
+        batch instead of each row (~10x faster to read for a low-cardinality column)."""
         if self._npz is not None:
             n = self.count_rows()
             for lo in range(0, n, batch_rows):
                 yield {c: self._npz[c][lo : lo + batch_rows] for c in columns}
             return
         if self.fmt == "parquet":
-            yield from self._parquet_batches(columns, batch_rows)
+            wanted = [c for c in columns if c in dictionaries and self.columns.get(c) == "string"]
+            yield from self._parquet_batches(columns, batch_rows, wanted)
             return
         dataset = self._dataset({c: "string" for c in strings})
         # A scanner yields batches in file order; batch_size caps each batch's rows. Its default
@@ -102,7 +107,9 @@ class TableSource:
             if batch.num_rows:
                 yield {c: batch.column(c) for c in columns}
 
-    def _parquet_batches(self, columns: list[str], batch_rows: int) -> Iterator[dict[str, Any]]:
+    def _parquet_batches(
+        self, columns: list[str], batch_rows: int, dictionaries: list[str]
+    ) -> Iterator[dict[str, Any]]:
         """File by file, row group by row group: no read-ahead beyond the row group being
         decoded, so memory is one row group and one batch whatever the table's length.
         (pyarrow.dataset's scanner decodes up to 16 batches x 4 files ahead of a slower
@@ -111,7 +118,7 @@ class TableSource:
         import pyarrow.parquet as pq
 
         for path in self.files:
-            with pq.ParquetFile(path, pre_buffer=False) as f:
+            with pq.ParquetFile(path, pre_buffer=False, read_dictionary=dictionaries) as f:
                 for batch in f.iter_batches(batch_size=batch_rows, columns=columns):
                     if batch.num_rows:
                         yield {c: batch.column(c) for c in columns}
