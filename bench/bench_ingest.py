@@ -73,7 +73,7 @@ def child(mode: str, path: str, out: str) -> None:
 
     if mode == "convert":  # (it imports webdataset, and so torch: only where it is needed)
         from manytask.data_pipeline.shard_tools import convert_table
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     rows = 0
     if mode == "read":  # how shards write reads: row group by row group, no pre-buffering
         with pq.ParquetFile(path, pre_buffer=False) as f:
@@ -85,9 +85,9 @@ def child(mode: str, path: str, out: str) -> None:
     else:
         manifests = convert_table(path, out, FEATURES, TARGETS, samples_per_shard=500_000, force=True)
         rows = sum(m.total_samples for m in manifests.values())
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rows": rows, "seconds": seconds, "rss_mib": rss}))
+    print(json.dumps({"rows": rows, "seconds": seconds, "cpu_seconds": cpu, "rss_mib": rss}))
 
 
 def measure(mode: str, path: Path, out: Path) -> dict:

@@ -228,7 +228,8 @@ def _floats(col: Any) -> np.ndarray:
 
 
 def _lists(col: Any, sep: str):
-    """A list column, or a delimited string column split on `sep`, as a pyarrow list<string>."""
+    """A list column, or a delimited string column split on `sep`, as a pyarrow list<string>
+    (list<dictionary<string>> as it is: Parquet's list columns read as dictionaries)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -241,7 +242,12 @@ def _lists(col: Any, sep: str):
         return pc.split_pattern(col, sep)
     if pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
         col = col.cast(pa.list_(col.type.value_type))
-    if not pa.types.is_string(col.type.value_type):
+    value_type = col.type.value_type
+    if pa.types.is_dictionary(value_type) and pa.types.is_string(value_type.value_type):
+        return col
+    if pa.types.is_string(col.type):  # a dictionary-encoded string column: decode, then split
+        return pc.split_pattern(_strings(col), sep)
+    if not pa.types.is_string(value_type):
         col = col.cast(pa.list_(pa.string()))
     return col
 
@@ -258,27 +264,26 @@ def _list_values(lists) -> tuple[Any, np.ndarray]:
     return values, counts
 
 
-def _list_positions(lists) -> tuple[Any, np.ndarray, np.ndarray]:
-    """The non-empty values of a list<string> array with, for each, its row and its position
-    among its row's non-empty values: (values, rows [m], positions [m])."""
+def _list_positions(lists) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """The non-empty values of a list<string> array: (distinct values, index of each kept value
+    in them [m], its row [m], its position among its row's non-empty values [m])."""
     import pyarrow.compute as pc
 
     n = len(lists)
     values, counts = _list_values(lists)
+    distinct, index = _distinct(values)
     spans = np.diff(lists.offsets.to_numpy(zero_copy_only=False).astype(np.int64))
     rows = np.repeat(np.arange(n), spans)
-    keep = np.repeat(counts > 0, spans) if lists.null_count else None  # a null row's values
-    empty = pc.equal(pc.binary_length(values), 0)
-    if values.null_count or pc.any(empty).as_py():
-        nonempty = ~np.asarray(pc.fill_null(empty, True), dtype=bool)
-        keep = nonempty if keep is None else keep & nonempty
-    if keep is None:
-        return values, rows, np.arange(len(values)) - np.repeat(np.cumsum(spans) - spans, spans)
-    rows = rows[keep]
-    values = values.filter(keep)
+    empty = np.r_[np.asarray(pc.equal(pc.binary_length(distinct), 0).fill_null(True), dtype=bool), True]
+    keep = ~empty[index]  # index -1 (null) -> the appended True
+    if lists.null_count:
+        keep &= np.repeat(counts > 0, spans)  # a null row's values do not count
+    if keep.all():
+        return distinct, index, rows, np.arange(len(index)) - np.repeat(np.cumsum(spans) - spans, spans)
+    rows, index = rows[keep], index[keep]
     # position = index among the kept values minus the index of the row's first kept value
     starts = np.searchsorted(rows, np.arange(n))
-    return values, rows, np.arange(len(rows)) - starts[rows]
+    return distinct, index, rows, np.arange(len(rows)) - starts[rows]
 
 
 # ---------------------------------------------------------------- fields
@@ -381,11 +386,11 @@ class Vocabulary(FieldEncoder):
             return {self.spec.field: self._ids(_strings(col))}
         lists = _lists(col, self.spec.sep)
         n, k = len(lists), self.spec.k
-        flat, parents, pos = _list_positions(lists)
-        ids = self._ids(flat)
+        distinct, index, rows, pos = _list_positions(lists)
+        ids = self._ids(distinct)[index]  # each distinct value looked up once
         out = np.full((n, k), self.pad, np.int64)
         fits = pos < k
-        out[parents[fits], pos[fits]] = ids[fits]
+        out[rows[fits], pos[fits]] = ids[fits]
         return {self.spec.field: out}
 
     def record(self) -> dict[str, Any]:
@@ -539,13 +544,13 @@ class Numeric(FieldEncoder):
 
     def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
         x = self._values(cols)[train]
-        n = np.sum(~np.isnan(x), axis=0)
+        valid = ~np.isnan(x)
+        n = valid.sum(axis=0)
         if not n.any():
             return
-        with np.errstate(invalid="ignore"):
-            mean = np.nanmean(x, axis=0)
-            m2 = np.nansum((x - mean) ** 2, axis=0)
-        mean, m2 = np.nan_to_num(mean), np.nan_to_num(m2)
+        x[~valid] = 0.0  # (np.nanmean / nansum copy and mask again; these are the same sums)
+        mean = x.sum(axis=0) / np.maximum(n, 1)
+        m2 = (np.where(valid, x - mean, 0.0) ** 2).sum(axis=0)
         total = self.count + n  # Chan et al.: combine this batch's moments with the running ones
         delta = mean - self.mean
         safe = np.maximum(total, 1)

@@ -153,6 +153,7 @@ class ShardSink:
         self._in_shard = 0
         self._written = 0
         self._top = {k: -1 for k, f in fields.items() if np.dtype(f.dtype).kind in "iub"}
+        self._members = sorted((info.suffix(name), name, info) for name, info in fields.items())
 
     def add(self, arrays: dict[str, np.ndarray]) -> None:
         """Append samples: field -> [n, *shape] for every field of the sink (same n)."""
@@ -210,21 +211,21 @@ class ShardSink:
             hashing = HashingWriter(f)
             self._tar = [f, hashing, FastTarWriter(hashing), url, [], [], []]
         f, hashing, tw, url, members, digests, offsets = self._tar
-        sample = {"__key__": f"{self._written:010d}"}
-        for name, info in self.fields.items():
+        key = f"{self._written:010d}"
+        payloads = []
+        for suffix, name, info in self._members:  # webdataset's order: sorted by suffix
             arr = part[name]
             if self.chunk > 1:
-                sample[info.suffix(name)] = npy_parts(arr)
+                payloads.append((suffix, npy_parts(arr)))
             elif info.ext == "cls":
-                sample[info.suffix(name)] = [str(int(arr[0])).encode()]
+                payloads.append((suffix, [str(int(arr[0])).encode()]))
             elif info.ext == "json":
-                sample[info.suffix(name)] = [json.dumps(arr[0].tolist()).encode()]
+                payloads.append((suffix, [json.dumps(arr[0].tolist()).encode()]))
             else:
-                sample[info.suffix(name)] = npy_parts(arr[0])
+                payloads.append((suffix, npy_parts(arr[0])))
         offsets.append(tw.offset)  # where this key's first header starts: readers seek to it
-        tw.write(sample)
-        # TarWriter writes a key's members in sorted suffix order: hash them in that order.
-        digests.append(digest(p for k in sorted(sample) if k != "__key__" for p in sample[k]))
+        tw.write_key(key, payloads)
+        digests.append(digest(p for _, pieces in payloads for p in pieces))
         members.append(rows)
         self._written += rows
         self._in_shard += rows
@@ -274,6 +275,7 @@ class FastTarWriter:
         template[148:156] = b" " * 8  # the checksum counts its own field as spaces
         self._template = bytes(template)
         self._sum = sum(template)  # + the name's and the size's bytes = each header's checksum
+        self._headers: dict[tuple[str, int, int], tuple[bytes, int, bytes]] = {}
         self.offset = 0
 
     def _header(self, name: bytes, size: int) -> bytes:
@@ -287,13 +289,28 @@ class FastTarWriter:
     def write(self, sample: dict) -> None:
         """One key's members, in sorted suffix order, as one write (header, payload, padding).
         A member's value is its bytes, or a list of buffers that make them (`npy_parts`)."""
-        key = sample["__key__"]
+        self.write_key(sample["__key__"], [
+            (suffix, [v] if isinstance(v, (bytes, bytearray, memoryview)) else v)
+            for suffix, v in sorted((k, v) for k, v in sample.items() if k != "__key__")
+        ])
+
+    def write_key(self, key: str, members: list[tuple[str, list]]) -> None:
+        """`write` for members given as (suffix, [buffers]) already in sorted suffix order. A
+        header is cached per (suffix, size, key length) without the key, whose bytes and their
+        checksum share are added per key (~1 us a member instead of building each header)."""
+        key_bytes = key.encode()
+        key_sum = sum(key_bytes)
         parts = []
-        for suffix in sorted(k for k in sample if k != "__key__"):
-            payload = sample[suffix]
-            pieces = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+        for suffix, pieces in members:
             size = sum(len(p) for p in pieces)
-            parts.append(self._header(f"{key}.{suffix}".encode(), size))
+            cached = self._headers.get((suffix, size, len(key_bytes)))
+            if cached is None:
+                header = self._header(key_bytes + b"." + suffix.encode(), size)
+                cached = (header[len(key_bytes) : 148], int(header[148:154], 8) - key_sum, header[156:])
+                if len(self._headers) < 4096:
+                    self._headers[(suffix, size, len(key_bytes))] = cached
+            before, base, after = cached
+            parts += (key_bytes, before, b"%06o\x00 " % (base + key_sum), after)
             parts += pieces
             parts.append(_ZEROS[: -size % tarfile.BLOCKSIZE])
         data = b"".join(parts)
