@@ -264,26 +264,23 @@ def _list_values(lists) -> tuple[Any, np.ndarray]:
     return values, counts
 
 
-def _list_positions(lists) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
-    """The non-empty values of a list<string> array: (distinct values, index of each kept value
-    in them [m], its row [m], its position among its row's non-empty values [m])."""
+def _list_rows(lists) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """The non-empty values of a list<string> array, row by row: (distinct values, index of
+    each kept value in them [m], each row's first kept value in that index [n], its number of
+    kept values [n]); row i's values are index[starts[i] : starts[i] + lengths[i]]."""
     import pyarrow.compute as pc
 
-    n = len(lists)
     values, counts = _list_values(lists)
     distinct, index = _distinct(values)
     spans = np.diff(lists.offsets.to_numpy(zero_copy_only=False).astype(np.int64))
-    rows = np.repeat(np.arange(n), spans)
     empty = np.r_[np.asarray(pc.equal(pc.binary_length(distinct), 0).fill_null(True), dtype=bool), True]
     keep = ~empty[index]  # index -1 (null) -> the appended True
     if lists.null_count:
         keep &= np.repeat(counts > 0, spans)  # a null row's values do not count
-    if keep.all():
-        return distinct, index, rows, np.arange(len(index)) - np.repeat(np.cumsum(spans) - spans, spans)
-    rows, index = rows[keep], index[keep]
-    # position = index among the kept values minus the index of the row's first kept value
-    starts = np.searchsorted(rows, np.arange(n))
-    return distinct, index, rows, np.arange(len(rows)) - starts[rows]
+    if not keep.all():
+        spans = np.bincount(np.repeat(np.arange(len(lists)), spans)[keep], minlength=len(lists))
+        index = index[keep]
+    return distinct, index, np.cumsum(spans) - spans, spans
 
 
 # ---------------------------------------------------------------- fields
@@ -386,11 +383,12 @@ class Vocabulary(FieldEncoder):
             return {self.spec.field: self._ids(_strings(col))}
         lists = _lists(col, self.spec.sep)
         n, k = len(lists), self.spec.k
-        distinct, index, rows, pos = _list_positions(lists)
+        distinct, index, starts, lengths = _list_rows(lists)
         ids = self._ids(distinct)[index]  # each distinct value looked up once
         out = np.full((n, k), self.pad, np.int64)
-        fits = pos < k
-        out[rows[fits], pos[fits]] = ids[fits]
+        for j in range(k):  # column j: the j-th value of every row that has one
+            rows = np.flatnonzero(lengths > j)
+            out[rows, j] = ids[starts[rows] + j]
         return {self.spec.field: out}
 
     def record(self) -> dict[str, Any]:

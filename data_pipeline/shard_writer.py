@@ -27,6 +27,7 @@ from manytask.data_pipeline.manifest import FieldInfo, Manifest, ShardInfo, writ
 # An integer mtime: webdataset stamps time.time() (a float) otherwise, and tarfile then adds a
 # PAX header to every member, which doubles the members to parse and halves read speed.
 TAR_MTIME = 0
+BLOCK_BYTES = 16 << 20  # at most this much array data is laid out (and copied) per block write
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
@@ -154,6 +155,8 @@ class ShardSink:
         self._written = 0
         self._top = {k: -1 for k, f in fields.items() if np.dtype(f.dtype).kind in "iub"}
         self._members = sorted((info.suffix(name), name, info) for name, info in fields.items())
+        row_bytes = sum(np.dtype(f.dtype).itemsize * int(np.prod(f.shape)) for f in fields.values())
+        self._block_rows = max(BLOCK_BYTES // max(row_bytes, 1), 1)  # rows per `_write_keys` block
 
     def add(self, arrays: dict[str, np.ndarray]) -> None:
         """Append samples: field -> [n, *shape] for every field of the sink (same n)."""
@@ -196,7 +199,12 @@ class ShardSink:
             if rows < take and not final:
                 break
             take = min(take, rows)
-            self._write_key({k: v[:take] for k, v in head.items()}, take)
+            keys = min(rows, self.samples_per_shard - self._in_shard, self._block_rows) // self.chunk
+            if self.chunk > 1 and keys >= 2:  # many full keys in hand: one block, one write
+                take = keys * self.chunk
+                self._write_keys({k: v[:take] for k, v in head.items()}, keys)
+            else:
+                self._write_key({k: v[:take] for k, v in head.items()}, take)
             if take == rows:
                 pending.pop(0)
             else:
@@ -204,13 +212,7 @@ class ShardSink:
         self._pending_rows = sum(len(next(iter(p.values()))) for p in pending)
 
     def _write_key(self, part: dict[str, np.ndarray], rows: int) -> None:
-        if self._tar is None:
-            url = f"{self.prefix}-{len(self.shards):06d}.tar"
-            path = self.out / (url + ".tmp")
-            f = open(path, "wb")
-            hashing = HashingWriter(f)
-            self._tar = [f, hashing, FastTarWriter(hashing), url, [], [], []]
-        f, hashing, tw, url, members, digests, offsets = self._tar
+        f, hashing, tw, url, members, digests, offsets = self._open_tar()
         key = f"{self._written:010d}"
         payloads = []
         for suffix, name, info in self._members:  # webdataset's order: sorted by suffix
@@ -229,6 +231,54 @@ class ShardSink:
         members.append(rows)
         self._written += rows
         self._in_shard += rows
+        if self._in_shard >= self.samples_per_shard:
+            self._close_shard()
+
+    def _open_tar(self) -> list:
+        if self._tar is None:
+            url = f"{self.prefix}-{len(self.shards):06d}.tar"
+            f = open(self.out / (url + ".tmp"), "wb")
+            hashing = HashingWriter(f)
+            self._tar = [f, hashing, FastTarWriter(hashing), url, [], [], []]
+        return self._tar
+
+    def _write_keys(self, part: dict[str, np.ndarray], keys: int) -> None:
+        """`keys` full chunk-layout keys at once, laid out with numpy: the bytes `_write_key`
+        writes key by key (headers included), built in one [keys, key bytes] array and written
+        in one call. Python work is per key (its checksum), not per member."""
+        f, hashing, tw, url, members, digests, offsets = self._open_tar()
+        chunk = self.chunk
+        names = self._written + chunk * np.arange(keys, dtype=np.int64)
+        digits = (names[:, None] // 10 ** np.arange(9, -1, -1, dtype=np.int64)) % 10 + 48  # [keys, 10]
+        digit_sum = digits.sum(1)
+        layout = []  # (column, npy header, payload [keys, bytes], size)
+        column = 0
+        for suffix, name, _ in self._members:
+            arr = np.ascontiguousarray(part[name])
+            header = npy_header(arr[:chunk])
+            payload = arr.reshape(keys, -1).view(np.uint8)
+            size = len(header) + payload.shape[1]
+            layout.append((column, suffix, header, payload, size))
+            column += tarfile.BLOCKSIZE + size + (-size % tarfile.BLOCKSIZE)
+        block = np.zeros((keys, column), np.uint8)
+        for at, suffix, header, payload, size in layout:
+            template = np.frombuffer(tw.header_for(b"0" * 10 + b"." + suffix.encode(), size), np.uint8)
+            block[:, at : at + tarfile.BLOCKSIZE] = template
+            block[:, at : at + 10] = digits
+            checksum = int(bytes(template[148:154]), 8) - 48 * 10 + digit_sum  # the name's digits
+            block[:, at + 148 : at + 154] = (checksum[:, None] // 8 ** np.arange(5, -1, -1)) % 8 + 48
+            body = at + tarfile.BLOCKSIZE
+            block[:, body : body + len(header)] = np.frombuffer(header, np.uint8)
+            block[:, body + len(header) : body + size] = payload
+        for k in range(keys):
+            offsets.append(tw.offset + k * column)
+            row = block[k]
+            digests.append(digest(row[at + tarfile.BLOCKSIZE : at + tarfile.BLOCKSIZE + size].data
+                                  for at, _, _, _, size in layout))
+        tw.write_raw(block.data.cast("B"))
+        members.extend([chunk] * keys)
+        self._written += keys * chunk
+        self._in_shard += keys * chunk
         if self._in_shard >= self.samples_per_shard:
             self._close_shard()
 
@@ -285,6 +335,15 @@ class FastTarWriter:
         checksum = b"%06o\x00 " % (self._sum + sum(name) + sum(size_field))
         t = self._template
         return b"".join((name, t[len(name) : 124], size_field, t[136:148], checksum, t[156:]))
+
+    def header_for(self, name: bytes, size: int) -> bytes:
+        """The 512-byte header of a member `name` of `size` bytes."""
+        return self._header(name, size)
+
+    def write_raw(self, data) -> None:
+        """Bytes already laid out as tar members (ShardSink._write_keys)."""
+        self.fileobj.write(data)
+        self.offset += len(data)
 
     def write(self, sample: dict) -> None:
         """One key's members, in sorted suffix order, as one write (header, payload, padding).

@@ -231,7 +231,12 @@ def open_table(input: str | os.PathLike) -> TableSource:
             arrays = {k: z[k] for k in z.files}
         return TableSource(files, fmt, {k: _numpy_kind(v) for k, v in arrays.items()}, arrays)
     source = TableSource(files, fmt, {})
-    schema = source._dataset({}).schema
+    if fmt == "parquet":  # the footer alone (pyarrow.dataset, and pandas with it, take ~1 s to import)
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(files[0])
+    else:
+        schema = source._dataset({}).schema
     source.columns = {f.name: _arrow_kind(f.type) for f in schema}
     return source
 
