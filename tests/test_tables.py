@@ -378,3 +378,23 @@ def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatc
         for arr in (pa.array(values, pa.string()), pa.array(values, pa.large_string()).slice(3)):
             got = preprocess.hash_strings(arr)
             assert got.tolist() == want[len(values) - len(arr):]
+
+
+def test_read_ahead_hands_over_batches_in_order_and_the_readers_error_where_it_stopped():
+    import threading
+
+    from manytask.data_pipeline.table_reader import read_ahead
+
+    def reader():
+        yield from range(5)
+        raise OSError("disk gone at batch 5")
+
+    got = []
+    with pytest.raises(OSError, match="batch 5"):
+        for b in read_ahead(reader()):
+            got.append(b)
+    assert got == [0, 1, 2, 3, 4]
+    early = read_ahead(iter(range(10**6)))
+    assert next(early) == 0
+    early.close()  # a consumer that stops early leaves no reader thread behind
+    assert not [t for t in threading.enumerate() if t.name == "table-read-ahead"]
