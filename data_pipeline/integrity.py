@@ -8,8 +8,9 @@ A shard entry may carry (see manifest.ShardInfo):
   slice, a resume in mid-shard) still verifies everything it uses;
 - `xxh3`: xxh3_64 of the whole file — checked by `manytask shards verify` (`verify_shard`).
 
-xxh3_64 hashes at ~10-30 GB/s per core, far above the stream's read rate, so verifying costs a
-few percent of a chunk-layout stream (bench/bench_streams.py measures it).
+xxh3_64 hashes at ~30 GB/s on data in cache, but the stream hashes each payload once more
+right after reading it: ~30 ns per 140-byte sample on a loaded machine, 3-14 % of the
+chunk-layout stream's CPU per sample (bench/bench_integrity.py measures it).
 """
 
 from __future__ import annotations
@@ -126,8 +127,7 @@ class MemberVerifier:
         self.expected = shard.member_xxh3
         self.enabled = bool(self.expected)
         self._hash = xxhash.xxh3_64()
-        # The hasher's own methods, bound once: a key of 1024 samples costs ~2 us to verify
-        # (xxh3 itself runs at ~30 GB/s), so Python call overhead is most of what is left.
+        # The hasher's own methods, bound once: no Python wrapper call per member.
         self.start = self._hash.reset if self.enabled else _nothing
         self.update = self._hash.update if self.enabled else _nothing
 

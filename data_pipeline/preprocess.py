@@ -425,14 +425,6 @@ def _unescape(line: str) -> str:
     return "".join(out)
 
 
-def _take(col: Any, rows: np.ndarray):
-    import pyarrow as pa
-
-    if isinstance(col, (pa.Array, pa.ChunkedArray)):
-        return col.filter(pa.array(rows)) if rows.dtype == bool else col.take(pa.array(rows))
-    return np.asarray(col)[rows]
-
-
 _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial string hash (FNV-1's prime)
 _P_INV = np.uint64(pow(int(_P), -1, 1 << 64))  # odd, so invertible modulo 2^64
 _HASH_BLOCK = 1 << 20  # bytes hashed per numpy pass: the power tables stay at 8 MiB each
