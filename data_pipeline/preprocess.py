@@ -195,6 +195,29 @@ def _strings(col: Any):
     return col
 
 
+def _distinct(col: Any) -> tuple[Any, np.ndarray]:
+    """A column as (distinct values, a pyarrow string array; index of each row's value in it,
+    int64 [n], -1 for null). A dictionary array (Parquet's string columns, read so) is used as
+    it is; any other column is dictionary-encoded here (one hash per row, in pyarrow)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not isinstance(col, pa.Array) or not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(_strings(col))
+    index = col.indices.to_numpy(zero_copy_only=False)
+    if col.null_count:
+        index = np.where(np.asarray(col.is_valid(), dtype=bool), index, -1)
+    return _strings(col.dictionary), index.astype(np.int64, copy=False)
+
+
+def _is_dictionary(col: Any) -> bool:
+    import pyarrow as pa
+
+    return isinstance(col, (pa.Array, pa.ChunkedArray)) and pa.types.is_dictionary(col.type)
+
+
 def _floats(col: Any) -> np.ndarray:
     """A column as float64 [n] or [n, ...] (numpy arrays keep their trailing dims); null -> NaN."""
     import pyarrow as pa
@@ -205,7 +228,8 @@ def _floats(col: Any) -> np.ndarray:
 
 
 def _lists(col: Any, sep: str):
-    """A list column, or a delimited string column split on `sep`, as a pyarrow list<string>."""
+    """A list column, or a delimited string column split on `sep`, as a pyarrow list<string>
+    (list<dictionary<string>> as it is: Parquet's list columns read as dictionaries)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -218,9 +242,45 @@ def _lists(col: Any, sep: str):
         return pc.split_pattern(col, sep)
     if pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
         col = col.cast(pa.list_(col.type.value_type))
-    if not pa.types.is_string(col.type.value_type):
+    value_type = col.type.value_type
+    if pa.types.is_dictionary(value_type) and pa.types.is_string(value_type.value_type):
+        return col
+    if pa.types.is_string(col.type):  # a dictionary-encoded string column: decode, then split
+        return pc.split_pattern(_strings(col), sep)
+    if not pa.types.is_string(value_type):
         col = col.cast(pa.list_(pa.string()))
     return col
+
+
+def _list_values(lists) -> tuple[Any, np.ndarray]:
+    """Every value of a list<string> array, null rows' values included, and each row's value
+    count (0 for a null row): (values, counts [n]). Read from the list offsets with numpy
+    (pyarrow's list_parent_indices costs ~1 us per value)."""
+    offsets = lists.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = lists.values.slice(offsets[0], offsets[-1] - offsets[0])
+    counts = np.diff(offsets)
+    if lists.null_count:
+        counts = np.where(np.asarray(lists.is_valid(), dtype=bool), counts, 0)
+    return values, counts
+
+
+def _list_rows(lists) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """The non-empty values of a list<string> array, row by row: (distinct values, index of
+    each kept value in them [m], each row's first kept value in that index [n], its number of
+    kept values [n]); row i's values are index[starts[i] : starts[i] + lengths[i]]."""
+    import pyarrow.compute as pc
+
+    values, counts = _list_values(lists)
+    distinct, index = _distinct(values)
+    spans = np.diff(lists.offsets.to_numpy(zero_copy_only=False).astype(np.int64))
+    empty = np.r_[np.asarray(pc.equal(pc.binary_length(distinct), 0).fill_null(True), dtype=bool), True]
+    keep = ~empty[index]  # index -1 (null) -> the appended True
+    if lists.null_count:
+        keep &= np.repeat(counts > 0, spans)  # a null row's values do not count
+    if not keep.all():
+        spans = np.bincount(np.repeat(np.arange(len(lists)), spans)[keep], minlength=len(lists))
+        index = index[keep]
+    return distinct, index, np.cumsum(spans) - spans, spans
 
 
 # ---------------------------------------------------------------- fields
@@ -276,21 +336,21 @@ class Vocabulary(FieldEncoder):
         self.values = values
         self._lookup = None
 
-    def _value_array(self, col: Any):
-        import pyarrow.compute as pc
-
-        return pc.list_flatten(_lists(col, self.spec.sep)) if self.multi else _strings(col)
-
     def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
+        # Count each distinct value of the batch once: its rows' dictionary indices are counted
+        # with numpy (bincount), only the distinct values reach Python.
         col = cols[self.spec.columns[0]]
-        if not isinstance(col, (pa.Array, pa.ChunkedArray)):
-            col = pa.array(np.asarray(col).tolist()) if not self.multi else col
-        values = self._value_array(_take(col, train))
-        counted = pc.value_counts(values)
-        for value, count in zip(counted.field(0).to_pylist(), counted.field(1).to_pylist()):
+        if self.multi:
+            lists = _lists(col, self.spec.sep)
+            values, counts = _list_values(lists)
+            distinct, index = _distinct(values)
+            spans = np.diff(lists.offsets.to_numpy(zero_copy_only=False))
+            train = np.repeat(train & (counts > 0), spans)
+        else:
+            distinct, index = _distinct(col)
+        counts = np.bincount(index[train & (index >= 0)], minlength=len(distinct))
+        seen = np.flatnonzero(counts)
+        for value, count in zip(distinct.take(seen).to_pylist(), counts[seen].tolist()):
             if value:  # None and "" are "empty", never vocabulary entries
                 self.counts[value] = self.counts.get(value, 0) + count
 
@@ -314,25 +374,21 @@ class Vocabulary(FieldEncoder):
         return np.where(idx >= 0, idx + self.first_id, self.oov).astype(np.int64)
 
     def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
-        import pyarrow.compute as pc
 
         col = cols[self.spec.columns[0]]
+        if not self.multi and _is_dictionary(col):  # look up each distinct value once
+            distinct, index = _distinct(col)
+            return {self.spec.field: np.r_[self._ids(distinct), self.oov][index]}
         if not self.multi:
             return {self.spec.field: self._ids(_strings(col))}
         lists = _lists(col, self.spec.sep)
         n, k = len(lists), self.spec.k
-        flat = pc.list_flatten(lists)
-        parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
-        ids = self._ids(flat)
-        keep = np.asarray(pc.not_equal(flat, "").fill_null(False), dtype=bool)
-        parents, ids = parents[keep], ids[keep]
-        # position of each value inside its list: index minus the index of its list's first value
-        starts = np.r_[0, np.flatnonzero(np.diff(parents)) + 1] if len(parents) else np.zeros(0, int)
-        first = np.repeat(starts, np.diff(np.r_[starts, len(parents)]))
-        pos = np.arange(len(parents)) - first
+        distinct, index, starts, lengths = _list_rows(lists)
+        ids = self._ids(distinct)[index]  # each distinct value looked up once
         out = np.full((n, k), self.pad, np.int64)
-        fits = pos < k
-        out[parents[fits], pos[fits]] = ids[fits]
+        for j in range(k):  # column j: the j-th value of every row that has one
+            rows = np.flatnonzero(lengths > j)
+            out[rows, j] = ids[starts[rows] + j]
         return {self.spec.field: out}
 
     def record(self) -> dict[str, Any]:
@@ -369,49 +425,61 @@ def _unescape(line: str) -> str:
     return "".join(out)
 
 
-def _take(col: Any, rows: np.ndarray):
-    import pyarrow as pa
-
-    if isinstance(col, (pa.Array, pa.ChunkedArray)):
-        return col.filter(pa.array(rows)) if rows.dtype == bool else col.take(pa.array(rows))
-    return np.asarray(col)[rows]
-
-
 _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial string hash (FNV-1's prime)
-_POWERS: list[np.ndarray] = [np.ones(1, np.uint64)]
+_P_INV = np.uint64(pow(int(_P), -1, 1 << 64))  # odd, so invertible modulo 2^64
+_HASH_BLOCK = 1 << 20  # bytes hashed per numpy pass: the power tables stay at 8 MiB each
+_POWERS: dict[str, np.ndarray] = {}
+
+
+def _powers(base: np.uint64, count: int) -> np.ndarray:
+    """base^0 .. base^(count-1) modulo 2^64 (uint64), cached and grown once per base."""
+    name = "p" if base == _P else "inv"
+    table = _POWERS.get(name)
+    if table is None or len(table) < count:
+        size = max(count, _HASH_BLOCK + 1)
+        table = np.cumprod(np.r_[np.uint64(1), np.full(size - 1, base, np.uint64)], dtype=np.uint64)
+        _POWERS[name] = table
+    return table
 
 
 def hash_strings(values) -> np.ndarray:
     """A stable 64-bit hash of each string of a pyarrow string array, vectorised over the bytes:
     h = splitmix64(sum_j (byte_j + 1) * P^(len - 1 - j) mod 2^64, xor len). Null and "" -> 0.
-    numpy's uint64 arithmetic wraps, so the value is the same on every platform."""
+    numpy's uint64 arithmetic wraps, so the value is the same on every platform.
+
+    Computed as P^(end - 1) * sum_j (byte_j + 1) * P^-g_j over each byte's position g_j in a
+    block of the data (P is odd, so P^-1 exists modulo 2^64): one multiply per byte against a
+    contiguous slice of the inverse-power table, no per-byte gather."""
     import pyarrow as pa
 
     values = values.cast(pa.large_string()) if not pa.types.is_large_string(values.type) else values
     n = len(values)
     bufs = values.buffers()
     offsets = np.frombuffer(bufs[1], np.int64, count=n + 1, offset=values.offset * 8)
-    lo, hi = int(offsets[0]), int(offsets[-1])
-    data = np.frombuffer(bufs[2], np.uint8)[lo:hi] if bufs[2] is not None and hi > lo else np.zeros(0, np.uint8)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     lens = np.diff(offsets)
-    longest = int(lens.max()) if n else 0
-    if len(_POWERS[0]) <= longest:  # P^k table, grown once to the longest string seen
-        k = max(longest + 1, 64)
-        _POWERS[0] = np.cumprod(np.r_[np.uint64(1), np.full(k - 1, _P, np.uint64)], dtype=np.uint64)
-    ends = offsets[1:] - lo
-    from_end = np.repeat(ends, lens) - 1 - np.arange(len(data))
-    contrib = (data.astype(np.uint64) + np.uint64(1)) * _POWERS[0][from_end]
     h = np.zeros(n, np.uint64)
-    nonempty = lens > 0
-    if nonempty.any():
-        h[nonempty] = np.add.reduceat(contrib, (offsets[:-1] - lo)[nonempty])
+    i = 0
+    while i < n:  # strings i..j-1 span at most _HASH_BLOCK bytes (or are one longer string)
+        j = max(i + 1, int(np.searchsorted(offsets, offsets[i] + _HASH_BLOCK, "right")) - 1)
+        base = int(offsets[i])
+        block = data[base : int(offsets[j])]
+        nonempty = lens[i:j] > 0
+        if nonempty.any():
+            contrib = block.astype(np.uint64)
+            contrib += np.uint64(1)
+            contrib *= _powers(_P_INV, len(block))[: len(block)]
+            sums = np.add.reduceat(contrib, (offsets[i:j] - base)[nonempty])
+            ends = offsets[i + 1 : j + 1][nonempty] - base
+            h[i:j][nonempty] = sums * _powers(_P, int(ends[-1]))[ends - 1]
+        i = j
     h ^= lens.astype(np.uint64)
     h ^= h >> np.uint64(30)  # splitmix64's finaliser: every input bit moves every output bit
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(27)
     h *= np.uint64(0x94D049BB133111EB)
     h ^= h >> np.uint64(31)
-    valid = nonempty
+    valid = lens > 0
     if values.null_count:
         valid &= values.is_valid().to_numpy(zero_copy_only=False)
     return np.where(valid, h, np.uint64(0))
@@ -424,8 +492,12 @@ class HashedIds(FieldEncoder):
     kind = "hash"
 
     def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
-        values = _strings(cols[self.spec.columns[0]])
-        h = hash_strings(values)
+        col = cols[self.spec.columns[0]]
+        if _is_dictionary(col):  # hash each distinct value once
+            distinct, index = _distinct(col)
+            h = np.r_[hash_strings(distinct), np.uint64(0)][index]
+        else:
+            h = hash_strings(_strings(col))
         ids = (h % np.uint64(self.spec.buckets - 1)).astype(np.int64) + 1
         return {self.spec.field: np.where(h == 0, 0, ids)}
 
@@ -461,14 +533,14 @@ class Numeric(FieldEncoder):
         return x
 
     def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
-        x = self._values({c: _take(cols[c], train) for c in self.spec.columns})
-        n = np.sum(~np.isnan(x), axis=0)
+        x = self._values(cols)[train]
+        valid = ~np.isnan(x)
+        n = valid.sum(axis=0)
         if not n.any():
             return
-        with np.errstate(invalid="ignore"):
-            mean = np.nanmean(x, axis=0)
-            m2 = np.nansum((x - mean) ** 2, axis=0)
-        mean, m2 = np.nan_to_num(mean), np.nan_to_num(m2)
+        x[~valid] = 0.0  # (np.nanmean / nansum copy and mask again; these are the same sums)
+        mean = x.sum(axis=0) / np.maximum(n, 1)
+        m2 = (np.where(valid, x - mean, 0.0) ** 2).sum(axis=0)
         total = self.count + n  # Chan et al.: combine this batch's moments with the running ones
         delta = mean - self.mean
         safe = np.maximum(total, 1)

@@ -60,7 +60,7 @@ from manytask.data_pipeline.shard_reader import (
     suffix_field,
 )
 from manytask.data_pipeline.shard_writer import ShardSink
-from manytask.data_pipeline.table_reader import open_table
+from manytask.data_pipeline.table_reader import open_table, read_ahead
 
 # ---------------------------------------------------------------- index
 
@@ -306,6 +306,15 @@ class OutputNotEmptyError(ValueError):
     """`shards write` into a folder that already holds files, without force."""
 
 
+def take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """a[rows] for a [n, ...] array; a row of several values is moved as one opaque item
+    (numpy gathers a [n, 4] int64 array ~8x faster so than element by element)."""
+    if a.ndim > 1 and a.flags.c_contiguous and a.size:
+        row = np.dtype((np.void, a.itemsize * (a.size // len(a))))
+        return np.take(a.reshape(len(a), -1).view(row)[:, 0], rows).view(a.dtype).reshape((len(rows),) + a.shape[1:])
+    return np.take(a, rows, axis=0)
+
+
 def val_rows(n: int, val_fraction: float, seed: int):
     """A function rows -> bool mask "goes to val/" that picks exactly round(n * val_fraction) of
     rows 0..n-1, spread evenly over the table, in O(1) memory: row i is in val when
@@ -365,6 +374,8 @@ def convert_table(
     columns = list(dict.fromkeys(c for e in encoders for c in e.spec.columns))
     strings = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "hash", "eq")
                or (e.spec.kind == "multi" and source.columns[e.spec.columns[0]] == "string")}
+    # Vocabulary columns are read as dictionaries where the format stores them so (Parquet).
+    dictionaries = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "multi")}
     n = source.count_rows()
     if n == 0:
         raise ValueError(f"{input}: the table has no rows")
@@ -372,7 +383,7 @@ def convert_table(
 
     def batches(wanted: list[str]):
         row0 = 0
-        for cols in source.batches(wanted, strings & set(wanted), batch_rows):
+        for cols in read_ahead(source.batches(wanted, strings & set(wanted), batch_rows, dictionaries)):
             rows = len(next(iter(cols.values())))
             yield row0, rows, cols
             row0 += rows
@@ -412,9 +423,9 @@ def convert_table(
         val = is_val(np.arange(row0, row0 + rows))
         train_idx = np.flatnonzero(~val)
         train_idx = train_idx[np.random.default_rng([seed, b]).permutation(len(train_idx))]
-        sinks["train"].add({k: v[train_idx] for k, v in arrays.items()})
+        sinks["train"].add({k: take_rows(v, train_idx) for k, v in arrays.items()})
         if "val" in sinks:
-            sinks["val"].add({k: v[val] for k, v in arrays.items()})
+            sinks["val"].add({k: take_rows(v, np.flatnonzero(val)) for k, v in arrays.items()})
     for sink in sinks.values():
         for name, top in tops.items():
             sink.fields[name].vocab = top + 1 if top >= 0 else 0

@@ -27,12 +27,12 @@ from manytask.data_pipeline.manifest import FieldInfo, Manifest, ShardInfo, writ
 # An integer mtime: webdataset stamps time.time() (a float) otherwise, and tarfile then adds a
 # PAX header to every member, which doubles the members to parse and halves read speed.
 TAR_MTIME = 0
+BLOCK_BYTES = 16 << 20  # at most this much array data is laid out (and copied) per block write
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
-def npy_bytes(arr: np.ndarray, _headers: dict = {}) -> bytes:  # noqa: B006 - a deliberate cache
-    """`.npy` encoding of `arr` (header cached per dtype/shape; payload is `arr.tobytes()`)."""
-    arr = np.asarray(arr)  # keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
+def npy_header(arr: np.ndarray, _headers: dict = {}) -> bytes:  # noqa: B006 - a deliberate cache
+    """The `.npy` header of `arr` (format 1.0, C order), cached per dtype and shape."""
     key = (arr.dtype.str, arr.shape)
     header = _headers.get(key)
     if header is None:
@@ -42,7 +42,20 @@ def npy_bytes(arr: np.ndarray, _headers: dict = {}) -> bytes:  # noqa: B006 - a 
         header = buf.getvalue()
         if len(_headers) < 1024:
             _headers[key] = header
-    return header + arr.tobytes()  # C order, matching fortran_order False
+    return header
+
+
+def npy_parts(arr: np.ndarray) -> list:
+    """`.npy` encoding of `arr` as [header, payload]: the payload is the array's own memory
+    when it is C-contiguous (no copy; the caller joins or hashes it), else a C-order copy."""
+    arr = np.asarray(arr)  # keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
+    payload = arr.data.cast("B") if arr.flags.c_contiguous and arr.ndim else arr.tobytes()
+    return [npy_header(arr), payload]
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """`.npy` encoding of `arr` (header cached per dtype/shape; payload is `arr.tobytes()`)."""
+    return b"".join(npy_parts(arr))
 
 
 def infer_fields(
@@ -141,6 +154,9 @@ class ShardSink:
         self._in_shard = 0
         self._written = 0
         self._top = {k: -1 for k, f in fields.items() if np.dtype(f.dtype).kind in "iub"}
+        self._members = sorted((info.suffix(name), name, info) for name, info in fields.items())
+        row_bytes = sum(np.dtype(f.dtype).itemsize * int(np.prod(f.shape)) for f in fields.values())
+        self._block_rows = max(BLOCK_BYTES // max(row_bytes, 1), 1)  # rows per `_write_keys` block
 
     def add(self, arrays: dict[str, np.ndarray]) -> None:
         """Append samples: field -> [n, *shape] for every field of the sink (same n)."""
@@ -164,47 +180,105 @@ class ShardSink:
         self._drain(final=False)
 
     def _drain(self, final: bool) -> None:
-        if not self._pending_rows:
-            return
-        arrays = self._pending[0] if len(self._pending) == 1 else {
-            k: np.concatenate([p[k] for p in self._pending]) for k in self.fields
-        }
-        n, lo = self._pending_rows, 0
-        while n - lo >= self.chunk or (final and lo < n):
-            room = self.samples_per_shard - self._in_shard
-            take = min(self.chunk, room, n - lo)
-            self._write_key({k: v[lo : lo + take] for k, v in arrays.items()}, take)
-            lo += take
-        rest = {k: v[lo:] for k, v in arrays.items()}
-        self._pending = [rest] if n - lo else []
-        self._pending_rows = n - lo
+        """Write every full key the pending rows make (and, when `final`, the rest). Keys are
+        slices (views) of the batches `add` was given; only a key that straddles two batches
+        is copied together."""
+        pending = self._pending
+        while pending:
+            head = pending[0]
+            rows = len(next(iter(head.values())))
+            take = min(self.chunk, self.samples_per_shard - self._in_shard)
+            if rows < take and len(pending) > 1:  # top the key up from the next batch
+                nxt = pending[1]
+                need = min(take - rows, len(next(iter(nxt.values()))))
+                pending[0] = {k: np.concatenate([head[k], nxt[k][:need]]) for k in head}
+                pending[1] = {k: v[need:] for k, v in nxt.items()}
+                if not len(next(iter(pending[1].values()))):
+                    del pending[1]
+                continue
+            if rows < take and not final:
+                break
+            take = min(take, rows)
+            keys = min(rows, self.samples_per_shard - self._in_shard, self._block_rows) // self.chunk
+            if self.chunk > 1 and keys >= 2:  # many full keys in hand: one block, one write
+                take = keys * self.chunk
+                self._write_keys({k: v[:take] for k, v in head.items()}, keys)
+            else:
+                self._write_key({k: v[:take] for k, v in head.items()}, take)
+            if take == rows:
+                pending.pop(0)
+            else:
+                pending[0] = {k: v[take:] for k, v in head.items()}
+        self._pending_rows = sum(len(next(iter(p.values()))) for p in pending)
 
     def _write_key(self, part: dict[str, np.ndarray], rows: int) -> None:
-        if self._tar is None:
-            url = f"{self.prefix}-{len(self.shards):06d}.tar"
-            path = self.out / (url + ".tmp")
-            f = open(path, "wb")
-            hashing = HashingWriter(f)
-            self._tar = [f, hashing, FastTarWriter(hashing), url, [], [], []]
-        f, hashing, tw, url, members, digests, offsets = self._tar
-        sample = {"__key__": f"{self._written:010d}"}
-        for name, info in self.fields.items():
+        f, hashing, tw, url, members, digests, offsets = self._open_tar()
+        key = f"{self._written:010d}"
+        payloads = []
+        for suffix, name, info in self._members:  # webdataset's order: sorted by suffix
             arr = part[name]
             if self.chunk > 1:
-                sample[info.suffix(name)] = npy_bytes(arr)
+                payloads.append((suffix, npy_parts(arr)))
             elif info.ext == "cls":
-                sample[info.suffix(name)] = str(int(arr[0])).encode()
+                payloads.append((suffix, [str(int(arr[0])).encode()]))
             elif info.ext == "json":
-                sample[info.suffix(name)] = json.dumps(arr[0].tolist()).encode()
+                payloads.append((suffix, [json.dumps(arr[0].tolist()).encode()]))
             else:
-                sample[info.suffix(name)] = npy_bytes(arr[0])
+                payloads.append((suffix, npy_parts(arr[0])))
         offsets.append(tw.offset)  # where this key's first header starts: readers seek to it
-        tw.write(sample)
-        # TarWriter writes a key's members in sorted suffix order: hash them in that order.
-        digests.append(digest(sample[k] for k in sorted(sample) if k != "__key__"))
+        tw.write_key(key, payloads)
+        digests.append(digest(p for _, pieces in payloads for p in pieces))
         members.append(rows)
         self._written += rows
         self._in_shard += rows
+        if self._in_shard >= self.samples_per_shard:
+            self._close_shard()
+
+    def _open_tar(self) -> list:
+        if self._tar is None:
+            url = f"{self.prefix}-{len(self.shards):06d}.tar"
+            f = open(self.out / (url + ".tmp"), "wb")
+            hashing = HashingWriter(f)
+            self._tar = [f, hashing, FastTarWriter(hashing), url, [], [], []]
+        return self._tar
+
+    def _write_keys(self, part: dict[str, np.ndarray], keys: int) -> None:
+        """`keys` full chunk-layout keys at once, laid out with numpy: the bytes `_write_key`
+        writes key by key (headers included), built in one [keys, key bytes] array and written
+        in one call. Python work is per key (its checksum), not per member."""
+        f, hashing, tw, url, members, digests, offsets = self._open_tar()
+        chunk = self.chunk
+        names = self._written + chunk * np.arange(keys, dtype=np.int64)
+        digits = (names[:, None] // 10 ** np.arange(9, -1, -1, dtype=np.int64)) % 10 + 48  # [keys, 10]
+        digit_sum = digits.sum(1)
+        layout = []  # (column, npy header, payload [keys, bytes], size)
+        column = 0
+        for suffix, name, _ in self._members:
+            arr = np.ascontiguousarray(part[name])
+            header = npy_header(arr[:chunk])
+            payload = arr.reshape(keys, -1).view(np.uint8)
+            size = len(header) + payload.shape[1]
+            layout.append((column, suffix, header, payload, size))
+            column += tarfile.BLOCKSIZE + size + (-size % tarfile.BLOCKSIZE)
+        block = np.zeros((keys, column), np.uint8)
+        for at, suffix, header, payload, size in layout:
+            template = np.frombuffer(tw.header_for(b"0" * 10 + b"." + suffix.encode(), size), np.uint8)
+            block[:, at : at + tarfile.BLOCKSIZE] = template
+            block[:, at : at + 10] = digits
+            checksum = int(bytes(template[148:154]), 8) - 48 * 10 + digit_sum  # the name's digits
+            block[:, at + 148 : at + 154] = (checksum[:, None] // 8 ** np.arange(5, -1, -1)) % 8 + 48
+            body = at + tarfile.BLOCKSIZE
+            block[:, body : body + len(header)] = np.frombuffer(header, np.uint8)
+            block[:, body + len(header) : body + size] = payload
+        for k in range(keys):
+            offsets.append(tw.offset + k * column)
+            row = block[k]
+            digests.append(digest(row[at + tarfile.BLOCKSIZE : at + tarfile.BLOCKSIZE + size].data
+                                  for at, _, _, _, size in layout))
+        tw.write_raw(block.data.cast("B"))
+        members.extend([chunk] * keys)
+        self._written += keys * chunk
+        self._in_shard += keys * chunk
         if self._in_shard >= self.samples_per_shard:
             self._close_shard()
 
@@ -232,6 +306,9 @@ class ShardSink:
         return manifest
 
 
+_ZEROS = bytes(tarfile.BLOCKSIZE)
+
+
 class FastTarWriter:
     """A WebDataset tar writer for regular-file members: the bytes `webdataset.TarWriter` writes
     (USTAR headers, mode 0444, owner bigdata, mtime TAR_MTIME, keys' members in sorted suffix
@@ -243,27 +320,58 @@ class FastTarWriter:
         self.fileobj = fileobj
         info = tarfile.TarInfo("")
         info.mode, info.mtime, info.uname, info.gname = 0o444, TAR_MTIME, "bigdata", "bigdata"
-        self._template = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        template = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        template[124:136] = bytes(12)  # size: set per member
+        template[148:156] = b" " * 8  # the checksum counts its own field as spaces
+        self._template = bytes(template)
+        self._sum = sum(template)  # + the name's and the size's bytes = each header's checksum
+        self._headers: dict[tuple[str, int, int], tuple[bytes, int, bytes]] = {}
         self.offset = 0
 
     def _header(self, name: bytes, size: int) -> bytes:
         if len(name) > 100:
             raise ValueError(f"tar member name longer than 100 bytes: {name[:40]!r}...")
-        h = bytearray(self._template)
-        h[0 : len(name)] = name
-        h[124:136] = b"%011o\x00" % size
-        h[148:156] = b"        "
-        h[148:156] = b"%06o\x00 " % sum(h)
-        return bytes(h)
+        size_field = b"%011o\x00" % size
+        checksum = b"%06o\x00 " % (self._sum + sum(name) + sum(size_field))
+        t = self._template
+        return b"".join((name, t[len(name) : 124], size_field, t[136:148], checksum, t[156:]))
+
+    def header_for(self, name: bytes, size: int) -> bytes:
+        """The 512-byte header of a member `name` of `size` bytes."""
+        return self._header(name, size)
+
+    def write_raw(self, data) -> None:
+        """Bytes already laid out as tar members (ShardSink._write_keys)."""
+        self.fileobj.write(data)
+        self.offset += len(data)
 
     def write(self, sample: dict) -> None:
-        """One key's members, in sorted suffix order, as one write (header, payload, padding)."""
-        key = sample["__key__"]
+        """One key's members, in sorted suffix order, as one write (header, payload, padding).
+        A member's value is its bytes, or a list of buffers that make them (`npy_parts`)."""
+        self.write_key(sample["__key__"], [
+            (suffix, [v] if isinstance(v, (bytes, bytearray, memoryview)) else v)
+            for suffix, v in sorted((k, v) for k, v in sample.items() if k != "__key__")
+        ])
+
+    def write_key(self, key: str, members: list[tuple[str, list]]) -> None:
+        """`write` for members given as (suffix, [buffers]) already in sorted suffix order. A
+        header is cached per (suffix, size, key length) without the key, whose bytes and their
+        checksum share are added per key (~1 us a member instead of building each header)."""
+        key_bytes = key.encode()
+        key_sum = sum(key_bytes)
         parts = []
-        for suffix in sorted(k for k in sample if k != "__key__"):
-            payload = sample[suffix]
-            parts += [self._header(f"{key}.{suffix}".encode(), len(payload)), payload,
-                      b"\x00" * (-len(payload) % tarfile.BLOCKSIZE)]
+        for suffix, pieces in members:
+            size = sum(len(p) for p in pieces)
+            cached = self._headers.get((suffix, size, len(key_bytes)))
+            if cached is None:
+                header = self._header(key_bytes + b"." + suffix.encode(), size)
+                cached = (header[len(key_bytes) : 148], int(header[148:154], 8) - key_sum, header[156:])
+                if len(self._headers) < 4096:
+                    self._headers[(suffix, size, len(key_bytes))] = cached
+            before, base, after = cached
+            parts += (key_bytes, before, b"%06o\x00 " % (base + key_sum), after)
+            parts += pieces
+            parts.append(_ZEROS[: -size % tarfile.BLOCKSIZE])
         data = b"".join(parts)
         self.fileobj.write(data)
         self.offset += len(data)

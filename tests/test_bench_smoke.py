@@ -38,6 +38,11 @@ def test_data_benchmarks_run():
     assert "64 / 1 sources: first step" in out and "memory" in out
     out = run("bench.bench_plan", "--sources", "10", "--shards-per-source", "10")
     assert "growth 8 -> 8,192 readers" in out
+def test_integrity_benchmark_runs_at_smoke_size():
+    out = run("bench.bench_integrity", "--samples", "20000", "--repeats", "1")
+    assert "verified / unverified: median" in out and "per CPU second" in out and "shards verify:" in out
+
+
 def test_ingest_benchmark_runs_at_smoke_size():
     out = run("bench.bench_ingest", "--smoke")
     assert "conversion / pyarrow read:" in out and "peak RSS x4 table" in out

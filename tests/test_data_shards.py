@@ -53,6 +53,50 @@ def test_write_read_roundtrip(tmp_path, layout):
         assert all(not t.pax_headers and t.mtime == 0 for t in tar.getmembers())
 
 
+@pytest.mark.parametrize("batches", [[250], [3, 100, 1, 146], [17] * 14 + [12]])
+def test_sink_writes_the_bytes_webdataset_writes(tmp_path, batches, monkeypatch):
+    """ShardSink lays full keys out with numpy in blocks (and single keys, keys straddling two
+    `add` calls, short last keys one by one): every shard must be the tar webdataset's
+    TarWriter writes for the same samples, and the manifest's size, whole-file and per-key xxh3
+    and key offsets must describe those bytes."""
+    import io
+
+    from manytask.data_pipeline import shard_writer
+    from manytask.data_pipeline.integrity import file_digest, member_digests
+    from manytask.data_pipeline.shard_writer import TAR_MTIME, ShardSink, infer_fields, npy_bytes
+
+    monkeypatch.setattr(shard_writer, "BLOCK_BYTES", 2000)  # several blocks per add
+    data = arrays(250)
+    sink = ShardSink(tmp_path, infer_fields(data, "chunk"), samples_per_shard=90, chunk_size=8)
+    lo = 0
+    for n in batches:
+        sink.add({k: v[lo : lo + n] for k, v in data.items()})
+        lo += n
+    m = sink.close()
+    assert [s.members for s in m.shards] == [[8] * 11 + [2], [8] * 11 + [2], [8] * 8 + [6]]
+    start = 0
+    for shard in m.shards:
+        expected = io.BytesIO()
+        writer = wds.TarWriter(expected, mtime=TAR_MTIME, encoder=False)
+        for rows in shard.members:
+            writer.write({"__key__": f"{start:010d}", **{
+                f"{k}.npy": npy_bytes(v[start : start + rows]) for k, v in data.items()}})
+            start += rows
+        writer.close()
+        path = tmp_path / shard.url
+        assert path.read_bytes() == expected.getvalue(), shard.url
+        assert (shard.bytes, shard.xxh3) == file_digest(path)
+        assert shard.member_xxh3 == [d for _, d in member_digests(path)]
+        with tarfile.open(path) as tar:  # where each key's first header starts
+            firsts = {}
+            for info in tar.getmembers():
+                firsts.setdefault(info.name.split(".")[0], info.offset)
+        assert shard.offsets == list(firsts.values())
+    back = read_all(load_manifest(tmp_path))
+    for k, v in data.items():
+        np.testing.assert_array_equal(back[k], v)
+
+
 def test_manifest_urls_brace_and_pipe(tmp_path):
     write_shards(tmp_path, arrays(), samples_per_shard=20, chunk_size=8)
     doc = json.loads((tmp_path / "manifest.json").read_text())

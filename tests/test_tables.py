@@ -290,3 +290,111 @@ def test_diamonds_recipe_from_the_raw_csv(tmp_path):
     val = [r for r in rows if "val/ideal/auc" in r][-1]
     assert val["val/ideal/auc"] > 0.8 and val["val/log_price/mse"] < 0.5  # 100 steps: 0.88 / 0.25
     assert (run / "preprocessing/diamonds/vocab/clarity.txt").exists()
+
+
+def messy_lists_table(n=300, seed=3) -> pa.Table:
+    """String and list<string> columns with every awkward case: null rows, null and empty
+    elements, empty lists, lists longer than k, values seen once."""
+    rng = np.random.default_rng(seed)
+    pool = GENRES + ["", None, "rare"]
+    tags = [None if rng.random() < 0.1 else
+            [pool[j] for j in rng.integers(0, len(pool), rng.integers(0, 7))] for _ in range(n)]
+    city = [None if rng.random() < 0.05 else str(rng.choice(CITIES + [""])) for _ in range(n)]
+    return pa.table({"row": np.arange(n), "city": city, "tags": pa.array(tags, pa.list_(pa.string())),
+                     "y": rng.normal(size=n)})
+
+
+def reference_ids(values: list[str], vocab: list[str], first_id: int, oov: int) -> list[int]:
+    at = {v: i + first_id for i, v in enumerate(vocab)}
+    return [at.get(v, oov) for v in values]
+
+
+@pytest.mark.parametrize("row_group", [7, 1000, "capped"])
+def test_parquet_lists_read_as_dictionaries_give_the_ids_plain_python_gives(tmp_path, monkeypatch, row_group):
+    """Vocabulary columns come from Parquet as dictionaries (row group whole, or batch by batch
+    above ROW_GROUP_CAP); the ids must be those of a plain per-row lookup in the vocabulary file:
+    empties and nulls skipped, unseen values -> 1, at most k per row, padding 0."""
+    from manytask.data_pipeline import table_reader
+
+    if row_group == "capped":
+        monkeypatch.setattr(table_reader, "ROW_GROUP_CAP", 0)  # plain list reads, batch by batch
+    table = messy_lists_table()
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=7 if row_group == 7 else 1000)
+    convert_table(tmp_path / "t.parquet", tmp_path / "out", ["row", "city:cat", "tags:multi:k=3"], ["y"],
+                  val_fraction=0.2, batch_rows=50, samples_per_shard=64, chunk_size=16)
+    pre = load_manifest(tmp_path / "out" / "train").preprocessing
+    vocab = {f: (tmp_path / "out" / "train" / pre[f]["vocab_file"]).read_text().split("\n")[:-1]
+             for f in ("city", "tags")}
+    # the training vocabulary, counted by hand from the training rows
+    train_rows = set()
+    for split in ("train", "val"):
+        got = read_split(tmp_path / "out" / split)
+        rows = got["row"].astype(int)
+        if split == "train":
+            train_rows = set(rows.tolist())
+        cities = table.column("city").to_pylist()
+        want_city = reference_ids([cities[r] for r in rows], vocab["city"], 1, 0)
+        np.testing.assert_array_equal(got["city"], want_city)
+        tags = table.column("tags").to_pylist()
+        for r, ids in zip(rows, got["tags"]):
+            kept = [v for v in (tags[r] or []) if v]  # null rows, null and empty values drop out
+            want = reference_ids(kept[:3], vocab["tags"], 2, 1)
+            assert ids.tolist() == want + [0] * (3 - len(want)), (r, tags[r], ids)
+    counts: dict[str, int] = {}
+    for r in train_rows:
+        for v in table.column("tags").to_pylist()[r] or []:
+            if v:
+                counts[v] = counts.get(v, 0) + 1
+    assert vocab["tags"] == sorted(counts, key=lambda v: (-counts[v], v))
+
+
+def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatch):
+    """hash=N ids are recorded as `poly64-splitmix64`: the fast hash (inverse powers, blocks of
+    _HASH_BLOCK bytes) must equal the formula computed one string at a time in Python."""
+    from manytask.data_pipeline import preprocess
+
+    mask = (1 << 64) - 1
+
+    def formula(s):
+        if not s:
+            return 0
+        data = s.encode()
+        h = 0
+        for b in data:
+            h = (h * 0x100000001B3 + b + 1) & mask
+        h ^= len(data)
+        h ^= h >> 30
+        h = (h * 0xBF58476D1CE4E5B9) & mask
+        h ^= h >> 27
+        h = (h * 0x94D049BB133111EB) & mask
+        return h ^ (h >> 31)
+
+    rng = np.random.default_rng(0)
+    values = [None, "", "a", "é≠", "x" * 300] + [
+        "".join(chr(c) for c in rng.integers(32, 0x800, rng.integers(0, 40))) for _ in range(200)]
+    want = [formula(v) for v in values]
+    for block in (1 << 20, 64, 5):  # one block; many blocks; strings longer than a block
+        monkeypatch.setattr(preprocess, "_HASH_BLOCK", block)
+        for arr in (pa.array(values, pa.string()), pa.array(values, pa.large_string()).slice(3)):
+            got = preprocess.hash_strings(arr)
+            assert got.tolist() == want[len(values) - len(arr):]
+
+
+def test_read_ahead_hands_over_batches_in_order_and_the_readers_error_where_it_stopped():
+    import threading
+
+    from manytask.data_pipeline.table_reader import read_ahead
+
+    def reader():
+        yield from range(5)
+        raise OSError("disk gone at batch 5")
+
+    got = []
+    with pytest.raises(OSError, match="batch 5"):
+        for b in read_ahead(reader()):
+            got.append(b)
+    assert got == [0, 1, 2, 3, 4]
+    early = read_ahead(iter(range(10**6)))
+    assert next(early) == 0
+    early.close()  # a consumer that stops early leaves no reader thread behind
+    assert not [t for t in threading.enumerate() if t.name == "table-read-ahead"]
