@@ -99,6 +99,7 @@ class SourceCursor:
         """The next n samples: field -> array [n, ...], valid until the next `take` (it may
         be a view of a worker's shared memory, whose slot is handed back then)."""
         self.release(blocks, index)
+        blocks.flush()
         pieces = self.pieces(n, blocks, index)
         if not pieces:
             return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.stream.fields.items()}

@@ -24,6 +24,7 @@ are raised there, naming the shard and key as in-process reading would.
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import mmap
 import multiprocessing as mp
@@ -40,8 +41,11 @@ import numpy as np
 from manytask.data_pipeline.stream import Block, Position, ShardStream
 
 ALIGN = 64
-# Block headers a worker sends in one message at most (it sends fewer when it has no more to read).
+# A worker sends its blocks' headers once it has this many blocks or rows (or nothing more to read).
 BATCH_BLOCKS = 16
+BATCH_ROWS = 4096
+# Bytes of freed memory a worker keeps for reuse (see _worker_setup).
+WORKER_HEAP_KEEP = 16 << 20
 
 
 def _align(n: int) -> int:
@@ -71,6 +75,7 @@ class InProcessBlocks:
         self._gens = []
 
 
+@functools.cache
 def _unit(row_bytes: int) -> int:
     """Where an array of rows of `row_bytes` may start: a multiple of the row size (so the
     buffer viewed as such rows holds it at a whole row) and of ALIGN (for SIMD), unless that
@@ -149,11 +154,14 @@ def _worker_setup() -> None:
         PR_SET_PDEATHSIG = 1
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        # A worker's big allocations are window payloads read once: give them back on free
-        # (the trainer's keep_freed_memory, inherited through fork, would keep every one).
+        # A worker's allocations are window payloads, freed and allocated again window after
+        # window: keep them on the heap for reuse (a fresh mmap per window, glibc's default
+        # above 128 KiB, costs a page fault per 4 KiB and made reading 2-3x slower), but not
+        # the trainer's keep_freed_memory (up to 1 GiB, inherited through fork): beyond 16 MiB
+        # allocations are mapped and given back, and so is free heap beyond 16 MiB.
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, WORKER_HEAP_KEEP)
+        libc.mallopt(M_TRIM_THRESHOLD, WORKER_HEAP_KEEP)
 
 
 def _portable(err: BaseException) -> BaseException:
@@ -172,14 +180,15 @@ def _worker_main(worker: int, streams: list[ShardStream], starts: list[list[tupl
     free = [deque(range(prefetch)) for _ in streams]
     # Sources with a free slot, in the order they are to be read; a failed source leaves it.
     todo = deque(range(len(streams)))
-    out: list[tuple] = []
+    out: list[tuple] = []  # read, not yet sent
+    rows = 0  # rows in `out`
     while True:
         # Take the credits sent back (each message a list of (source, slot)); wait for one when
         # every slot is full, after handing over what was read.
         while conn.poll() or not todo:
             if out and not conn.poll():
                 conn.send(out)
-                out = []
+                out, rows = [], 0
             msg = conn.recv()
             if msg is None:
                 return
@@ -203,10 +212,12 @@ def _worker_main(worker: int, streams: list[ShardStream], starts: list[list[tupl
             meta = slots.meta(buf, block.data)
             block.data = {}
             out.append((i, slot, block, meta))
-        # Hand over in batches, but never sit on read blocks while the trainer may wait.
-        if len(out) >= BATCH_BLOCKS or not todo or conn.poll():
+            rows += block.size
+        # Hand over in batches, but do not sit on a batch's worth of rows the trainer may be
+        # waiting for.
+        if rows >= BATCH_ROWS or len(out) >= BATCH_BLOCKS or not todo or conn.poll():
             conn.send(out)
-            out = []
+            out, rows = [], 0
 
 
 # Pools still open at interpreter exit are closed first: multiprocessing's exit hook joins
