@@ -2,10 +2,11 @@
 
 `InProcessBlocks`: one reader per source, read in the training process (data.num_workers 0).
 
-`WorkerPool`: `num_workers` processes per rank, however many sources there are. Worker w is
-reader w of this rank for every source; it reads ahead up to `prefetch` blocks per source,
-taking the sources in turn, and writes each block into its own slot of one shared buffer (an
-anonymous shared mmap made before the fork, a region per worker), so a block reaches the
+`WorkerPool`: `num_workers` processes per rank, however many sources there are. The rank has
+num_workers readers per source (see stream.py); process `process_of(source, reader)` reads
+that reader's blocks of that source, up to `prefetch` ahead, taking its (source, reader) pairs
+in turn, and writes each block into its own slot of one shared buffer (an anonymous shared
+mmap made before the fork, a region per reader), so a block reaches the
 trainer as one copy out of shared memory instead of a pickle through a pipe. A pipe per
 worker carries only the blocks' headers one way and the freed slots ("credits") back, both
 in batches: with many sources a step frees and a worker fills many slots at once, and one
@@ -89,11 +90,11 @@ def _round_up(n: int, unit: int) -> int:
 
 
 class _Slots:
-    """Where each (source, slot) block lives in a worker's region of the shared buffer.
+    """Where each (source, slot) block lives in a reader's region of the shared buffer.
 
-    A region is `total` bytes; worker w's region starts at w * total. Every field array of a
+    A region is `total` bytes; reader w's region starts at w * total. Every field array of a
     slot starts at a multiple of `_unit(its row bytes)`, and `total` is a multiple of every
-    unit, so that holds in every worker's region too.
+    unit, so that holds in every reader's region too.
     """
 
     def __init__(self, streams: list[ShardStream], prefetch: int):
@@ -114,7 +115,7 @@ class _Slots:
 
     def writer(self, buf: mmap.mmap, base: int, source: int, slot: int) -> Callable[[str, tuple, np.dtype], np.ndarray]:
         """An `out_buffer` for ShardStream: each field's array laid out in the slot in turn
-        (`base`: the worker's region)."""
+        (`base`: the reader's region)."""
         at = [base + self.offsets[source][slot]]
 
         def out(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
@@ -172,19 +173,30 @@ def _portable(err: BaseException) -> BaseException:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def _worker_main(worker: int, streams: list[ShardStream], starts: list[list[tuple[Position, int]]],
+def process_of(source: int, reader: int, processes: int) -> int:
+    """The worker process that reads `reader`'s blocks of `source`. Spread by source as well as
+    by reader: when the trainer uses the sources evenly, all of them move from one reader's
+    block to the next reader's in the same step; were reader w always process w, one process
+    would then refill every source's slots while the other sat idle."""
+    return (source + reader) % processes
+
+
+def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tuple[Position, int]]],
                  conn: Any, buf: mmap.mmap, slots: _Slots, prefetch: int) -> None:
     _worker_setup()
-    base = worker * slots.total
-    gens = [s.blocks(worker, *st[worker]) for s, st in zip(streams, starts)]
-    free = [deque(range(prefetch)) for _ in streams]
-    # Sources with a free slot, in the order they are to be read; a failed source leaves it.
-    todo = deque(range(len(streams)))
+    readers = len(starts[0]) if starts else 0
+    # The (source, reader) pairs this process reads, each with its own blocks and slots.
+    pairs = [(i, w) for i in range(len(streams)) for w in range(readers) if process_of(i, w, readers) == process]
+    index = {pair: k for k, pair in enumerate(pairs)}
+    gens = [streams[i].blocks(w, *starts[i][w]) for i, w in pairs]
+    free = [deque(range(prefetch)) for _ in pairs]
+    # Pairs with a free slot, in the order they are to be read; a failed pair leaves it.
+    todo = deque(range(len(pairs)))
     out: list[tuple] = []  # read, not yet sent
     rows = 0  # rows in `out`
     while True:
-        # Take the credits sent back (each message a list of (source, slot)); wait for one when
-        # every slot is full, after handing over what was read.
+        # Take the credits sent back (each message a list of (source, reader, slot)); wait for
+        # one when every slot is full, after handing over what was read.
         while conn.poll() or not todo:
             if out and not conn.poll():
                 conn.send(out)
@@ -192,26 +204,28 @@ def _worker_main(worker: int, streams: list[ShardStream], starts: list[list[tupl
             msg = conn.recv()
             if msg is None:
                 return
-            for i, slot in msg:
-                if not free[i] and gens[i] is not None:
-                    todo.append(i)
-                free[i].append(slot)
-        i = todo.popleft()
-        slot = free[i].popleft()
-        if free[i]:
-            todo.append(i)  # round robin: its next block after the other sources' next ones
-        streams[i].out_buffer = slots.writer(buf, base, i, slot)  # the block is gathered into the slot
+            for i, w, slot in msg:
+                k = index[i, w]
+                if not free[k] and gens[k] is not None:
+                    todo.append(k)
+                free[k].append(slot)
+        k = todo.popleft()
+        slot = free[k].popleft()
+        if free[k]:
+            todo.append(k)  # round robin: its next block after the other pairs' next ones
+        i, w = pairs[k]
+        streams[i].out_buffer = slots.writer(buf, w * slots.total, i, slot)  # the block is gathered into the slot
         try:
-            block = next(gens[i])
+            block = next(gens[k])
         except BaseException as err:  # noqa: BLE001 - raised in the trainer instead
-            gens[i] = None  # type: ignore[call-overload]
-            if i in todo:
-                todo.remove(i)
-            out.append((i, slot, None, _portable(err)))
+            gens[k] = None  # type: ignore[call-overload]
+            if k in todo:
+                todo.remove(k)
+            out.append((i, w, slot, None, _portable(err)))
         else:
             meta = slots.meta(buf, block.data)
             block.data = {}
-            out.append((i, slot, block, meta))
+            out.append((i, w, slot, block, meta))
             rows += block.size
         # Hand over in batches, but do not sit on a batch's worth of rows the trainer may be
         # waiting for.
@@ -249,7 +263,7 @@ class WorkerPool:
         self._conns: list[Any] = []
         self._procs: list[Any] = []
         self._ready: list[list[deque]] = [[deque() for _ in streams] for _ in range(num_workers)]
-        self._credits: list[list[tuple[int, int]]] = [[] for _ in range(num_workers)]
+        self._credits: list[list[tuple[int, int, int]]] = [[] for _ in range(num_workers)]
         self._views: dict[tuple[str, tuple], np.ndarray] = {}
         for w in range(num_workers):
             here, there = ctx.Pipe()
@@ -264,18 +278,19 @@ class WorkerPool:
         _OPEN.add(self)
 
     def next_block(self, source: int, worker: int) -> Block:
-        """Worker `worker`'s next block of `source`; its data are views of shared memory, valid
+        """Reader `worker`'s next block of `source`; its data are views of shared memory, valid
         until `release`; `block.at` holds each field's byte offset in `buffer`."""
         ready = self._ready[worker][source]
+        process = process_of(source, worker, len(self._procs))
         while not ready:
             self.flush()  # the credits the worker may be waiting for
             try:
-                batch = self._conns[worker].recv()
+                batch = self._conns[process].recv()
             except EOFError:
-                code = self._procs[worker].exitcode
-                raise RuntimeError(f"data worker {worker} died (exit code {code})") from None
-            for i, slot, block, meta in batch:
-                self._ready[worker][i].append((slot, block, meta))
+                code = self._procs[process].exitcode
+                raise RuntimeError(f"data worker {process} died (exit code {code})") from None
+            for i, w, slot, block, meta in batch:
+                self._ready[w][i].append((slot, block, meta))
         slot, block, meta = ready.popleft()
         if block is None:
             raise meta
@@ -288,7 +303,7 @@ class WorkerPool:
         """Give the block's slot back to its worker (its data must no longer be used); the
         credit is sent with the others by `flush` (or before waiting for a block)."""
         block.data = {}
-        self._credits[block.worker].append((source, block.slot))
+        self._credits[process_of(source, block.worker, len(self._procs))].append((source, block.worker, block.slot))
 
     def flush(self) -> None:
         """Send the released slots back to their workers, one message per worker."""
