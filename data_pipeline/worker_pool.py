@@ -34,7 +34,7 @@ import signal
 import sys
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,36 @@ def _round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
+class _SlotWriter:
+    """ShardStream's `out_buffer` for one slot: hands out each field's array in turn, at a
+    multiple of its row size (see _Slots), and remembers where it put them."""
+
+    def __init__(self, buf: mmap.mmap, at: int):
+        self.buf, self.at = buf, at
+        self.placed: dict[str, tuple[np.ndarray, int]] = {}
+
+    def __call__(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        start = _round_up(self.at, _unit(np.dtype(dtype).itemsize * math.prod(shape[1:])))
+        arr = np.ndarray(shape, dtype, buffer=self.buf, offset=start)
+        self.at = start + _round_up(arr.nbytes, ALIGN)
+        self.placed[name] = (arr, start)
+        return arr
+
+    def meta(self, data: dict[str, np.ndarray]) -> list[tuple]:
+        """Where the block's arrays lie in the buffer, for `_Slots.read` in the trainer."""
+        out = []
+        for name, arr in data.items():
+            got = self.placed.get(name)
+            if got is not None and got[0] is arr:
+                at = got[1]
+            elif arr.size == 0:
+                at = 0  # an empty block has nothing to point at
+            else:
+                raise RuntimeError(f"field '{name}' of a block is not in the worker's shared slot")
+            out.append((name, arr.dtype.str, arr.shape, at))
+        return out
+
+
 class _Slots:
     """Where each (source, slot) block lives in a reader's region of the shared buffer.
 
@@ -113,30 +143,10 @@ class _Slots:
             at += prefetch * size
         self.total = _round_up(max(at, ALIGN), math.lcm(*units))
 
-    def writer(self, buf: mmap.mmap, base: int, source: int, slot: int) -> Callable[[str, tuple, np.dtype], np.ndarray]:
+    def writer(self, buf: mmap.mmap, base: int, source: int, slot: int) -> _SlotWriter:
         """An `out_buffer` for ShardStream: each field's array laid out in the slot in turn
         (`base`: the reader's region)."""
-        at = [base + self.offsets[source][slot]]
-
-        def out(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
-            row = np.dtype(dtype).itemsize * int(np.prod(shape[1:], dtype=np.int64))
-            start = _round_up(at[0], _unit(row))
-            arr = np.ndarray(shape, dtype, buffer=buf, offset=start)
-            at[0] = start + _round_up(arr.nbytes, ALIGN)
-            return arr
-
-        return out
-
-    def meta(self, buf: mmap.mmap, data: dict[str, np.ndarray]) -> list[tuple]:
-        """Where the block's arrays (views of `buf`) lie, for `read` in the trainer."""
-        base = np.frombuffer(buf, np.uint8).ctypes.data
-        out = []
-        for name, arr in data.items():
-            at = arr.ctypes.data - base if arr.size else 0  # an empty block has nothing to point at
-            if not 0 <= at < len(buf):
-                raise RuntimeError(f"field '{name}' of a block is not in the worker's shared slot")
-            out.append((name, arr.dtype.str, arr.shape, at))
-        return out
+        return _SlotWriter(buf, base + self.offsets[source][slot])
 
     @staticmethod
     def read(buf: mmap.mmap, meta: list[tuple]) -> dict[str, np.ndarray]:
@@ -214,7 +224,7 @@ def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tup
         if free[k]:
             todo.append(k)  # round robin: its next block after the other pairs' next ones
         i, w = pairs[k]
-        streams[i].out_buffer = slots.writer(buf, w * slots.total, i, slot)  # the block is gathered into the slot
+        writer = streams[i].out_buffer = slots.writer(buf, w * slots.total, i, slot)  # the block is gathered into the slot
         try:
             block = next(gens[k])
         except BaseException as err:  # noqa: BLE001 - raised in the trainer instead
@@ -223,7 +233,7 @@ def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tup
                 todo.remove(k)
             out.append((i, w, slot, None, _portable(err)))
         else:
-            meta = slots.meta(buf, block.data)
+            meta = writer.meta(block.data)
             block.data = {}
             out.append((i, w, slot, block, meta))
             rows += block.size
