@@ -2,10 +2,14 @@
 
 - `SourceCursor`: how far the *trainer* has read one source on one rank — per local reader
   the position of the blocks it consumed (prefetched blocks are not counted), which reader's
-  block comes next and how much of it was used; `take(n)` returns the next n samples.
+  block comes next and how much of it was used; `pieces(n)` names the next n samples as rows
+  of blocks, `take(n)` returns them as arrays.
 - `MultiSourceLoader(cfg, rank, world_size)`: `next_batch(counts)` takes counts[i] samples from
   source i and builds a `Batch`. Blocks come from `worker_pool`: in-process (data.num_workers
-  0) or from num_workers processes per rank shared by every source.
+  0) or from num_workers processes per rank shared by every source. With the pool, every
+  source's block in hand is also kept as arrays (`HeadRows`), so a step whose rows lie inside
+  those blocks costs a few array operations over all sources and one gather per field
+  (`BatchBuilder.gather_spans`), not Python work per source: 64 sources step about as fast as 1.
 
 State: `state_dict()` holds, per source, this rank's cursor (exact resume with the same world
 size and workers) and the consumed part of each epoch's global order over *all* ranks
