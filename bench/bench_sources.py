@@ -11,7 +11,9 @@ layout in a fresh process (so memory is its own), builds a `MultiSourceLoader` w
   batch: 64 sources read 64 first windows where 1 source reads one);
 - memory per rank: proportional set size (PSS; shared pages split between the processes that
   map them) of the training process plus its workers, after the steady phase;
-- steady samples/s over the following batches.
+- steady samples/s over the following batches, and the CPU time per sample of the training
+  process and its workers together over them (the steady rate where the rank has its cores to
+  itself; on a shared machine the wall rate depends on the others' load more than on ours).
 Prints the 64-source / 1-source ratios (goals: first step <= 2x, memory <= 1.5x, samples/s >= 0.8x),
 the median over repetitions, the two layouts interleaved.
 """
@@ -60,6 +62,12 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid`."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(dirs: list[str], workers: int, seconds: float, launched: float) -> dict:
     """Run in a fresh process: time to first step, steady samples/s, PSS of rank + workers."""
     import torch
@@ -81,16 +89,18 @@ def measure(dirs: list[str], workers: int, seconds: float, launched: float) -> d
     loader.next_batch(counts)
     first = time.perf_counter() - t0
     since_launch = time.time() - launched
+    pids = [os.getpid()] + [p.pid for p in getattr(loader._blocks, "_procs", [])]
+    cpu0 = sum(cpu_s(p) for p in pids)
     t0, steps = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         loader.next_batch(counts)
         steps += 1
     rate = steps * BATCH / (time.perf_counter() - t0)
-    pids = [os.getpid()] + [p.pid for p in getattr(loader._blocks, "_procs", [])]
+    cpu_ns = (sum(cpu_s(p) for p in pids) - cpu0) / (steps * BATCH) * 1e9
     memory = sum(pss_kib(p) for p in pids) / 1024
     loader.close()
     return {"first_step_s": since_launch, "loader_first_s": first, "samples_per_s": rate, "pss_mib": memory,
-            "processes": len(pids)}
+            "processes": len(pids), "cpu_ns": cpu_ns}
 
 
 def main() -> None:
@@ -116,14 +126,16 @@ def main() -> None:
                 results[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in results.items()}
     print(f"{args.samples:,} samples, {args.workers} workers per rank, batch {BATCH} spread evenly; median of {args.repeats}")
-    print(f"{'sources':>7} {'first step':>11} {'(loader)':>9} {'samples/s':>12} {'PSS rank+workers':>17} {'processes':>9}")
+    print(f"{'sources':>7} {'first step':>11} {'(loader)':>9} {'samples/s':>12} {'CPU ns/sample':>14} "
+          f"{'PSS rank+workers':>17} {'processes':>9}")
     for k in (1, 64):
         m = med[k]
         print(f"{k:>7} {m['first_step_s']:>10.2f}s {m['loader_first_s']:>8.2f}s {m['samples_per_s']:>12,.0f} "
-              f"{m['pss_mib']:>13.0f} MiB {int(m['processes']):>9}")
+              f"{m['cpu_ns']:>14,.0f} {m['pss_mib']:>13.0f} MiB {int(m['processes']):>9}")
     r = {m: med[64][m] / med[1][m] for m in med[1]}
     print(f"64 / 1 sources: first step {r['first_step_s']:.2f}x (goal <= 2x; loader alone {r['loader_first_s']:.1f}x), "
-          f"memory {r['pss_mib']:.2f}x (goal <= 1.5x), samples/s {r['samples_per_s']:.2f}x (goal >= 0.8x)")
+          f"memory {r['pss_mib']:.2f}x (goal <= 1.5x), samples/s {r['samples_per_s']:.2f}x (goal >= 0.8x); "
+          f"CPU per sample {1 / r['cpu_ns']:.2f}x as efficient (samples/s on a machine to itself)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,24 @@ if TYPE_CHECKING:
     from manytask.config import Config
     from manytask.data_pipeline.sources import Sources
 
+# (block, lo, hi): rows lo..hi-1 of a block's arrays (a `stream.Block`: `data`, `at`, `rows`).
+Piece = tuple[Any, int, int]
+# Up to this many spans a batch is joined from slices; beyond, gathered by index (see gather_spans).
+FEW_SPANS = 4
+
+
+@dataclass
+class Spans:
+    """A batch's rows as spans of blocks, in batch order (sources in recipe order): span k is
+    rows lo[k]..lo[k]+n[k]-1 of blocks[k], a block of source source[k]; rows[k]: where each
+    gatherable output's rows of that block start in the pool's row views (-1: copy them)."""
+
+    source: np.ndarray  # [spans] int64
+    lo: np.ndarray  # [spans] int64
+    n: np.ndarray  # [spans] int64
+    rows: np.ndarray  # [spans, gatherable outputs] int64
+    blocks: list[Any]
+
 
 @dataclass
 class Batch:
@@ -68,7 +86,21 @@ class BatchBuilder:
         # per output (input field or task): each source's field for it, or None
         self.input_of = {f: [f if f in s.inputs else None for s in cfg.data.sources] for f in self.inputs}
         self.label_of = {t: [s.labels.get(t) for s in cfg.data.sources] for t in self.labels}
+        self.labelled = {t: np.array([f is not None for f in fs], bool) for t, fs in self.label_of.items()}
         self.pin = torch.cuda.is_available()
+        # Outputs every source holds with the recipe's dtype and shape: `gather_spans` takes
+        # their rows from a worker pool's buffer in one call.
+        self.specs = {**self.inputs, **self.labels}
+        self.field_of = {**self.input_of, **self.label_of}
+        self.gatherable = [
+            name for name, spec in self.specs.items()
+            if all(m is not None and f is not None and f in m.fields
+                   and np.dtype(m.fields[f].dtype) == np.dtype(spec.dtype)
+                   and tuple(m.fields[f].shape) == tuple(spec.shape)
+                   for m, f in zip(sources.manifests, self.field_of[name]))
+        ]
+        self.all_gatherable = len(self.gatherable) == len(self.specs)
+        self._views: tuple[Any, dict] = (None, {})
 
     def fields(self, i: int) -> list[str]:
         """The fields source i's batches need (its inputs and label fields)."""
@@ -80,30 +112,129 @@ class BatchBuilder:
         if rows is None:
             rows = [_rows(p) if p is not None else 0 for p in parts]
         present = [(i, p, n) for i, (p, n) in enumerate(zip(parts, rows)) if n > 0]
-        sizes = [n for _, _, n in present]
-        total = sum(sizes)
-        inputs = {name: _stack(spec, present, total, self.input_of[name]) for name, spec in self.inputs.items()}
+        stack = lambda name, spec, field_of: _stack(spec, present, sum(rows), field_of)  # noqa: E731
+        return self._assemble([i for i, _, n in present], [n for _, _, n in present], stack)
+
+    def gather(self, pieces: list[list[Piece]], counts: list[int], pool: Any = None) -> Batch:
+        """The Batch of counts[i] rows of source i, given as pieces (block, lo, hi): rows
+        lo..hi-1 of a block's arrays, in order. With a worker `pool` whose buffer holds the
+        blocks (see worker_pool) and every output gatherable, see `gather_spans`; otherwise
+        the pieces are joined field by field."""
+        flat = [(i, p) for i, n in enumerate(counts) if n > 0 for p in pieces[i]]
+        if pool is not None and self.all_gatherable:
+            spans = Spans(
+                np.array([i for i, _ in flat], np.int64),
+                np.array([lo for _, (_, lo, _) in flat], np.int64),
+                np.array([hi - lo for _, (_, lo, hi) in flat], np.int64),
+                np.array([self.block_rows(i, b) for i, (b, _, _) in flat], np.int64).reshape(len(flat), -1),
+                [b for _, (b, _, _) in flat],
+            )
+            return self.gather_spans(spans, counts, pool)
+        present = [i for i, n in enumerate(counts) if n > 0]
+
+        def stack(name: str, spec: FieldSpec, field_of: list[str | None]) -> torch.Tensor:
+            out = _empty(spec, sum(counts))
+            arrays = [
+                block.data[f][lo:hi] if (f := field_of[i]) is not None else np.zeros((hi - lo, *spec.shape), spec.dtype)
+                for i, (block, lo, hi) in flat
+            ]
+            if arrays:
+                np.concatenate(arrays, out=out.numpy(), casting="same_kind")
+            return out
+
+        return self._assemble(present, [counts[i] for i in present], stack)
+
+    def gather_spans(self, spans: Spans, counts: list[int], pool: Any) -> Batch:
+        """The Batch whose rows are `spans` in order (their sources in recipe order, counts[i]
+        rows of source i), each output taken by one `np.take` from the pool's row view of its
+        kind, whatever the number of sources; spans not in the buffer (rows -1) are copied.
+        A few spans are joined as slices instead (cheaper than building an index)."""
+        n = spans.n
+        if len(n) <= FEW_SPANS:
+            pieces: list[list[Piece]] = [[] for _ in counts]
+            for i, lo, k, block in zip(spans.source.tolist(), spans.lo.tolist(), n.tolist(), spans.blocks):
+                pieces[i].append((block, lo, lo + k))
+            return self.gather(pieces, counts)
+        start = np.cumsum(n) - n  # each span's first row in the batch
+        first = spans.lo - start
+        total = int(start[-1] + n[-1])
+        ramp = np.arange(total, dtype=np.int64)
+        copied = np.flatnonzero(spans.rows[:, 0] < 0).tolist()
+        views = self._views_of(pool)
+
+        def stack(name: str, spec: FieldSpec, field_of: list[str | None]) -> torch.Tensor:
+            out = _empty(spec, total)
+            j, view = views[name]
+            idx = np.repeat(spans.rows[:, j] + first, n)
+            idx += ramp
+            np.take(view, idx, axis=0, out=out.numpy(), mode="clip")
+            for k in copied:  # a piece copied out of the buffer, or a block not laid out for this
+                at, lo, rows = int(start[k]), int(spans.lo[k]), int(n[k])
+                out.numpy()[at : at + rows] = spans.blocks[k].data[field_of[int(spans.source[k])]][lo : lo + rows]
+            return out
+
+        c = np.asarray(counts, np.int64)
+        present = np.flatnonzero(c)
+        return self._assemble(present, c[present], stack)
+
+    def _views_of(self, pool: Any) -> dict[str, tuple[int, np.ndarray]]:
+        """Per gatherable output: (its column in Spans.rows, the pool's row view of its kind)."""
+        if self._views[0] is not pool:
+            self._views = (pool, {name: (j, pool.rows(self.specs[name].dtype, self.specs[name].shape))
+                                  for j, name in enumerate(self.gatherable)})
+        return self._views[1]
+
+    def block_rows(self, source: int, block: Any) -> tuple[int, ...]:
+        """Where each gatherable output's rows of `block` (of source `source`) start in the
+        pool's row view of its kind (cached on the block); all -1 when the block is not in the
+        shared buffer or not laid out for it (then its rows are copied)."""
+        rows = block.rows
+        if rows is None:
+            rows = []
+            for name in self.gatherable:
+                spec = self.specs[name]
+                f = self.field_of[name][source]
+                at, arr = block.at.get(f), block.data.get(f)
+                row = np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape, dtype=np.int64))
+                if at is None or arr is None or arr.dtype != np.dtype(spec.dtype) or arr.shape[1:] != tuple(spec.shape) or at % row:
+                    rows = [-1] * len(self.gatherable)
+                    break
+                rows.append(at // row)
+            rows = block.rows = tuple(rows)
+        return rows
+
+    def _assemble(self, present: Any, sizes: Any, stack: Any) -> Batch:
+        """The Batch, given the present sources (recipe order), their row counts, and
+        stack(name, spec, field_of) -> tensor [total, ...] of one input field or label."""
+        total = int(np.sum(sizes))
+        inputs = {name: stack(name, spec, self.input_of[name]) for name, spec in self.inputs.items()}
         labels, masks = {}, {}
         for task, spec in self.labels.items():
-            fields = self.label_of[task]
-            y = _stack(spec, present, total, fields)
-            has = np.repeat([fields[i] is not None for i, _, _ in present], sizes).astype(bool)
+            y = stack(task, spec, self.label_of[task])
+            has = np.repeat(self.labelled[task][present], sizes) if len(present) else np.zeros(0, bool)
             labels[task], masks[task] = y, torch.from_numpy(_clean_label(y.numpy(), has))
         ids = torch.empty(total, dtype=torch.long)
-        ids.numpy()[:] = np.repeat([i for i, _, _ in present], sizes)
+        if len(present):
+            ids.numpy()[:] = np.repeat(np.asarray(present, np.int64), sizes)
         batch = Batch(inputs, labels, masks, ids)
         return batch.pin_memory() if self.pin else batch
+
 
 def _rows(part: dict[str, Any]) -> int:
     return int(next(iter(part.values())).shape[0]) if part else 0
 
 
+def _empty(spec: FieldSpec, total: int) -> torch.Tensor:
+    """A fresh tensor [total, ...] for one field. Always a fresh torch allocation, never a view
+    into a block: a view's offset (and so its alignment) depends on where a resumed stream's
+    first block starts, which changes SIMD reduction order and the last bit of a loss."""
+    return torch.from_numpy(np.empty(0, spec.dtype)).new_empty((total, *spec.shape))
+
+
 def _stack(spec: FieldSpec, present: list, total: int, field_of: list[str | None]) -> torch.Tensor:
     """One fresh tensor [total, ...] from the present sources' fields (`field_of[source]`;
-    zeros where None). Always a fresh torch allocation, never a view into a block: a view's
-    offset (and so its alignment) depends on where a resumed stream's first block starts,
-    which changes SIMD reduction order and the last bit of a loss."""
-    out = torch.from_numpy(np.empty(0, spec.dtype)).new_empty((total, *spec.shape))
+    zeros where None)."""
+    out = _empty(spec, total)
     pieces = [p[f] if (f := field_of[i]) is not None else np.zeros((n, *spec.shape), spec.dtype) for i, p, n in present]
     if pieces:
         np.concatenate(pieces, out=out.numpy(), casting="same_kind")

@@ -71,6 +71,9 @@ class Block:
     slot_ends: None when every position of the block has its row; else, for each row (the
             left-out ones included), how many positions of the block end with it (corrupt
             positions skipped in between count) — how far a partly consumed block has gone.
+    slot, at: in a worker pool, the block's slot and each field's byte offset in the pool's
+            shared buffer (set by `WorkerPool.next_block`).
+    rows:   the batch builder's note of where its outputs' rows start in that buffer.
     """
 
     worker: int
@@ -80,6 +83,9 @@ class Block:
     size: int
     data: dict[str, Any]
     slot_ends: np.ndarray | None = None
+    slot: int = -1
+    at: dict[str, int] = field(default_factory=dict)
+    rows: tuple[int, ...] | None = None
 
     def positions_consumed(self, rows: int) -> int:
         """Positions of this block used up by its first `rows` rows (the offset included)."""

@@ -2,13 +2,21 @@
 
 `InProcessBlocks`: one reader per source, read in the training process (data.num_workers 0).
 
-`WorkerPool`: `num_workers` processes per rank, however many sources there are. Worker w is
-reader w of this rank for every source; it reads ahead up to `prefetch` blocks per source,
-taking the sources in turn, and writes each block into its own shared-memory slot (an
-anonymous shared mmap made before the fork), so a block reaches the trainer as one memcpy out
-of shared memory instead of a pickle through a pipe. A pipe per worker carries only the
-block's header one way and the freed slot ("credit") back. Memory is bounded by
-workers x sources x prefetch x block bytes; the pages of slots never used are never touched.
+`WorkerPool`: `num_workers` processes per rank, however many sources there are. The rank has
+num_workers readers per source (see stream.py); process `process_of(source, reader)` reads
+that reader's blocks of that source, up to `prefetch` ahead, taking its (source, reader) pairs
+in turn, and writes each block into its own slot of one shared buffer (an anonymous shared
+mmap made before the fork, a region per reader), so a block reaches the
+trainer as one copy out of shared memory instead of a pickle through a pipe. A pipe per
+worker carries only the blocks' headers one way and the freed slots ("credits") back, both
+in batches: with many sources a step frees and a worker fills many slots at once, and one
+message each way instead of one per block spares the system calls and, on a loaded machine,
+the wake-ups that each wait for a core. Memory is bounded by workers x sources x prefetch x
+block bytes; the pages of slots never used are never touched.
+
+Each field's array in a slot starts at a multiple of its row size (`_Slots.unit`), so the
+trainer can view the whole buffer as rows of that field (`WorkerPool.rows`) and gather a
+step's rows of every source with one `np.take` per field (`batch.BatchBuilder.gather`).
 
 Errors in a worker (a corrupt shard, say) travel to the trainer with the block they replace and
 are raised there, naming the shard and key as in-process reading would.
@@ -17,6 +25,8 @@ are raised there, naming the shard and key as in-process reading would.
 from __future__ import annotations
 
 import atexit
+import functools
+import math
 import mmap
 import multiprocessing as mp
 import pickle
@@ -24,7 +34,7 @@ import signal
 import sys
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,6 +42,11 @@ import numpy as np
 from manytask.data_pipeline.stream import Block, Position, ShardStream
 
 ALIGN = 64
+# A worker sends its blocks' headers once it has this many blocks or rows (or nothing more to read).
+BATCH_BLOCKS = 16
+BATCH_ROWS = 4096
+# Bytes of freed memory a worker keeps for reuse (see _worker_setup).
+WORKER_HEAP_KEEP = 16 << 20
 
 
 def _align(n: int) -> int:
@@ -52,47 +67,86 @@ class InProcessBlocks:
     def release(self, source: int, block: Block) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         for g in self._gens:
             g.close()
         self._gens = []
 
 
-class _Slots:
-    """Where each (source, slot) block lives in a worker's shared buffer."""
+@functools.cache
+def _unit(row_bytes: int) -> int:
+    """Where an array of rows of `row_bytes` may start: a multiple of the row size (so the
+    buffer viewed as such rows holds it at a whole row) and of ALIGN (for SIMD), unless that
+    common multiple is unreasonably large (the trainer then copies such a field piece by piece)."""
+    unit = math.lcm(ALIGN, max(1, row_bytes))
+    return unit if unit <= 64 * ALIGN else ALIGN
 
-    def __init__(self, streams: list[ShardStream], prefetch: int):
-        self.fields = [list(s.fields.items()) for s in streams]
-        self.offsets: list[list[int]] = []
-        at = 0
-        for s in streams:
-            row = sum(_align(np.dtype(i.dtype).itemsize * int(np.prod(i.shape, dtype=np.int64))) for i in s.fields.values())
-            size = _align(row * s.block_size + ALIGN * len(s.fields))
-            self.offsets.append([at + k * size for k in range(prefetch)])
-            at += prefetch * size
-        self.total = max(at, ALIGN)
 
-    def writer(self, buf: mmap.mmap, source: int, slot: int) -> Callable[[str, tuple, np.dtype], np.ndarray]:
-        """An `out_buffer` for ShardStream: each field's array laid out in the slot in turn."""
-        at = [self.offsets[source][slot]]
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
 
-        def out(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
-            arr = np.ndarray(shape, dtype, buffer=buf, offset=at[0])
-            at[0] += _align(arr.nbytes)
-            return arr
 
-        return out
+class _SlotWriter:
+    """ShardStream's `out_buffer` for one slot: hands out each field's array in turn, at a
+    multiple of its row size (see _Slots), and remembers where it put them."""
 
-    def meta(self, buf: mmap.mmap, data: dict[str, np.ndarray]) -> list[tuple]:
-        """Where the block's arrays (views of `buf`) lie, for `read` in the trainer."""
-        base = np.frombuffer(buf, np.uint8).ctypes.data
+    def __init__(self, buf: mmap.mmap, at: int):
+        self.buf, self.at = buf, at
+        self.placed: dict[str, tuple[np.ndarray, int]] = {}
+
+    def __call__(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        start = _round_up(self.at, _unit(np.dtype(dtype).itemsize * math.prod(shape[1:])))
+        arr = np.ndarray(shape, dtype, buffer=self.buf, offset=start)
+        self.at = start + _round_up(arr.nbytes, ALIGN)
+        self.placed[name] = (arr, start)
+        return arr
+
+    def meta(self, data: dict[str, np.ndarray]) -> list[tuple]:
+        """Where the block's arrays lie in the buffer, for `_Slots.read` in the trainer."""
         out = []
         for name, arr in data.items():
-            at = arr.ctypes.data - base if arr.size else 0  # an empty block has nothing to point at
-            if not 0 <= at < len(buf):
+            got = self.placed.get(name)
+            if got is not None and got[0] is arr:
+                at = got[1]
+            elif arr.size == 0:
+                at = 0  # an empty block has nothing to point at
+            else:
                 raise RuntimeError(f"field '{name}' of a block is not in the worker's shared slot")
             out.append((name, arr.dtype.str, arr.shape, at))
         return out
+
+
+class _Slots:
+    """Where each (source, slot) block lives in a reader's region of the shared buffer.
+
+    A region is `total` bytes; reader w's region starts at w * total. Every field array of a
+    slot starts at a multiple of `_unit(its row bytes)`, and `total` is a multiple of every
+    unit, so that holds in every reader's region too.
+    """
+
+    def __init__(self, streams: list[ShardStream], prefetch: int):
+        self.offsets: list[list[int]] = []
+        units = [ALIGN]
+        at = 0
+        for s in streams:
+            size = 0
+            for info in s.fields.values():
+                row = np.dtype(info.dtype).itemsize * int(np.prod(info.shape, dtype=np.int64))
+                unit = _unit(row)
+                units.append(unit)
+                size += _round_up(row * s.block_size, ALIGN) + unit  # the array and its start's padding
+            size = _round_up(size, ALIGN)
+            self.offsets.append([at + k * size for k in range(prefetch)])
+            at += prefetch * size
+        self.total = _round_up(max(at, ALIGN), math.lcm(*units))
+
+    def writer(self, buf: mmap.mmap, base: int, source: int, slot: int) -> _SlotWriter:
+        """An `out_buffer` for ShardStream: each field's array laid out in the slot in turn
+        (`base`: the reader's region)."""
+        return _SlotWriter(buf, base + self.offsets[source][slot])
 
     @staticmethod
     def read(buf: mmap.mmap, meta: list[tuple]) -> dict[str, np.ndarray]:
@@ -111,11 +165,14 @@ def _worker_setup() -> None:
         PR_SET_PDEATHSIG = 1
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        # A worker's big allocations are window payloads read once: give them back on free
-        # (the trainer's keep_freed_memory, inherited through fork, would keep every one).
+        # A worker's allocations are window payloads, freed and allocated again window after
+        # window: keep them on the heap for reuse (a fresh mmap per window, glibc's default
+        # above 128 KiB, costs a page fault per 4 KiB and made reading 2-3x slower), but not
+        # the trainer's keep_freed_memory (up to 1 GiB, inherited through fork): beyond 16 MiB
+        # allocations are mapped and given back, and so is free heap beyond 16 MiB.
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, WORKER_HEAP_KEEP)
+        libc.mallopt(M_TRIM_THRESHOLD, WORKER_HEAP_KEEP)
 
 
 def _portable(err: BaseException) -> BaseException:
@@ -126,34 +183,65 @@ def _portable(err: BaseException) -> BaseException:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def _worker_main(worker: int, streams: list[ShardStream], starts: list[list[tuple[Position, int]]],
+def process_of(source: int, reader: int, processes: int) -> int:
+    """The worker process that reads `reader`'s blocks of `source`. Spread by source as well as
+    by reader: when the trainer uses the sources evenly, all of them move from one reader's
+    block to the next reader's in the same step; were reader w always process w, one process
+    would then refill every source's slots while the other sat idle."""
+    return (source + reader) % processes
+
+
+def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tuple[Position, int]]],
                  conn: Any, buf: mmap.mmap, slots: _Slots, prefetch: int) -> None:
     _worker_setup()
-    n = len(streams)
-    gens = [s.blocks(worker, *st[worker]) for s, st in zip(streams, starts)]
-    free = [deque(range(prefetch)) for _ in range(n)]
-    failed = [False] * n
-    turn = 0
+    readers = len(starts[0]) if starts else 0
+    # The (source, reader) pairs this process reads, each with its own blocks and slots.
+    pairs = [(i, w) for i in range(len(streams)) for w in range(readers) if process_of(i, w, readers) == process]
+    index = {pair: k for k, pair in enumerate(pairs)}
+    gens = [streams[i].blocks(w, *starts[i][w]) for i, w in pairs]
+    free = [deque(range(prefetch)) for _ in pairs]
+    # Pairs with a free slot, in the order they are to be read; a failed pair leaves it.
+    todo = deque(range(len(pairs)))
+    out: list[tuple] = []  # read, not yet sent
+    rows = 0  # rows in `out`
     while True:
-        # Take the credits sent back; wait for one when every source is full (or failed).
-        while conn.poll() or not any(free[i] and not failed[i] for i in range(n)):
+        # Take the credits sent back (each message a list of (source, reader, slot)); wait for
+        # one when every slot is full, after handing over what was read.
+        while conn.poll() or not todo:
+            if out and not conn.poll():
+                conn.send(out)
+                out, rows = [], 0
             msg = conn.recv()
             if msg is None:
                 return
-            free[msg[0]].append(msg[1])
-        i = next(k % n for k in range(turn, turn + n) if free[k % n] and not failed[k % n])
-        turn = i + 1
-        slot = free[i].popleft()
-        streams[i].out_buffer = slots.writer(buf, i, slot)  # the block is gathered into the slot
+            for i, w, slot in msg:
+                k = index[i, w]
+                if not free[k] and gens[k] is not None:
+                    todo.append(k)
+                free[k].append(slot)
+        k = todo.popleft()
+        slot = free[k].popleft()
+        if free[k]:
+            todo.append(k)  # round robin: its next block after the other pairs' next ones
+        i, w = pairs[k]
+        writer = streams[i].out_buffer = slots.writer(buf, w * slots.total, i, slot)  # the block is gathered into the slot
         try:
-            block = next(gens[i])
+            block = next(gens[k])
         except BaseException as err:  # noqa: BLE001 - raised in the trainer instead
-            failed[i] = True
-            conn.send((i, slot, None, _portable(err)))
-            continue
-        meta = slots.meta(buf, block.data)
-        block.data = {}
-        conn.send((i, slot, block, meta))
+            gens[k] = None  # type: ignore[call-overload]
+            if k in todo:
+                todo.remove(k)
+            out.append((i, w, slot, None, _portable(err)))
+        else:
+            meta = writer.meta(block.data)
+            block.data = {}
+            out.append((i, w, slot, block, meta))
+            rows += block.size
+        # Hand over in batches, but do not sit on a batch's worth of rows the trainer may be
+        # waiting for.
+        if rows >= BATCH_ROWS or len(out) >= BATCH_BLOCKS or not todo or conn.poll():
+            conn.send(out)
+            out, rows = [], 0
 
 
 # Pools still open at interpreter exit are closed first: multiprocessing's exit hook joins
@@ -179,51 +267,74 @@ class WorkerPool:
 
     def __init__(self, streams: list[ShardStream], starts: list[list[tuple[Position, int]]],
                  num_workers: int, prefetch: int = 2):
-        ctx = mp.get_context("fork")  # the shared buffers are inherited, not re-created
+        ctx = mp.get_context("fork")  # the shared buffer is inherited, not re-created
         self.slots = _Slots(streams, prefetch)
-        self._bufs: list[mmap.mmap] = []
+        self.buffer = mmap.mmap(-1, self.slots.total * num_workers)  # MAP_SHARED | MAP_ANONYMOUS
         self._conns: list[Any] = []
         self._procs: list[Any] = []
         self._ready: list[list[deque]] = [[deque() for _ in streams] for _ in range(num_workers)]
+        self._credits: list[list[tuple[int, int, int]]] = [[] for _ in range(num_workers)]
+        self._views: dict[tuple[str, tuple], np.ndarray] = {}
         for w in range(num_workers):
-            buf = mmap.mmap(-1, self.slots.total)  # MAP_SHARED | MAP_ANONYMOUS
             here, there = ctx.Pipe()
             proc = ctx.Process(
-                target=_worker_main, args=(w, streams, starts, there, buf, self.slots, prefetch),
+                target=_worker_main, args=(w, streams, starts, there, self.buffer, self.slots, prefetch),
                 name=f"manytask-reader-{w}", daemon=True,
             )
             proc.start()
             there.close()
-            self._bufs.append(buf)
             self._conns.append(here)
             self._procs.append(proc)
         _OPEN.add(self)
 
     def next_block(self, source: int, worker: int) -> Block:
-        """Worker `worker`'s next block of `source`; its data are views of shared memory, valid
-        until `release`."""
+        """Reader `worker`'s next block of `source`; its data are views of shared memory, valid
+        until `release`; `block.at` holds each field's byte offset in `buffer`."""
         ready = self._ready[worker][source]
+        process = process_of(source, worker, len(self._procs))
         while not ready:
+            self.flush()  # the credits the worker may be waiting for
             try:
-                i, slot, block, meta = self._conns[worker].recv()
+                batch = self._conns[process].recv()
             except EOFError:
-                code = self._procs[worker].exitcode
-                raise RuntimeError(f"data worker {worker} died (exit code {code})") from None
-            self._ready[worker][i].append((slot, block, meta))
+                code = self._procs[process].exitcode
+                raise RuntimeError(f"data worker {process} died (exit code {code})") from None
+            for i, w, slot, block, meta in batch:
+                self._ready[w][i].append((slot, block, meta))
         slot, block, meta = ready.popleft()
         if block is None:
             raise meta
-        block.data = self.slots.read(self._bufs[worker], meta)
-        block.slot = slot  # type: ignore[attr-defined]
+        block.data = self.slots.read(self.buffer, meta)
+        block.at = {name: at for name, _, _, at in meta}
+        block.slot = slot
         return block
 
     def release(self, source: int, block: Block) -> None:
-        """Give the block's slot back to its worker (its data must no longer be used)."""
+        """Give the block's slot back to its worker (its data must no longer be used); the
+        credit is sent with the others by `flush` (or before waiting for a block)."""
         block.data = {}
-        try:
-            self._conns[block.worker].send((source, block.slot))  # type: ignore[attr-defined]
-        except (BrokenPipeError, OSError):
-            pass  # the worker is gone; next_block reports it
+        self._credits[process_of(source, block.worker, len(self._procs))].append((source, block.worker, block.slot))
+
+    def flush(self) -> None:
+        """Send the released slots back to their workers, one message per worker."""
+        for conn, credits in zip(self._conns, self._credits):
+            if credits:
+                try:
+                    conn.send(credits)
+                except (BrokenPipeError, OSError):
+                    pass  # the worker is gone; next_block reports it
+        self._credits = [[] for _ in self._conns]
+
+    def rows(self, dtype: np.dtype, shape: tuple) -> np.ndarray:
+        """The whole shared buffer as rows [n, *shape] of `dtype`: a block's field of that kind
+        starts at row `block.at[field] // row bytes` when that divides exactly (see _Slots)."""
+        key = (np.dtype(dtype).str, tuple(shape))
+        view = self._views.get(key)
+        if view is None:
+            row = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+            view = np.ndarray((len(self.buffer) // row, *shape), dtype, buffer=self.buffer)
+            self._views[key] = view
+        return view
 
     def close(self) -> None:
         """Stop the workers (they ignore SIGTERM, so a stuck one is killed)."""
@@ -239,5 +350,5 @@ class WorkerPool:
                 proc.join(timeout=5)
         for conn in self._conns:
             conn.close()
-        self._conns, self._procs, self._bufs = [], [], []
+        self._conns, self._procs, self._views = [], [], {}
         _OPEN.discard(self)
