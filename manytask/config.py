@@ -335,8 +335,9 @@ class Config:
         weighting_params(self.weighting, file)
 
     def _check_zero3(self, file: str | None) -> None:
-        """ZeRO-3 partitions every parameter across ranks: gradients with respect to the full
-        shared parameters (task affinity, GradNorm) do not exist on any one rank."""
+        """ZeRO-3 partitions every parameter across ranks. The weightings run there (their
+        per-task gradients are partitioned too: `trainer/weightings/sharded_gradients.py`), but
+        the task-affinity monitor runs its own forwards and reads full gradients."""
         zero = self.engine.deepspeed.get("zero_optimization", {})
         if self.engine.name != "deepspeed" or not isinstance(zero, dict) or zero.get("stage", 0) != 3:
             return
@@ -345,17 +346,6 @@ class Config:
                 f"'monitor.affinity_every' in {file}: task affinity needs per-task gradients of the "
                 "full shared parameters, which ZeRO stage 3 partitions across ranks; set "
                 "monitor.affinity_every=0 or engine.deepspeed.zero_optimization.stage <= 2"
-            )
-        from manytask.trainer.weightings import weighting_class
-
-        needs = weighting_class(self.weighting.name, file).gradients
-        if needs in ("shared", "last_layer"):
-            what = "the last shared layer" if needs == "last_layer" else "the shared parameters"
-            raise ConfigError(
-                f"'weighting.name' in {file}: {self.weighting.name} needs per-task gradients of "
-                f"{what}, which ZeRO stage 3 partitions across ranks; use a weighting without "
-                "gradients (equal, static, uncertainty, dwa, worst_case, rlw, famo, imtl_l) or mgda, "
-                "or engine.deepspeed.zero_optimization.stage <= 2"
             )
 
     @property

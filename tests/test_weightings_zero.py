@@ -133,3 +133,28 @@ def train_untrained(method: str) -> torch.Tensor:
     """The parameters before any step, laid out like `train`'s result."""
     model, weighting = Toy(), build_weighting(WeightingConfig(method), TASKS)
     return torch.cat([p.detach().reshape(-1) for p in [*model.parameters(), *weighting.parameters()]])
+
+
+@pytest.mark.parametrize("weighting", ["nash_mtl"])
+def test_trainer_runs_a_gram_method_under_zero3_like_zero2(tmp_path, demo_shards, weighting):
+    """The trainer's own path (DeepSpeedEngine.sharding into the weighting's context), with
+    gradient accumulation: under ZeRO-3 the first steps' losses and Nash-MTL's weights follow
+    ZeRO-2's, whose per-task gradients are whole on every rank."""
+    from conftest import small_recipe, torchrun
+
+    from manytask.trainer.logger import read_metrics
+
+    rows = {}
+    for stage in (2, 3):
+        recipe = small_recipe(tmp_path, demo_shards, f"zero{stage}", weighting={"name": weighting},
+                              engine={"name": "deepspeed", "deepspeed": {"zero_optimization": {"stage": stage}}},
+                              data={"num_workers": 0}, trainer={"max_steps": 4, "grad_accum": 2})
+        torchrun(recipe, timeout=300)
+        rows[stage] = [r for r in read_metrics(tmp_path / f"zero{stage}" / "run") if "train/loss" in r]
+    assert [r["step"] for r in rows[3]] == [r["step"] for r in rows[2]] == [1, 2, 3, 4]
+    keys = [k for k in rows[2][0] if k.startswith(("train/", "weights/"))]
+    assert any(k.startswith("weights/") for k in keys)
+    for r2, r3 in zip(rows[2], rows[3]):
+        for k in keys:
+            assert r3[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-6), (r2["step"], k)
+    assert rows[3][-1]["train/loss"] != pytest.approx(rows[3][0]["train/loss"], rel=1e-3)  # it trained
