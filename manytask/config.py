@@ -316,11 +316,14 @@ class Config:
         from manytask.trainer.weightings import weighting_class
 
         method = self.weighting.name
-        if self.engine.name == "deepspeed" and weighting_class(method, file).surgery:
+        zero = self.engine.deepspeed.get("zero_optimization", {})
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+        stages = weighting_class(method, file).deepspeed_stages
+        if self.engine.name == "deepspeed" and stage not in stages:
             raise ConfigError(
-                f"'weighting.name' in {file}: {method} rewrites the shared gradients between "
-                "backward and the optimizer step, which DeepSpeed's engine owns; use engine.name "
-                f"ddp (or auto) with {method}, or another weighting under DeepSpeed"
+                f"'weighting.name' in {file}: {method} runs under DeepSpeed only at ZeRO stages "
+                f"{', '.join(map(str, stages))}, not stage {stage} (why: trainer/weightings/{method}.py); "
+                f"use another engine.deepspeed.zero_optimization.stage, engine.name ddp, or another weighting"
             )
         self._check_zero3(file)
 

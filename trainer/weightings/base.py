@@ -114,7 +114,10 @@ class Weighting(torch.nn.Module):
 
     Params: type = NoParams  # each method's dataclass for `weighting.params`
     gradients: str = "none"
-    surgery: bool = False  # rewrites the shared `.grad` in before_step (refused under DeepSpeed)
+    surgery: bool = False  # rewrites the shared gradients in before_step (`SurgeryBuffer`)
+    # The DeepSpeed ZeRO stages the method runs under (checked at config time; each one is
+    # tested exact across ranks in tests/test_weightings_zero.py).
+    deepspeed_stages: tuple[int, ...] = (0, 1, 2, 3)
     state_fields: tuple[str, ...] = ()
 
     def __init__(self, tasks: dict[str, TaskConfig], params: Any = None) -> None:

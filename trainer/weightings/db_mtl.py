@@ -57,6 +57,8 @@ class DBMTLWeighting(Weighting):
     Params = DBMTLParams
     gradients = "shared"
     surgery = True
+    # not ZeRO-3: its running gradient buffer [T, P] is state every rank must hold whole
+    deepspeed_stages = (0, 1, 2)
     state_fields = ("buffer", "updates")
 
     def __init__(self, tasks, params: DBMTLParams | None = None) -> None:

@@ -234,8 +234,14 @@ class CoefficientWeighting(Weighting):
 
 
 class SurgeryBuffer:
-    """The shared direction a surgery method (`pcgrad`, `db_mtl`) writes into `.grad` after
-    the trainer's backward: summed over a step's micro-batches, written as their mean."""
+    """The shared direction a surgery method (`pcgrad`, `db_mtl`) writes into the gradients
+    after the trainer's backward: summed over a step's micro-batches, written as their mean.
+
+    Where it is written: `.grad` (single process, DDP); under DeepSpeed ZeRO-2 the engine's
+    partitioned gradient (`safe_set_full_grad`: each rank keeps its fragment); under ZeRO-3 the
+    direction is already this rank's partition (`TaskGradients.grads` is), written with
+    `safe_set_local_grad`.
+    """
 
     def __init__(self) -> None:
         self.params: list[torch.nn.Parameter] = []
@@ -252,15 +258,28 @@ class SurgeryBuffer:
 
     @torch.no_grad()
     def write(self) -> None:
-        """Replace the parameters' gradients by the mean direction `[P]`, in order."""
+        """Replace the parameters' gradients by the mean direction ([P], or under ZeRO-3 this
+        rank's partition [Σ_p ⌈n_p / R⌉]), in order."""
         if self.grad is None:
             return
         grad, offset = self.grad / self.micro, 0
         for p in self.params:
-            piece = grad[offset : offset + p.numel()].view_as(p).to(p.dtype)
-            if p.grad is None:
-                p.grad = piece.clone()
+            if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of p
+                from deepspeed.utils import safe_set_local_grad
+
+                size = p.ds_tensor.ds_numel
+                safe_set_local_grad(p, grad[offset : offset + size])
+            elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2: the engine keeps p's fragment
+                from deepspeed.utils import safe_set_full_grad
+
+                size = p.numel()
+                safe_set_full_grad(p, grad[offset : offset + size].view_as(p).float())
             else:
-                p.grad.copy_(piece)
-            offset += p.numel()
+                size = p.numel()
+                piece = grad[offset : offset + size].view_as(p).to(p.dtype)
+                if p.grad is None:
+                    p.grad = piece.clone()
+                else:
+                    p.grad.copy_(piece)
+            offset += size
         self.grad, self.micro, self.step = None, 0, None
