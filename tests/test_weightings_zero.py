@@ -10,6 +10,7 @@ gradient, and the Gram matrix is the sum of the partitions' partial products.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -56,9 +57,12 @@ def train_zero(method: str, stage: int, rank: int, all_reduce_mean) -> torch.Ten
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    # Buckets sized for the toy: DeepSpeed's default (5e8 elements) allocates a 2 GB buffer.
+    buckets = {k: 1 << 12 for k in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                                     "stage3_max_live_parameters", "stage3_max_reuse_distance")}
     config = {
         "train_micro_batch_size_per_gpu": BATCH // WORLD, "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
+        "gradient_clipping": 0.0, "zero_optimization": {"stage": stage, **(buckets if stage else {})},
         "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False,
     }
     with deepspeed.zero.Init(config_dict_or_path=config, enabled=stage == 3, mem_efficient_linear=False):
@@ -99,6 +103,8 @@ def _rank_train(rank: int, port: int, out) -> None:
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     deepspeed.init_distributed(dist_backend="gloo")
+    # ZeRO-3's initialize runs gc.collect(): leave the imported modules' objects out of it
+    gc.freeze()
 
     def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         y = x.detach().clone()
