@@ -21,8 +21,9 @@ partial sum and a sum over ranks finishes it. Under DDP and ZeRO-1/2 every rank 
 reduced gradients. Under ZeRO-3 (`ctx.sharding`) each task's gradient is reduce-scattered, so a
 rank keeps only its partition of it (`TaskGradients.grads` is then [T, P / R]), and the Gram
 matrix is the all-reduced sum of the partitions' partial products (`sharded_gradients.py`):
-the Gram-matrix methods (and GradNorm's norms) run there unchanged; the surgery methods, which
-write whole gradients, are refused under DeepSpeed at config time.
+the Gram-matrix methods (and GradNorm's norms) run there unchanged, and PCGrad writes this
+rank's partition of its direction (`SurgeryBuffer`); DB-MTL, whose state is a whole [T, P]
+gradient buffer, is refused under ZeRO-3 at config time.
 """
 
 from __future__ import annotations
