@@ -81,9 +81,10 @@ class ZeroSharding:
         rank's result lines up with its own `ds_tensor` of each parameter, in order.
         """
         rows = []
+        device = params[0].device if params else torch.device("cpu")
         for g, p in zip(grads, params):
             n, part = full_numel(p), self.partition_numel(p)
-            flat = torch.zeros(self.world * part, dtype=torch.float32, device=self.device(params))
+            flat = torch.zeros(self.world * part, dtype=torch.float32, device=device)
             if g is not None:
                 flat[:n] = g.reshape(-1).float()
             rows.append(flat.view(self.world, part))
@@ -91,12 +92,3 @@ class ZeroSharding:
         out = torch.empty(scattered.shape[1], dtype=torch.float32, device=scattered.device)
         dist.reduce_scatter_tensor(out, scattered.reshape(-1), group=self.group)
         return out
-
-    @staticmethod
-    def device(params: Sequence[nn.Parameter]) -> torch.device:
-        return params[0].device if params else torch.device("cpu")
-
-
-def is_zero3(params: Sequence[nn.Parameter]) -> bool:
-    """Whether ZeRO-3 has partitioned these parameters (DeepSpeed gives them a `ds_id`)."""
-    return any(hasattr(p, "ds_id") for p in params)
