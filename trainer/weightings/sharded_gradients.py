@@ -70,8 +70,19 @@ class ZeroSharding:
                         setattr(m, counter, value)
 
     def partition_numel(self, param: nn.Parameter) -> int:
-        """Elements of this rank's partition of `param` (DeepSpeed's `ds_tensor` size)."""
-        return -(-full_numel(param) // self.world)
+        """Elements of this rank's partition of `param` (DeepSpeed's `ds_tensor` size).
+
+        ValueError when DeepSpeed partitions it over another group than all ranks (hpZ,
+        MiCS): the partitions would not line up with `ds_tensor`."""
+        part = -(-full_numel(param) // self.world)
+        ds_tensor = getattr(param, "ds_tensor", None)
+        if ds_tensor is not None and ds_tensor.ds_numel != part:
+            raise ValueError(
+                f"a ZeRO-3 parameter of shape {tuple(full_shape(param))} is partitioned into {ds_tensor.ds_numel} "
+                f"elements per rank, not {part} (all {self.world} ranks): the gradient methods need ZeRO-3 "
+                "to partition over every rank (no zero_hpz_partition_size or mics_shard_size)"
+            )
+        return part
 
     def partition(self, grads: Sequence[torch.Tensor | None], params: Sequence[nn.Parameter]) -> torch.Tensor:
         """This rank's partition [Σ_p ⌈n_p / R⌉] of Σ_ranks grads, in one reduce-scatter.
