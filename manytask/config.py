@@ -316,11 +316,14 @@ class Config:
         from manytask.trainer.weightings import weighting_class
 
         method = self.weighting.name
-        if self.engine.name == "deepspeed" and weighting_class(method, file).surgery:
+        zero = self.engine.deepspeed.get("zero_optimization", {})
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+        stages = weighting_class(method, file).deepspeed_stages
+        if self.engine.name == "deepspeed" and stage not in stages:
             raise ConfigError(
-                f"'weighting.name' in {file}: {method} rewrites the shared gradients between "
-                "backward and the optimizer step, which DeepSpeed's engine owns; use engine.name "
-                f"ddp (or auto) with {method}, or another weighting under DeepSpeed"
+                f"'weighting.name' in {file}: {method} runs under DeepSpeed only at ZeRO stages "
+                f"{', '.join(map(str, stages))}, not stage {stage} (why: trainer/weightings/{method}.py); "
+                f"use another engine.deepspeed.zero_optimization.stage, engine.name ddp, or another weighting"
             )
         self._check_zero3(file)
 
@@ -335,8 +338,9 @@ class Config:
         weighting_params(self.weighting, file)
 
     def _check_zero3(self, file: str | None) -> None:
-        """ZeRO-3 partitions every parameter across ranks: gradients with respect to the full
-        shared parameters (task affinity, GradNorm) do not exist on any one rank."""
+        """ZeRO-3 partitions every parameter across ranks. The weightings run there (their
+        per-task gradients are partitioned too: `trainer/weightings/sharded_gradients.py`), but
+        the task-affinity monitor runs its own forwards and reads full gradients."""
         zero = self.engine.deepspeed.get("zero_optimization", {})
         if self.engine.name != "deepspeed" or not isinstance(zero, dict) or zero.get("stage", 0) != 3:
             return
@@ -345,17 +349,6 @@ class Config:
                 f"'monitor.affinity_every' in {file}: task affinity needs per-task gradients of the "
                 "full shared parameters, which ZeRO stage 3 partitions across ranks; set "
                 "monitor.affinity_every=0 or engine.deepspeed.zero_optimization.stage <= 2"
-            )
-        from manytask.trainer.weightings import weighting_class
-
-        needs = weighting_class(self.weighting.name, file).gradients
-        if needs in ("shared", "last_layer"):
-            what = "the last shared layer" if needs == "last_layer" else "the shared parameters"
-            raise ConfigError(
-                f"'weighting.name' in {file}: {self.weighting.name} needs per-task gradients of "
-                f"{what}, which ZeRO stage 3 partitions across ranks; use a weighting without "
-                "gradients (equal, static, uncertainty, dwa, worst_case, rlw, famo, imtl_l) or mgda, "
-                "or engine.deepspeed.zero_optimization.stage <= 2"
             )
 
     @property

@@ -336,7 +336,7 @@ def test_pcgrad_rewrites_shared_gradients_and_leaves_task_parameters_alone() -> 
     assert head.grad.item() == 1.0  # d/dhead of (w·u + 1) at w = 0, summed over 2 halves
 
 
-def test_pcgrad_is_refused_under_deepspeed(tmp_path) -> None:
+def test_pcgrad_runs_under_deepspeed_and_db_mtl_not_under_zero3(tmp_path) -> None:
     from manytask.config import load_config
 
     recipe = tmp_path / "r.yaml"
@@ -344,8 +344,9 @@ def test_pcgrad_is_refused_under_deepspeed(tmp_path) -> None:
         "data: {sources: [{name: s, train: t, inputs: [x], labels: {a: y}}]}\n"
         "tasks: {a: {type: regression}}\nengine: {name: deepspeed}\nweighting: {name: pcgrad}\n"
     )
-    with pytest.raises(ConfigError, match=r"'weighting.name'.*pcgrad.*DeepSpeed"):
-        load_config(recipe)
+    assert load_config(recipe).weighting.name == "pcgrad"
+    with pytest.raises(ConfigError, match=r"'weighting.name' in .*r.yaml: db_mtl runs under DeepSpeed only at ZeRO stages 0, 1, 2, not stage 3"):
+        load_config(recipe, ["weighting.name=db_mtl", "engine.deepspeed.zero_optimization.stage=3"])
 
 
 def test_worst_case_puts_most_weight_on_the_worst_task() -> None:

@@ -234,6 +234,14 @@ class DeepSpeedEngine:
         self.module = self.model.module
         self.grad_accum = cfg.trainer.grad_accum
         self.task_slices = task_slices_of(self.module)
+        # --- gradient methods under ZeRO-3 (weightings/sharded_gradients.py): how a weighting
+        # takes per-task backward passes over one forward and keeps its gradient partition.
+        self.sharding = None
+        if zero_stage(cfg) == 3:
+            from manytask.trainer.weightings.sharded_gradients import ZeroSharding
+
+            self.sharding = ZeroSharding(self.module)
+        # --- end
 
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:

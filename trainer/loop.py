@@ -224,6 +224,7 @@ def weighting_context(job: Job, step: int, out: Any, local_counts: dict[str, int
         all_reduce_mean=D.all_reduce_mean,
         local_counts=local_counts,
         seed=job.cfg.run.seed,
+        sharding=getattr(job.engine, "sharding", None),  # ZeRO-3's partitioned gradients
     )
 
 

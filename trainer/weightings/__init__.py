@@ -9,8 +9,12 @@ Paths (each method's docstring says which it takes):
 - losses only: equal, static, uncertainty, dwa, worst_case, rlw, famo, imtl_l;
 - coefficients from the Gram matrix, one backward of Σ_t c_t L_t: imtl_g, cagrad, nash_mtl,
   aligned_mtl, upgrad, gradvac;
-- surgery (writes the shared `.grad` after the backward; not under DeepSpeed): pcgrad, db_mtl;
+- surgery (writes the shared gradients after the backward, DeepSpeed's too): pcgrad, db_mtl;
 - gradnorm (last shared layer's gradients), mgda (shared representation's gradients).
+
+Engines: every method runs on one process, DDP and DeepSpeed ZeRO 0-3, exact across ranks,
+except db_mtl under ZeRO-3 (`Weighting.deepspeed_stages`, refused at config time). Under ZeRO-3
+the per-task gradients are partitioned like the parameters (`sharded_gradients.py`).
 """
 
 from __future__ import annotations

@@ -33,12 +33,15 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from manytask.config import TaskConfig
 from manytask.schema import ConfigError, closest
+
+if TYPE_CHECKING:
+    from manytask.trainer.weightings.sharded_gradients import ZeroSharding
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +68,10 @@ class WeightingContext:
                        with 0 samples contributes nothing; None: every task in `losses` counts
                        as held.
     seed:              the run's seed (RLW draws from (seed, step): the same on every rank).
+    sharding:          set under ZeRO-3, where every parameter is partitioned across ranks:
+                       how a method takes several backward passes over one forward and keeps
+                       only this rank's partition of the gradients (`sharded_gradients.py`).
+                       Every rank then passes every task's loss, in the graph (the trainer does).
     """
 
     step: int = 0
@@ -75,6 +82,17 @@ class WeightingContext:
     present: dict[str, bool] = field(default_factory=dict)
     local_counts: dict[str, int] | None = None
     seed: int = 0
+    sharding: ZeroSharding | None = None
+
+
+def task_backward(
+    loss: torch.Tensor, inputs: list[torch.Tensor], ctx: WeightingContext
+) -> tuple[torch.Tensor | None, ...]:
+    """`torch.autograd.grad(loss, inputs)` keeping the graph for the trainer's backward; under
+    ZeRO-3 (`ctx.sharding`) as one more backward pass DeepSpeed's layer gathering allows."""
+    if ctx.sharding is not None:
+        return ctx.sharding.grad(loss, inputs)
+    return torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
 
 
 @dataclass
@@ -96,7 +114,10 @@ class Weighting(torch.nn.Module):
 
     Params: type = NoParams  # each method's dataclass for `weighting.params`
     gradients: str = "none"
-    surgery: bool = False  # rewrites the shared `.grad` in before_step (refused under DeepSpeed)
+    surgery: bool = False  # rewrites the shared gradients in before_step (`SurgeryBuffer`)
+    # The DeepSpeed ZeRO stages the method runs under (checked at config time; each one is
+    # tested exact across ranks in tests/test_weightings_zero.py).
+    deepspeed_stages: tuple[int, ...] = (0, 1, 2, 3)
     state_fields: tuple[str, ...] = ()
 
     def __init__(self, tasks: dict[str, TaskConfig], params: Any = None) -> None:

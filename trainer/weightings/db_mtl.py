@@ -13,8 +13,8 @@ Path: surgery. The shared gradients come from `task_gradients.py` (exact over ra
 d is built from the running buffer (past gradients, not only this step's), it cannot be a
 combination of this step's gradients: `combine` returns Σ_t L_t / L̄_t (towers get the
 log-loss gradients, as in the paper) and `before_step` writes d into the shared parameters'
-`.grad`. State: the buffer ĝ [T, P] (T × shared parameters floats) and k. Not available
-under DeepSpeed, whose engine owns the gradients between backward and step.
+`.grad`. State: the buffer ĝ [T, P] (T × shared parameters floats) and k. DeepSpeed ZeRO 0-2:
+d goes into the engine's gradients; not ZeRO-3, where each rank would hold a part of ĝ.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class DBMTLWeighting(Weighting):
     Params = DBMTLParams
     gradients = "shared"
     surgery = True
+    # not ZeRO-3: its running gradient buffer [T, P] is state every rank must hold whole
+    deepspeed_stages = (0, 1, 2)
     state_fields = ("buffer", "updates")
 
     def __init__(self, tasks, params: DBMTLParams | None = None) -> None:

@@ -36,6 +36,7 @@ from manytask.trainer.weightings.base import (
     held,
     rank_shares,
     reduce_losses,
+    task_backward,
 )
 
 
@@ -95,10 +96,11 @@ class MGDAWeighting(Weighting):
         flat = torch.zeros(n, ctx.representation.numel(), dtype=torch.float64, device=device)
         for i, task in enumerate(self.task_names):
             loss, share = losses.get(task), held(task, losses, ctx)
-            if loss is None or share == 0 or not loss.requires_grad:
+            # under ZeRO-3 every rank makes every pass: each gathers the towers it crosses
+            if loss is None or share == 0 and ctx.sharding is None or not loss.requires_grad:
                 continue
-            (g,) = torch.autograd.grad(loss, ctx.representation, retain_graph=True, allow_unused=True)
-            if g is not None:
+            (g,) = task_backward(loss, [ctx.representation], ctx)
+            if g is not None and share > 0:
                 flat[i] = share * g.detach().reshape(-1).to(torch.float64)
         red = reduce_losses(self.task_names, losses, ctx, device, extra_tensor=flat @ flat.T)
         idx = [i for i, p in enumerate(red.present) if p]

@@ -12,7 +12,7 @@ original gradients, so a dot product is a row of M = G Gᵀ), giving d = Σ_t c_
 the towers keep coefficient 1 (unlike the one-backward methods), `combine` returns the plain
 sum of the losses for the trainer's backward and `before_step` writes d into the shared
 parameters' `.grad` (over micro-batches: their mean). Memory: T × (shared parameters) floats.
-Not available under DeepSpeed, whose engine owns the gradients between backward and step;
+Under DeepSpeed d goes into the engine's gradients (ZeRO-3: each rank's partition of d);
 `gradvac` is the one-backward relative.
 """
 

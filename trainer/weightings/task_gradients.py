@@ -17,16 +17,20 @@ Methods need either
 
 `gram_matrix` is a sum of per-block partial products Σ_k G_k G_kᵀ over parameter blocks, so
 a rank holding only a shard of the (reduced) gradients contributes its blocks' [T, T]
-partial sum and a sum over ranks finishes it. Today's trainer runs it on full gradients
-(DDP, ZeRO-1/2); ZeRO-3 is refused at config time for the methods that need it
-(`Weighting.gradients` != "none").
+partial sum and a sum over ranks finishes it. Under DDP and ZeRO-1/2 every rank holds the full
+reduced gradients. Under ZeRO-3 (`ctx.sharding`) each task's gradient is reduce-scattered, so a
+rank keeps only its partition of it (`TaskGradients.grads` is then [T, P / R]), and the Gram
+matrix is the all-reduced sum of the partitions' partial products (`sharded_gradients.py`):
+the Gram-matrix methods (and GradNorm's norms) run there unchanged, and PCGrad writes this
+rank's partition of its direction (`SurgeryBuffer`); DB-MTL, whose state is a whole [T, P]
+gradient buffer, is refused under ZeRO-3 at config time.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +42,7 @@ from manytask.trainer.weightings.base import (
     held,
     rank_shares,
 )
+from manytask.trainer.weightings.sharded_gradients import ZeroSharding
 
 
 def flat_gradient(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
@@ -68,7 +73,8 @@ class TaskGradients:
     """Per-task gradients over all ranks for one micro-batch (identical on every rank).
 
     grads:   [T, P] float32, row t = gradient of task t's mean loss over every labelled
-             sample of all ranks; zeros for a task labelled nowhere.
+             sample of all ranks; zeros for a task labelled nowhere. Under ZeRO-3
+             (`sharded`) only this rank's partition of it, [T, P / R].
     counts:  [T] mean over ranks of `held()` (labelled samples; 0 = absent everywhere).
     losses:  T global mean losses (None when absent).
     present: T flags: labelled on some rank and not flagged absent by the trainer.
@@ -78,13 +84,16 @@ class TaskGradients:
     counts: list[float]
     losses: list[float | None]
     present: list[bool]
+    sharded: bool = False
+    reduced_gram: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def gram(self) -> torch.Tensor:
-        """G Gᵀ [T, T] float64 on the CPU (computed on demand, cached)."""
-        if not hasattr(self, "_gram"):
-            self._gram = gram_matrix(self.grads)
-        return self._gram
+        """G Gᵀ [T, T] float64 on the CPU (of the full gradients, also when sharded; computed
+        on demand and cached)."""
+        if self.reduced_gram is None:
+            self.reduced_gram = gram_matrix(self.grads)
+        return self.reduced_gram
 
 
 def task_gradients(
@@ -100,6 +109,8 @@ def task_gradients(
     `ctx.local_counts`, else 1 if it has the loss). One collective of 2T + T·P floats,
     issued on every rank whatever its data.
     """
+    if ctx.sharding is not None:
+        return sharded_task_gradients(tasks, losses, params, ctx, ctx.sharding, device)
     size = sum(p.numel() for p in params)
     T = len(tasks)
     counts = torch.zeros(T, dtype=torch.float32, device=device)
@@ -122,6 +133,55 @@ def task_gradients(
     present = [mean_counts[i] > 0 and bool(ctx.present.get(t, True)) for i, t in enumerate(tasks)]
     mean_loss = [float(sums[i] / mean_counts[i]) if present[i] else None for i in range(T)]
     return TaskGradients(grads=grads, counts=mean_counts.tolist(), losses=mean_loss, present=present)
+
+
+def sharded_task_gradients(
+    tasks: list[str],
+    losses: dict[str, torch.Tensor],
+    params: Sequence[torch.nn.Parameter],
+    ctx: WeightingContext,
+    sharding: ZeroSharding,
+    device: torch.device,
+) -> TaskGradients:
+    """`task_gradients` under ZeRO-3: the same numbers, but each rank keeps its partition of
+    the gradients and the Gram matrix is summed from the partitions' partial products.
+
+    Per task one backward pass (`ZeroSharding.grad`) and one reduce-scatter of this rank's
+    count-weighted gradient, made by every rank for every task whatever its data (they gather
+    and scatter); then ONE all-reduce of counts, loss sums and the partial [T, T] products.
+    """
+    T = len(tasks)
+    counts = torch.zeros(T, dtype=torch.float64, device=device)
+    loss_sums = torch.zeros(T, dtype=torch.float64, device=device)
+    parts = []
+    for i, task in enumerate(tasks):
+        n, loss = held(task, losses, ctx), losses.get(task)
+        grads: tuple[torch.Tensor | None, ...] = (None,) * len(params)
+        if loss is not None and loss.requires_grad:
+            grads = sharding.grad(loss, params)
+        if n > 0:
+            counts[i] = n
+            loss_sums[i] = n * loss.detach().double()
+            grads = tuple(None if g is None else n * g for g in grads)
+        else:
+            grads = (None,) * len(params)  # a pass all ranks make, which adds nothing here
+        parts.append(sharding.partition(grads, params))
+    local = torch.stack(parts)  # [T, S]: this rank's slice of Σ_ranks n_r g_r, per task
+    partial = gram_matrix(local).to(device)
+    reduced = ctx.all_reduce_mean(torch.cat([counts, loss_sums, partial.reshape(-1)]))
+    mean_counts, sums = reduced[:T].cpu(), reduced[T : 2 * T].cpu()
+    # Σ_r n_r g_r = R·n̄·g: the mean of the partial products is R·n̄_i·n̄_j·(g_i·g_j).
+    scale = sharding.world * mean_counts.clamp_min(1e-300)
+    gram = reduced[2 * T :].reshape(T, T).cpu() * sharding.world / (scale[:, None] * scale[None, :])
+    absent = mean_counts == 0
+    gram[absent, :] = 0.0
+    gram[:, absent] = 0.0
+    local = local / scale.to(local.device, torch.float32).unsqueeze(1)
+    local[absent.to(local.device)] = 0.0
+    present = [bool(mean_counts[i] > 0) and bool(ctx.present.get(t, True)) for i, t in enumerate(tasks)]
+    mean_loss = [float(sums[i] / mean_counts[i]) if present[i] else None for i in range(T)]
+    return TaskGradients(grads=local, counts=mean_counts.tolist(), losses=mean_loss, present=present,
+                         sharded=True, reduced_gram=gram)
 
 
 def shared_task_gradients(
@@ -175,8 +235,14 @@ class CoefficientWeighting(Weighting):
 
 
 class SurgeryBuffer:
-    """The shared direction a surgery method (`pcgrad`, `db_mtl`) writes into `.grad` after
-    the trainer's backward: summed over a step's micro-batches, written as their mean."""
+    """The shared direction a surgery method (`pcgrad`, `db_mtl`) writes into the gradients
+    after the trainer's backward: summed over a step's micro-batches, written as their mean.
+
+    Where it is written: `.grad` (single process, DDP); under DeepSpeed ZeRO-2 the engine's
+    partitioned gradient (`safe_set_full_grad`: each rank keeps its fragment); under ZeRO-3 the
+    direction is already this rank's partition (`TaskGradients.grads` is), written with
+    `safe_set_local_grad`.
+    """
 
     def __init__(self) -> None:
         self.params: list[torch.nn.Parameter] = []
@@ -193,15 +259,28 @@ class SurgeryBuffer:
 
     @torch.no_grad()
     def write(self) -> None:
-        """Replace the parameters' gradients by the mean direction `[P]`, in order."""
+        """Replace the parameters' gradients by the mean direction ([P], or under ZeRO-3 this
+        rank's partition [Σ_p ⌈n_p / R⌉]), in order."""
         if self.grad is None:
             return
         grad, offset = self.grad / self.micro, 0
         for p in self.params:
-            piece = grad[offset : offset + p.numel()].view_as(p).to(p.dtype)
-            if p.grad is None:
-                p.grad = piece.clone()
+            if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of p
+                from deepspeed.utils import safe_set_local_grad
+
+                size = p.ds_tensor.ds_numel
+                safe_set_local_grad(p, grad[offset : offset + size])
+            elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2: the engine keeps p's fragment
+                from deepspeed.utils import safe_set_full_grad
+
+                size = p.numel()
+                safe_set_full_grad(p, grad[offset : offset + size].view_as(p).float())
             else:
-                p.grad.copy_(piece)
-            offset += p.numel()
+                size = p.numel()
+                piece = grad[offset : offset + size].view_as(p).to(p.dtype)
+                if p.grad is None:
+                    p.grad = piece.clone()
+                else:
+                    p.grad.copy_(piece)
+            offset += size
         self.grad, self.micro, self.step = None, 0, None
