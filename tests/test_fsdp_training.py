@@ -55,8 +55,8 @@ def _restore_on_one_rank(rank: int, port: int, out: dict) -> None:
     from manytask.trainer.loop import build_job
 
     torch.set_num_threads(1)
-    recipe, step_dir = os.environ["FSDP_TEST_RECIPE"], Path(os.environ["FSDP_TEST_CKPT"])
-    overrides = [f"run.dir={step_dir.parent.parent}", f"run.resume={step_dir}", "logging.wandb=false"]
+    recipe, step_dir = os.environ["FSDP_TEST_RECIPE"], os.environ["FSDP_TEST_CKPT"]
+    overrides = [f"run.dir={os.environ['FSDP_TEST_RUN']}", f"run.resume={step_dir}", "logging.wandb=false"]
     job = build_job(load_config(recipe, overrides))
     try:
         params = {n: p.detach().full_tensor().clone() for n, p in job.engine.module.named_parameters()}
@@ -75,27 +75,29 @@ def test_fsdp_checkpoint_of_2_ranks_resumes_on_1(tmp_path, fsdp_reference):
     shutil.copytree(fsdp_reference, run)
     recipe = tmp_path / "recipe.yaml"
     shutil.copy(fsdp_reference.parent / "recipe.yaml", recipe)
-    step_dir = run / "ckpt" / "step_00000040"
-    # What 2 ranks saved, read whole: model and optimizer state.
+    step_dir = tmp_path / "step_00000040"  # kept aside: the resumed job prunes it
+    shutil.copytree(run / "ckpt" / step_dir.name, step_dir)
+    # The job carries on from the last checkpoint on one rank to the end, every step logged once.
+    proc = torchrun(recipe, f"run.dir={run}", f"trainer.max_steps={STEPS + 5}", "logging.wandb=false", nproc=1)
+    assert f"resumed from {run / 'ckpt' / 'step_00000060'}" in proc.stdout
+    assert sorted(losses(run)) == list(range(1, STEPS + 6))
+    # What it restored is exactly what 2 ranks saved: model, optimizer state and LR, read whole.
     dcp_to_torch_save(step_dir / "engine" / "fsdp", tmp_path / "saved.pt")
     saved = torch.load(tmp_path / "saved.pt", weights_only=True)["fsdp"]
-    os.environ.update(FSDP_TEST_RECIPE=str(recipe), FSDP_TEST_CKPT=str(step_dir))
+    os.environ.update(FSDP_TEST_RECIPE=str(recipe), FSDP_TEST_RUN=str(run), FSDP_TEST_CKPT=str(step_dir))
     try:
         got = spawn_ranks(_restore_on_one_rank, nprocs=1)[0]
     finally:
-        del os.environ["FSDP_TEST_RECIPE"], os.environ["FSDP_TEST_CKPT"]
+        for key in ("FSDP_TEST_RECIPE", "FSDP_TEST_RUN", "FSDP_TEST_CKPT"):
+            del os.environ[key]
     assert got["step"] == 40
-    assert got["lr"] == next(r["perf/lr"] for s, r in _rows(fsdp_reference).items() if s == 40)
+    assert got["lr"] == _rows(fsdp_reference)[40]["perf/lr"]
     assert sorted(got["params"]) == sorted(saved["model"])
     assert all(torch.equal(got["params"][k], saved["model"][k]) for k in saved["model"]), "model resharded exactly"
     assert sorted(got["optim"]) == sorted(saved["optim"]["state"])
     for name, state in saved["optim"]["state"].items():
         for key, value in state.items():
             assert torch.equal(got["optim"][name][key], value), f"optimizer {name}.{key} differs after resharding"
-    # And the job itself carries on from there on one rank to the end, every step logged once.
-    proc = torchrun(recipe, f"run.dir={run}", f"trainer.max_steps={STEPS + 5}", "logging.wandb=false", nproc=1)
-    assert "resumed from" in proc.stdout
-    assert sorted(losses(run)) == list(range(1, STEPS + 6))
 
 
 def _rows(run: Path) -> dict[int, dict]:
