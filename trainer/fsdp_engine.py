@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,14 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+try:  # FSDP2's interfaces for custom collectives (torch >= 2.9; not yet exported publicly)
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+    CUSTOM_COMMS = True
+except ImportError:  # pragma: no cover - an older torch: FSDP's own collectives
+    AllGather = ReduceScatter = object  # type: ignore[assignment,misc]
+    CUSTOM_COMMS = False
 
 from manytask.config import Config
 from manytask.trainer import distributed as D
@@ -139,6 +147,43 @@ def ensure_process_group(info: DistInfo) -> None:
         return
     backend = "nccl" if info.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+class AllGatherByAllReduce(AllGather):
+    """FSDP's parameter all-gather as an all-reduce over a zero-filled buffer (gloo only).
+
+    gloo's `all_gather` takes 2-3x as long as an `all_reduce` of the gathered size (128 MiB:
+    1.17 s against 0.50 s here). Each rank writes its shard into its own slice and zeros the
+    rest, so the sum is the concatenation, exactly (x + 0 = x)."""
+
+    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 async_op: bool = False) -> dist.Work | None:
+        n, rank = input_tensor.numel(), group.rank()
+        mine = output_tensor.narrow(0, rank * n, n)
+        if mine.data_ptr() != input_tensor.data_ptr():  # FSDP gathers in place: usually a view
+            mine.copy_(input_tensor)
+        output_tensor.narrow(0, 0, rank * n).zero_()
+        output_tensor.narrow(0, (rank + 1) * n, output_tensor.numel() - (rank + 1) * n).zero_()
+        return dist.all_reduce(output_tensor, group=group, async_op=async_op)
+
+
+class ReduceScatterByAllReduce(ReduceScatter):
+    """FSDP's gradient reduce-scatter as an in-place all-reduce of its (temporary) input
+    buffer, keeping this rank's slice (gloo only: 1.45 s against 0.50 s for 128 MiB here).
+    The sums are the same numbers: on each element every rank's value is added the same way."""
+
+    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op: Any, async_op: bool = False) -> dist.Work | None:
+        dist.all_reduce(input_tensor, op=op, group=group)
+        n = output_tensor.numel()
+        output_tensor.copy_(input_tensor.narrow(0, group.rank() * n, n))
+        return None
 
 
 def mmap_large_blocks(threshold: int = 64 << 20) -> None:
@@ -264,9 +309,12 @@ class FSDPEngine:
         if not on_meta:
             model = model.to(info.device)
         policy = mixed_precision(cfg, info)
-        for unit in shard_units(model, cfg.engine.fsdp.min_unit_params):
+        units = [*shard_units(model, cfg.engine.fsdp.min_unit_params), model]
+        for unit in units:
             fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.engine.fsdp.reshard_after_forward)
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.engine.fsdp.reshard_after_forward)
+            if dist.get_backend() == "gloo" and CUSTOM_COMMS:
+                unit.set_custom_all_gather(AllGatherByAllReduce())
+                unit.set_custom_reduce_scatter(ReduceScatterByAllReduce())
         if on_meta:
             materialize(model, info.device, cfg.run.seed)
         self.module = self.model = model
