@@ -1,6 +1,7 @@
-"""Engines: how a model is wrapped, stepped and saved — single process, DDP or DeepSpeed.
+"""Engines: how a model is wrapped, stepped and saved — single process, DDP, DeepSpeed, or
+FSDP2 (`fsdp_engine.py`).
 
-All three expose the same small surface to the loop: `model` (call it for the one routed
+All of them expose the same small surface to the loop: `model` (call it for the one routed
 forward), `module` (the bare model), `backward(loss)`, `step(absent_tasks)` (clip, optimizer
 and LR-schedule step, zero grads) and `state_dict()` / `load_state_dict()`.
 
