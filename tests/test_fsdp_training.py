@@ -40,6 +40,12 @@ def test_fsdp_trains_like_ddp(fsdp_reference, ddp_reference):
     a, b = final_params(fsdp_reference), final_params(ddp_reference)  # fsdp: read whole from DCP
     assert sorted(a) == sorted(b)
     assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-4
+    # eval / predict / export load the run like any other: the full model, read from the shards
+    from manytask.trainer.model_io import load_trained
+
+    loaded = load_trained(fsdp_reference)
+    assert loaded.step == STEPS
+    assert all(torch.equal(v, a[k]) for k, v in loaded.model.state_dict().items() if k in a)
 
 
 def test_fsdp_sigterm_resume_is_bitwise(tmp_path, demo_shards, fsdp_reference):
