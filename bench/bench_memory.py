@@ -1,6 +1,6 @@
 """Memory per rank of each engine on the same model: does sharding save memory?
 
-For every (model size, engine) pair, 2 real torchrun processes (gloo, CPU) build the job from
+For every (model size, engine) pair (DDP, DeepSpeed ZeRO-1/2/3, FSDP2), 2 real torchrun processes (gloo, CPU) build the job from
 the demo recipe, train a few steps and write a checkpoint (bench/memory_worker.py). Printed
 per engine: each rank's peak resident memory (host RSS, `getrusage`; on a GPU also
 `torch.cuda.max_memory_allocated`), the ZeRO paper's model-state bytes per rank for fp32
@@ -32,6 +32,7 @@ ENGINES: dict[str, dict] = {
     "zero1": {"name": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 1}}},
     "zero2": {"name": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 2}}},
     "zero3": {"name": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 3}}},
+    "fsdp": {"name": "fsdp"},  # FSDP2: every layer of >= 1M parameters its own unit
 }
 
 
@@ -52,7 +53,7 @@ def model_state_bytes(engine: str, params: int, ranks: int) -> float:
     """Model-state bytes per rank for fp32 training with Adam (ZeRO paper, section 5, with
     K = 8 optimizer bytes and 4-byte parameters and gradients): parameters 4, gradients 4,
     optimizer 8 bytes per parameter; ZeRO-1 partitions the optimizer, ZeRO-2 also the
-    gradients, ZeRO-3 also the parameters."""
+    gradients, ZeRO-3 (and FSDP) also the parameters."""
     p, n = params, ranks
     return {"ddp": 16 * p, "zero1": 8 * p + 8 * p / n, "zero2": 4 * p + 12 * p / n}.get(engine, 16 * p / n)
 

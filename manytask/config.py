@@ -224,10 +224,24 @@ class TrainerConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """FSDP2 (`engine.name: fsdp`, trainer/fsdp_engine.py)."""
+
+    # a layer with at least this many parameter elements is sharded (gathered) on its own;
+    # smaller ones go with the root module
+    min_unit_params: int = 1_000_000
+    reshard_after_forward: bool = True  # free gathered parameters between forward and backward
+
+    def validate(self, file: str | None) -> None:
+        at_least(file, "engine.fsdp", 0, min_unit_params=self.min_unit_params)
+
+
+@dataclass
 class EngineConfig:
-    name: Literal["auto", "single", "ddp", "deepspeed"] = "auto"  # auto: ddp under torchrun
+    name: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = "auto"  # auto: ddp under torchrun
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo otherwise
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed's own config, embedded
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -326,6 +340,7 @@ class Config:
                 f"use another engine.deepspeed.zero_optimization.stage, engine.name ddp, or another weighting"
             )
         self._check_zero3(file)
+        self._check_fsdp(file)
 
     def _check_params(self, file: str | None) -> None:
         """model.name / weighting.name against the registries, and their `params:` blocks
@@ -349,6 +364,35 @@ class Config:
                 f"'monitor.affinity_every' in {file}: task affinity needs per-task gradients of the "
                 "full shared parameters, which ZeRO stage 3 partitions across ranks; set "
                 "monitor.affinity_every=0 or engine.deepspeed.zero_optimization.stage <= 2"
+            )
+
+    def _check_fsdp(self, file: str | None) -> None:
+        """FSDP shards every parameter and its gradient across ranks (as ZeRO-3 does): per-task
+        gradients of the full shared parameters and frozen slices of sharded tensors do not
+        exist on any one rank."""
+        if self.engine.name != "fsdp":
+            return
+        if self.monitor.affinity_every:
+            raise ConfigError(
+                f"'monitor.affinity_every' in {file}: task affinity needs per-task gradients of the "
+                "full shared parameters, which engine fsdp shards across ranks; set "
+                "monitor.affinity_every=0 or use engine.name ddp"
+            )
+        from manytask.trainer.weightings import weighting_class
+
+        needs = weighting_class(self.weighting.name, file).gradients
+        if needs in ("shared", "last_layer"):
+            what = "the last shared layer" if needs == "last_layer" else "the shared parameters"
+            raise ConfigError(
+                f"'weighting.name' in {file}: {self.weighting.name} needs per-task gradients of "
+                f"{what}, which engine fsdp shards across ranks; use a weighting without "
+                "gradients (equal, static, uncertainty, dwa, worst_case, rlw, famo, imtl_l) or mgda, "
+                "or engine.name ddp"
+            )
+        if self.trainer.freeze:
+            raise ConfigError(
+                f"'trainer.freeze' in {file}: freezing is not supported with engine fsdp (frozen "
+                "slices of stacked tensors are sharded across ranks); use engine.name ddp"
             )
 
     @property

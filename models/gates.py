@@ -36,9 +36,15 @@ class SoftmaxGates(nn.Module):
         self.temperature, self.dropout = temperature, dropout
         # [G, E, in] so that view(G * E, in) is free: all gates are one nn.Linear-shaped matmul.
         self.weight = nn.Parameter(torch.empty(num_gates, num_experts, in_dim))
-        self.bias = nn.Parameter(torch.zeros(num_gates, num_experts))
-        bound = 1.0 / math.sqrt(in_dim) if in_dim > 0 else 0.0
+        self.bias = nn.Parameter(torch.empty(num_gates, num_experts))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights uniform in ±1/sqrt(in) (as nn.Linear's), biases 0: every expert equally likely.
+        (FSDP re-runs it to fill its shards: trainer/fsdp_engine.py.)"""
+        bound = 1.0 / math.sqrt(self.weight.shape[-1]) if self.weight.shape[-1] > 0 else 0.0
         nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         G, E = self.num_gates, self.num_experts

@@ -432,6 +432,11 @@ def read_model_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     engine = common.get("engine", {})
     if "model" in engine:
         return common["config"], engine["model"]
+    fsdp_dir = path / "engine" / "fsdp"  # FSDP: every rank's shard, read back whole
+    if fsdp_dir.is_dir():
+        from manytask.trainer.fsdp_engine import read_full_model_state
+
+        return common["config"], read_full_model_state(fsdp_dir)
     ds_file = path / "engine" / "deepspeed" / "mp_rank_00_model_states.pt"
     stage = common["config"].get("engine", {}).get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0)
     if not ds_file.is_file() or stage == 3:

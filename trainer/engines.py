@@ -1,6 +1,7 @@
-"""Engines: how a model is wrapped, stepped and saved — single process, DDP or DeepSpeed.
+"""Engines: how a model is wrapped, stepped and saved — single process, DDP, DeepSpeed, or
+FSDP2 (`fsdp_engine.py`).
 
-All three expose the same small surface to the loop: `model` (call it for the one routed
+All of them expose the same small surface to the loop: `model` (call it for the one routed
 forward), `module` (the bare model), `backward(loss)`, `step(absent_tasks)` (clip, optimizer
 and LR-schedule step, zero grads) and `state_dict()` / `load_state_dict()`.
 
@@ -326,8 +327,13 @@ def model_construction(cfg: Config, info: DistInfo) -> contextlib.AbstractContex
     is built) instead of the whole model until `deepspeed.initialize`. Its parameters are
     broadcast from rank 0 before partitioning, so every rank builds the same model. Not with
     `run.init_from`: copying a trained model's weights in needs the full tensors.
+    FSDP: parameters on the `meta` device, materialised shard by shard (`fsdp_engine`).
     Other engines: a no-op (they replicate the model anyway).
     """
+    if cfg.engine.name == "fsdp":
+        from manytask.trainer.fsdp_engine import builds_on_meta, parameters_on_meta
+
+        return parameters_on_meta() if builds_on_meta(cfg) else contextlib.nullcontext()
     if zero_stage(cfg) != 3 or cfg.run.init_from:
         return contextlib.nullcontext()
     import deepspeed
@@ -376,10 +382,15 @@ def deepspeed_config(cfg: Config, info: DistInfo, num_params: int | None = None)
     return ds
 
 
-def build_engine(cfg: Config, model: nn.Module, info: DistInfo) -> TorchEngine | DeepSpeedEngine:
+def build_engine(cfg: Config, model: nn.Module, info: DistInfo) -> Any:
+    """The engine the recipe names: TorchEngine (single, ddp), DeepSpeedEngine or FSDPEngine."""
     name = resolve_engine_name(cfg, info)
     if name == "deepspeed":
         return DeepSpeedEngine(cfg, model, info)
+    if name == "fsdp":
+        from manytask.trainer.fsdp_engine import FSDPEngine
+
+        return FSDPEngine(cfg, model, info)
     if name == "ddp" and not info.distributed:
         name = "single"  # a 1-process launch: DDP would only add overhead
     return TorchEngine(cfg, model, info, ddp=name == "ddp")

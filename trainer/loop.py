@@ -405,7 +405,7 @@ def restore(job: Job) -> None:
 def run_eval(job: Job) -> dict[str, float]:
     batches = val_batches(job.cfg, job.info.rank, job.info.world_size, job.cfg.data.val_batch_size)
     return evaluate(job.engine.module, batches, job.specs, job.cfg, job.info.device,
-                    lockstep=zero_stage(job.cfg) == 3)
+                    lockstep=zero_stage(job.cfg) == 3 or getattr(job.engine, "lockstep_eval", False))
 
 
 def train(cfg: Config) -> dict[str, float]:

@@ -29,6 +29,7 @@ APPLIED_ON_RESUME = (
     "data.num_workers", "data.val_batch_size", "data.val_max_batches", "data.skip_corrupt",
     "data.sources.*.val", "tasks.*.metrics",
     "engine.backend",
+    "engine.fsdp.*",  # how FSDP cuts the model into units: its checkpoints are resharded on load
 )
 SCHEDULE_KEYS = {"trainer.lr", "trainer.warmup_steps", "trainer.min_lr_ratio", "trainer.max_steps"}
 
