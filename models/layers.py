@@ -9,7 +9,7 @@ A `StackedMLP` can instead hold each member as its own modules (`per_member=True
 "per-member layout"): the engines that shard per module — DeepSpeed ZeRO-3 gathers a module's
 parameters around its forward and its backward — then gather and reduce one member at a time
 instead of a whole `[n, in, out]` tensor. Same function, same initial values, n matmuls instead
-of one; `expert_layout` in the model params chooses it (`auto`: under ZeRO-3, `sharded_layout`).
+of one; `expert_layout` in the model params chooses it (`auto`: under ZeRO-2/3, `sharded_layout`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +217,33 @@ def member_layers(n: int, in_dim: int, out_dim: int) -> list[MemberLinear]:
     return members
 
 
+def _stack_members(module: StackedMLP, state: dict, prefix: str, _metadata: Any) -> None:
+    """state_dict hook of the per-member layout: `members.{i}.{j}.weight` / `.bias` ->
+    `layers.{j}.weight` `[n, in, out]` / `layers.{j}.bias` `[n, out]`, as the stacked layout
+    saves them. Left as they are when they are live parameters (`keep_vars=True`: callers
+    write into them) or ZeRO-3 partitions (empty placeholders, saved and loaded per member)."""
+    for j in range(module.depth):
+        for name in ("weight", "bias"):
+            keys = [f"{prefix}members.{i}.{j}.{name}" for i in range(module.n)]
+            parts = [state[k] for k in keys]
+            expected = getattr(module.members[0][j], name).shape
+            if any(isinstance(t, nn.Parameter) or t.shape != expected for t in parts):
+                return
+            for k in keys:
+                del state[k]
+            state[f"{prefix}layers.{j}.{name}"] = torch.stack(parts)
+
+
+def _unstack_members(module: StackedMLP, state: dict, prefix: str, *_: Any) -> None:
+    """load_state_dict pre-hook of the per-member layout: stacked-layout keys -> per member."""
+    for j in range(module.depth):
+        for name in ("weight", "bias"):
+            stacked = state.pop(f"{prefix}layers.{j}.{name}", None)
+            if stacked is not None:
+                for i in range(module.n):
+                    state[f"{prefix}members.{i}.{j}.{name}"] = stacked[i]
+
+
 class StackedMLP(nn.Module):
     """n independent MLPs of identical shape, run as one batched op per layer.
 
@@ -252,6 +279,10 @@ class StackedMLP(nn.Module):
             in_dim = out_dim
         if per_member and dims:
             self.members = nn.ModuleList(nn.ModuleList(layer[i] for layer in by_layer) for i in range(n))
+            # saved and loaded under the stacked layout's names and shapes: checkpoints, export
+            # and init_from do not depend on the layout the model was trained in
+            self.register_state_dict_post_hook(_stack_members)
+            self.register_load_state_dict_pre_hook(_unstack_members)
         self.out_dim = in_dim
         self.activation = ACTIVATIONS[activation]()
         self.last_activation = last_activation

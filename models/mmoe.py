@@ -42,8 +42,8 @@ class MMoEParams:
     load_balance_weight: float = 0.0  # weight of aux_losses["load_balance"]; 0 = off
     activation: Activation = "relu"
     # stacked: one [E, in, out] tensor per layer, one batched matmul (fastest unsharded);
-    # per_member: one module per expert, so ZeRO-3 gathers one expert at a time; auto: per_member
-    # under ZeRO-3, stacked otherwise (same initial values either way)
+    # per_member: one module per expert, so ZeRO-2/3 reduce (ZeRO-3: gather) one expert at a time;
+    # auto: per_member under ZeRO-2/3, stacked otherwise (same initial values and saved state)
     expert_layout: ExpertLayout = "auto"
 
     def validate(self, file: str | None) -> None:

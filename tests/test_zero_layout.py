@@ -66,3 +66,21 @@ def test_member_parameters_are_whole_tensors_in_the_per_member_layout():
     params = mlp.member_parameters(2)
     assert [(p.shape, idx) for p, idx in params] == [(torch.Size([6, 3]), None), (torch.Size([3]), None)]
     assert all(p is q for (p, _), q in zip(params, mlp.members[2].parameters()))
+
+
+def test_state_dicts_do_not_depend_on_the_layout():
+    """Checkpoints, export and init_from read the stacked names and shapes from either layout."""
+    stacked, _ = build("stacked")
+    members, _ = build("per_member", seed=8)  # other values, to see them overwritten
+    saved = members.state_dict()
+    assert set(stacked.state_dict()) == set(saved)
+    assert not torch.equal(saved["experts.layers.1.weight"], stacked.state_dict()["experts.layers.1.weight"])
+    members.load_state_dict(stacked.state_dict())  # stacked -> per member
+    for name, value in stacked.state_dict().items():
+        assert torch.equal(members.state_dict()[name], value), name
+    fresh, _ = build("stacked", seed=9)
+    fresh.load_state_dict(members.state_dict())  # per member -> stacked
+    inputs, source = make_inputs()
+    torch.testing.assert_close(fresh(inputs, source).outputs["price"], members(inputs, source).outputs["price"])
+    # live parameters (keep_vars=True, what init_from writes into) keep their own names
+    assert "experts.members.0.0.weight" in members.state_dict(keep_vars=True)

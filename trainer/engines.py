@@ -313,28 +313,34 @@ def zero_stage(cfg: Config) -> int | None:
 def model_construction(cfg: Config, info: DistInfo) -> contextlib.AbstractContextManager:
     """The context the model is built in.
 
-    ZeRO-3: experts in the per-member layout (`models.layers.sharded_layout`: ZeRO-3 gathers a
-    module's parameters whole, so 8 experts as one `[8, 4096, 4096]` tensor would be gathered,
-    and their gradient held, whole — 134M of a 138M-parameter model), under
-    `deepspeed.zero.Init`, which partitions every module's parameters as soon as the module is
-    built, so no rank ever holds more than one layer in full (and that only while it is built)
-    instead of the whole model until `deepspeed.initialize`. Its parameters are broadcast from
-    rank 0 before partitioning, so every rank builds the same model. Not with `run.init_from`:
-    copying a trained model's weights in needs the full tensors in the layout they were saved in.
+    ZeRO-2 and 3: experts in the per-member layout (`models.layers.sharded_layout`). ZeRO-3
+    gathers a module's parameters whole, and ZeRO-2 reduces a gradient larger than a bucket
+    whole, so 8 experts stacked in one `[8, 4096, 4096]` tensor — 134M of the benchmark's 138M
+    parameters — would be gathered and their gradient held in full on every rank.
+    ZeRO-3 also builds under `deepspeed.zero.Init`, which partitions every module's parameters
+    as soon as the module is built, so no rank ever holds more than one layer in full (and that
+    only while it is built) instead of the whole model until `deepspeed.initialize`. Its
+    parameters are broadcast from rank 0 before partitioning, so every rank builds the same model.
+    Neither with `run.init_from`: copying a trained model's weights in needs the full tensors.
     Other engines: a no-op (they replicate the model anyway).
     """
-    if zero_stage(cfg) != 3 or cfg.run.init_from:
+    stage = zero_stage(cfg)
+    if stage not in (2, 3) or cfg.run.init_from:
         return contextlib.nullcontext()
-    return _zero3_construction(cfg, info)
+    return _sharded_construction(cfg, info, stage)
 
 
 @contextlib.contextmanager
-def _zero3_construction(cfg: Config, info: DistInfo) -> Iterator[None]:
+def _sharded_construction(cfg: Config, info: DistInfo, stage: int) -> Iterator[None]:
     import deepspeed
 
     from manytask.models.layers import sharded_layout
 
-    with sharded_layout(), deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, info), mem_efficient_linear=False):
+    partitioned = (
+        deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, info), mem_efficient_linear=False)
+        if stage == 3 else contextlib.nullcontext()
+    )
+    with sharded_layout(), partitioned:
         yield
 
 
