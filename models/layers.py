@@ -227,7 +227,7 @@ def _stack_members(module: StackedMLP, state: dict, prefix: str, _metadata: Any)
             keys = [f"{prefix}members.{i}.{j}.{name}" for i in range(module.n)]
             parts = [state[k] for k in keys]
             expected = getattr(module.members[0][j], name).shape
-            if any(isinstance(t, nn.Parameter) or t.shape != expected for t in parts):
+            if any(isinstance(t, nn.Parameter) or t.numel() == 0 or t.shape != expected for t in parts):
                 return
             for k in keys:
                 del state[k]

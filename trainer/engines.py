@@ -220,9 +220,9 @@ class DeepSpeedEngine:
         ds_config = deepspeed_config(cfg, info, sum(getattr(p, "ds_numel", p.numel()) for p in params))
         # Unless the embedded config names a DeepSpeed optimizer, ZeRO wraps torch's own: its
         # state (step count included) round-trips exactly, so resumed runs stay bitwise equal.
-        # foreach, not fused: ZeRO swaps its flat partitions into the param groups afterwards,
-        # and that combination is what the resume tests cover.
-        client_opt = None if "optimizer" in ds_config else make_optimizer(cfg, params, fused=False)
+        # Fused: one pass per flat partition, where foreach allocates a partition-sized
+        # temporary (sqrt of the second moment) every step.
+        client_opt = None if "optimizer" in ds_config else make_optimizer(cfg, params)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=params,
@@ -231,6 +231,7 @@ class DeepSpeedEngine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         )
         use_weights_only_loading(self.model)
+        share_master_weights(self.optimizer)
         self.module = self.model.module
         self.grad_accum = cfg.trainer.grad_accum
         self.task_slices = task_slices_of(self.module)
@@ -301,6 +302,30 @@ class DeepSpeedEngine:
             for key, value in state.items():
                 if torch.is_tensor(value):
                     yield f"optimizer.state.{i}.{key}", value
+
+
+def share_master_weights(optimizer: Any) -> bool:
+    """ZeRO-1/2 training in fp32: make the optimizer's fp32 master partition the model's own
+    partition (same storage) instead of DeepSpeed's copy of it. True if shared.
+
+    DeepSpeed keeps a master copy of this rank's partition in fp32 and copies it back into the
+    model after each step, which in fp32 training is the same values twice — 4 bytes per
+    parameter per rank. ZeRO-3 already shares it when the dtypes agree. The values, and so
+    training, checkpoints and resume, stay bit for bit the same.
+    """
+    masters = getattr(optimizer, "single_partition_of_fp32_groups", None)
+    partitions = getattr(optimizer, "parallel_partitioned_bit16_groups", None)
+    if not masters or partitions is None or getattr(optimizer, "cpu_offload", False):
+        return False
+    import deepspeed.comm as dist
+
+    shared = False
+    for i, master in enumerate(masters):
+        own = partitions[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
+        if own.dtype == master.dtype and own.device == master.device and own.shape == master.shape:
+            master.data = own.data  # the same tensor object: the optimizer's param groups keep it
+            shared = True
+    return shared
 
 
 def zero_stage(cfg: Config) -> int | None:
