@@ -12,7 +12,7 @@ stays flat: tests/test_memory.py).
 Not for engines that shard the model (DeepSpeed): they allocate and free buffers of many sizes
 every step (gathered parameters, reduction buckets, flat gradient partitions), which a heap that
 keeps everything fragments: ZeRO-3's peak per rank on the 138M-parameter benchmark model was
-4,046 MiB with the thresholds raised, 2,310 MiB without. For them the mmap threshold is instead
+4,046 MiB with the thresholds raised, 2,317 MiB without. For them the mmap threshold is instead
 fixed at 1 MiB, so every larger block goes back to the OS when freed: glibc's own threshold
 rises with each freed block up to 32 MiB, and the heap then fragments the same way on models
 whose gathered parameters are below that (a 50M-parameter ZeRO-3 run peaked 0.3 GiB higher).
