@@ -110,3 +110,16 @@ def test_zero3_trains_and_resumes_under_a_cap_ddp_cannot_fit(tmp_path, demo_shar
     want, got = engine_tensors(final), engine_tensors(resumed / "ckpt" / final.name)
     assert want and sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want), "resumed partitions differ"
+
+
+def test_only_out_of_memory_errors_get_the_sharding_advice(monkeypatch):
+    from manytask.trainer.memory import out_of_memory_message
+
+    monkeypatch.setenv("RANK", "1")
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 268435456 bytes. "
+                       "Error code 12 (Cannot allocate memory)")
+    assert out_of_memory_message(cpu).startswith("out of memory on rank 1 (DefaultCPUAllocator: can't allocate")
+    assert "zero_optimization stage 3" in out_of_memory_message(cpu)
+    assert out_of_memory_message(MemoryError()).startswith("out of memory on rank 1 (MemoryError)")
+    assert out_of_memory_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert out_of_memory_message(ValueError("out of memory")) is None  # not an allocator's error
