@@ -188,9 +188,13 @@ class MemberLinear(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, bias: torch.Tensor):
         super().__init__()
         bound = 1.0 / math.sqrt(in_dim) if in_dim > 0 else 0.0
-        # drawn on the CPU generator, as StackedLinear's values (built on CPU) are
-        self.weight = nn.Parameter(torch.empty(in_dim, out_dim, device="cpu").uniform_(-bound, bound))
-        self.bias = nn.Parameter(bias.clone())
+        # drawn from the CPU generator, as StackedLinear's values (built on CPU) are, and copied
+        # to wherever tensors are made here (`deepspeed.zero.Init` makes them on the rank's device)
+        self.weight = nn.Parameter(torch.empty(in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(out_dim))
+        with torch.no_grad():
+            self.weight.copy_(torch.empty(in_dim, out_dim, device="cpu").uniform_(-bound, bound))
+            self.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         y = torch.addmm(self.bias, x, self.weight)
