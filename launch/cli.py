@@ -171,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
         print(f"manytask: checkpoint error{rank}: {err}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as err:  # every rank says it: it may be one rank's own
+        from manytask.trainer.memory import out_of_memory_message
+
+        message = out_of_memory_message(err)
+        if message is None or os.environ.get("MANYTASK_DEBUG"):
+            raise
+        print(f"manytask: {message}", file=sys.stderr)
+        return 1
 
 
 def run() -> None:

@@ -4,12 +4,21 @@ A stacked layer holds the weights of n same-shaped layers (n experts, or n task 
 tensor `[n, in, out]` and runs all of them in one batched matmul (`baddbmm`), so dozens of
 experts or towers cost one kernel instead of a Python loop. Member i of a stacked layer is
 `weight[i]`, `bias[i]`: that slice is what `task_parameters()` hands to the trainer.
+
+A `StackedMLP` can instead hold each member as its own modules (`per_member=True`, the
+"per-member layout"): the engines that shard per module — DeepSpeed ZeRO-3 gathers a module's
+parameters around its forward and its backward — then gather and reduce one member at a time
+instead of a whole `[n, in, out]` tensor. Same function, same initial values, n matmuls instead
+of one; `expert_layout` in the model params chooses it (`auto`: under ZeRO-2/3, `sharded_layout`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +29,26 @@ from manytask.models.mixed_linear import mixed_linear
 Activation = Literal["relu", "gelu", "silu", "tanh"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+# How experts are held: one stacked tensor per layer, or one module per member; "auto" takes
+# the per-member layout while the model is built under `sharded_layout()` (ZeRO-3).
+ExpertLayout = Literal["auto", "stacked", "per_member"]
+_SHARDED = ContextVar("manytask_sharded_layout", default=False)
+
+
+@contextmanager
+def sharded_layout() -> Iterator[None]:
+    """Models built inside resolve `expert_layout: auto` to the per-member layout."""
+    token = _SHARDED.set(True)
+    try:
+        yield
+    finally:
+        _SHARDED.reset(token)
+
+
+def per_member(layout: ExpertLayout) -> bool:
+    """Whether `layout` (a model's `expert_layout` param) means one module per member here."""
+    return layout == "per_member" or (layout == "auto" and _SHARDED.get())
 
 
 def mlp(
@@ -50,8 +79,12 @@ def last_linear(module: nn.Module) -> list[nn.Parameter]:
     ([] when none): the "last shared layer" GradNorm measures gradient norms on."""
     last: nn.Module | None = None
     for sub in module.modules():
-        if isinstance(sub, (nn.Linear, StackedLinear, nn.RNNBase)):
+        if isinstance(sub, StackedMLP) and sub.members is not None:
+            last = sub  # its members' last layers, not one member's
+        elif isinstance(sub, (nn.Linear, StackedLinear, nn.RNNBase)):
             last = sub
+    if isinstance(last, StackedMLP):
+        return last.last_layer_parameters()
     return list(last.parameters()) if last is not None else []
 
 
@@ -145,12 +178,85 @@ class StackedLinear(nn.Module):
         return f"n={self.n}, in_dim={self.in_dim}, out_dim={self.out_dim}"
 
 
+class MemberLinear(nn.Module):
+    """One member of a stacked layer as a module of its own: weight `[in, out]`, bias `[out]`
+    (the slices `weight[i]`, `bias[i]` of a `StackedLinear`). forward: `[B, in]` -> `[B, out]`.
+
+    Built by `member_layers`, which gives it the values StackedLinear would have drawn.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, bias: torch.Tensor):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim) if in_dim > 0 else 0.0
+        # drawn from the CPU generator, as StackedLinear's values (built on CPU) are, and copied
+        # to wherever tensors are made here (`deepspeed.zero.Init` makes them on the rank's device)
+        self.weight = nn.Parameter(torch.empty(in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(out_dim))
+        with torch.no_grad():
+            self.weight.copy_(torch.empty(in_dim, out_dim, device="cpu").uniform_(-bound, bound))
+            self.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        y = torch.addmm(self.bias, x, self.weight)
+        return torch.relu_(y) if relu else y
+
+
+def member_layers(n: int, in_dim: int, out_dim: int) -> list[MemberLinear]:
+    """n `MemberLinear` holding exactly the values `StackedLinear(n, in_dim, out_dim)` would
+    draw from the global CPU generator here (weight `[n, in, out]`, then bias `[n, out]`),
+    leaving the generator where StackedLinear would — without ever holding `[n, in, out]`.
+
+    CPU `uniform_` draws element by element, so member i's weight is the i-th `[in, out]` run of
+    the stream; the biases come after all weights, so the weights are drawn twice (skipped once).
+    """
+    bound = 1.0 / math.sqrt(in_dim) if in_dim > 0 else 0.0
+    start = torch.get_rng_state()
+    for _ in range(n):
+        torch.empty(in_dim, out_dim, device="cpu").uniform_(-bound, bound)
+    biases = torch.empty(n, out_dim, device="cpu").uniform_(-bound, bound)
+    end = torch.get_rng_state()
+    torch.set_rng_state(start)
+    members = [MemberLinear(in_dim, out_dim, biases[i]) for i in range(n)]
+    torch.set_rng_state(end)
+    return members
+
+
+def _stack_members(module: StackedMLP, state: dict, prefix: str, _metadata: Any) -> None:
+    """state_dict hook of the per-member layout: `members.{i}.{j}.weight` / `.bias` ->
+    `layers.{j}.weight` `[n, in, out]` / `layers.{j}.bias` `[n, out]`, as the stacked layout
+    saves them. Left as they are when they are live parameters (`keep_vars=True`: callers
+    write into them) or ZeRO-3 partitions (empty placeholders, saved and loaded per member)."""
+    for j in range(module.depth):
+        for name in ("weight", "bias"):
+            keys = [f"{prefix}members.{i}.{j}.{name}" for i in range(module.n)]
+            parts = [state[k] for k in keys]
+            expected = getattr(module.members[0][j], name).shape
+            if any(isinstance(t, nn.Parameter) or t.numel() == 0 or t.shape != expected for t in parts):
+                return
+            for k in keys:
+                del state[k]
+            state[f"{prefix}layers.{j}.{name}"] = torch.stack(parts)
+
+
+def _unstack_members(module: StackedMLP, state: dict, prefix: str, *_: Any) -> None:
+    """load_state_dict pre-hook of the per-member layout: stacked-layout keys -> per member."""
+    for j in range(module.depth):
+        for name in ("weight", "bias"):
+            stacked = state.pop(f"{prefix}layers.{j}.{name}", None)
+            if stacked is not None:
+                for i in range(module.n):
+                    state[f"{prefix}members.{i}.{j}.{name}"] = stacked[i]
+
+
 class StackedMLP(nn.Module):
     """n independent MLPs of identical shape, run as one batched op per layer.
 
     forward: `[B, in_dim]` or `[n, B, in_dim]` -> `[n, B, dims[-1]]` (`[n, B, in_dim]` when
     `dims` is empty). Activation after every layer, except the last when `last_activation`
     is False.
+
+    per_member=True: member i is `members[i]`, its own `MemberLinear` per layer, run one member
+    after the other (see the module docstring); `layers` is then empty. Same initial values.
     """
 
     def __init__(
@@ -161,25 +267,51 @@ class StackedMLP(nn.Module):
         activation: Activation = "relu",
         last_activation: bool = True,
         dropout: float = 0.0,
+        per_member: bool = False,
     ):
         super().__init__()
         self.n = n
+        self.depth = len(dims)
         self.layers = nn.ModuleList()
+        self.members: nn.ModuleList | None = None
+        by_layer: list[list[MemberLinear]] = []
         for out_dim in dims:
-            self.layers.append(StackedLinear(n, in_dim, out_dim))
+            if per_member:
+                by_layer.append(member_layers(n, in_dim, out_dim))
+            else:
+                self.layers.append(StackedLinear(n, in_dim, out_dim))
             in_dim = out_dim
+        if per_member and dims:
+            self.members = nn.ModuleList(nn.ModuleList(layer[i] for layer in by_layer) for i in range(n))
+            # saved and loaded under the stacked layout's names and shapes: checkpoints, export
+            # and init_from do not depend on the layout the model was trained in
+            self.register_state_dict_post_hook(_stack_members)
+            self.register_load_state_dict_pre_hook(_unstack_members)
         self.out_dim = in_dim
         self.activation = ACTIVATIONS[activation]()
         self.last_activation = last_activation
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.layers and x.dim() == 2:
+        if not self.depth and x.dim() == 2:
             return x.unsqueeze(0).expand(self.n, -1, -1)
+        if self.members is not None:
+            return torch.stack([self._member_forward(i, x if x.dim() == 2 else x[i]) for i in range(self.n)])
         return self.after_layer(x, -1)
 
+    def _member_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Member i alone: `[B, in_dim]` -> `[B, out_dim]`."""
+        for j, layer in enumerate(self.members[i]):
+            fused = self._fuses_relu(j)
+            x = layer(x, relu=fused)
+            x = self._dropout(x) if fused else self._activate(x, j == self.depth - 1)
+        return x
+
     def after_layer(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """The rest of the MLP from layer i's output `x` (pre-activation); i = -1: the input."""
+        """The rest of the MLP from layer i's output `x` (pre-activation); i = -1: the input.
+        Stacked layout only."""
+        if self.members is not None:
+            raise NotImplementedError("StackedMLP.after_layer: the per-member layout runs whole members")
         last = len(self.layers) - 1
         if i >= 0 and self._fuses_relu(i):
             # the caller hands over a fresh layer output: ReLU in place, as inside the layers
@@ -194,7 +326,7 @@ class StackedMLP(nn.Module):
         return x
 
     def _fuses_relu(self, j: int) -> bool:
-        return isinstance(self.activation, nn.ReLU) and (self.last_activation or j < len(self.layers) - 1)
+        return isinstance(self.activation, nn.ReLU) and (self.last_activation or j < self.depth - 1)
 
     def _activate(self, x: torch.Tensor, is_last: bool) -> torch.Tensor:
         if is_last and not self.last_activation:
@@ -204,6 +336,15 @@ class StackedMLP(nn.Module):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
-    def member_parameters(self, i: int) -> list[tuple[nn.Parameter, int]]:
-        """Member i's parameters as (stacked tensor, slice index along dim 0)."""
+    def member_parameters(self, i: int) -> list[tuple[nn.Parameter, int | None]]:
+        """Member i's parameters as (stacked tensor, slice index along dim 0), or (its own
+        tensor, None) in the per-member layout."""
+        if self.members is not None:
+            return [(p, None) for p in self.members[i].parameters()]
         return [(p, i) for p in self.parameters()]
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The last layer's parameters: one stacked weight and bias, or every member's."""
+        if self.members is not None:
+            return [p for member in self.members for p in member[-1].parameters()]
+        return list(self.layers[-1].parameters()) if self.depth else []

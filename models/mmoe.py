@@ -16,7 +16,14 @@ from torch import nn
 
 from manytask.models.encoders import EncoderParams, InputEncoder
 from manytask.models.gates import SHARED_GATE, SoftmaxGates, gate_outputs, load_balance_loss, mix
-from manytask.models.layers import ACTIVATIONS, Activation, StackedMLP, last_linear
+from manytask.models.layers import (
+    ACTIVATIONS,
+    Activation,
+    ExpertLayout,
+    StackedMLP,
+    last_linear,
+    per_member,
+)
 from manytask.models.spec import ModelOutput, ModelSpec
 from manytask.models.towers import Towers
 from manytask.schema import ConfigError, load_dataclass
@@ -34,6 +41,10 @@ class MMoEParams:
     gate_dropout: float = 0.0  # drop expert weights per sample in training, renormalise
     load_balance_weight: float = 0.0  # weight of aux_losses["load_balance"]; 0 = off
     activation: Activation = "relu"
+    # stacked: one [E, in, out] tensor per layer, one batched matmul (fastest unsharded);
+    # per_member: one module per expert, so ZeRO-2/3 reduce (ZeRO-3: gather) one expert at a time;
+    # auto: per_member under ZeRO-2/3, stacked otherwise (same initial values and saved state)
+    expert_layout: ExpertLayout = "auto"
 
     def validate(self, file: str | None) -> None:
         where = f" in {file}" if file else ""
@@ -61,7 +72,9 @@ class MMoE(nn.Module):
         self.shared_gate = shared_gate
         self.load_balance_weight = p.load_balance_weight
         self.encoder = InputEncoder(spec.inputs, p.encoder)
-        self.experts = StackedMLP(p.num_experts, self.encoder.out_dim, p.expert_hidden, p.activation)
+        self.experts = StackedMLP(
+            p.num_experts, self.encoder.out_dim, p.expert_hidden, p.activation, per_member=per_member(p.expert_layout)
+        )
         if p.gate_input == "embedding":
             self.gate_embedding: nn.Module | None = nn.Sequential(
                 nn.Linear(self.encoder.out_dim, p.gate_embedding_dim), ACTIVATIONS[p.activation]()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -68,12 +69,15 @@ def write_recipe(tmp_path: Path, data_dir: Path, **sections) -> Path:
 
 
 def torchrun(recipe: Path, *overrides: str, nproc: int = 2, timeout: float = 600, check: bool = True,
-             extra_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run `manytask train` under a real torchrun with `nproc` CPU processes (gloo)."""
+             extra_args: tuple[str, ...] = (), data_cap_mib: int | None = None) -> subprocess.CompletedProcess:
+    """Run `manytask train` under a real torchrun with `nproc` CPU processes (gloo); with
+    `data_cap_mib`, every process of the job (launcher included) under that RLIMIT_DATA."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *extra_args, "-m", "manytask.launch.cli", "train", str(recipe), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    cap = None if data_cap_mib is None else data_cap_mib << 20
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+                          preexec_fn=None if cap is None else lambda: resource.setrlimit(resource.RLIMIT_DATA, (cap, cap)))
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -221,9 +221,9 @@ class DeepSpeedEngine:
         ds_config = deepspeed_config(cfg, info, sum(getattr(p, "ds_numel", p.numel()) for p in params))
         # Unless the embedded config names a DeepSpeed optimizer, ZeRO wraps torch's own: its
         # state (step count included) round-trips exactly, so resumed runs stay bitwise equal.
-        # foreach, not fused: ZeRO swaps its flat partitions into the param groups afterwards,
-        # and that combination is what the resume tests cover.
-        client_opt = None if "optimizer" in ds_config else make_optimizer(cfg, params, fused=False)
+        # Fused: one pass per flat partition, where foreach allocates a partition-sized
+        # temporary (sqrt of the second moment) every step.
+        client_opt = None if "optimizer" in ds_config else make_optimizer(cfg, params)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=params,
@@ -232,6 +232,7 @@ class DeepSpeedEngine:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         )
         use_weights_only_loading(self.model)
+        share_master_weights(self.optimizer)
         self.module = self.model.module
         self.grad_accum = cfg.trainer.grad_accum
         self.task_slices = task_slices_of(self.module)
@@ -312,6 +313,30 @@ class DeepSpeedEngine:
                     yield f"optimizer.state.{i}.{key}", value
 
 
+def share_master_weights(optimizer: Any) -> bool:
+    """ZeRO-1/2 training in fp32: make the optimizer's fp32 master partition the model's own
+    partition (same storage) instead of DeepSpeed's copy of it. True if shared.
+
+    DeepSpeed keeps a master copy of this rank's partition in fp32 and copies it back into the
+    model after each step, which in fp32 training is the same values twice — 4 bytes per
+    parameter per rank. ZeRO-3 already shares it when the dtypes agree. The values, and so
+    training, checkpoints and resume, stay bit for bit the same.
+    """
+    masters = getattr(optimizer, "single_partition_of_fp32_groups", None)
+    partitions = getattr(optimizer, "parallel_partitioned_bit16_groups", None)
+    if not masters or partitions is None or getattr(optimizer, "cpu_offload", False):
+        return False
+    import deepspeed.comm as dist
+
+    shared = False
+    for i, master in enumerate(masters):
+        own = partitions[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
+        if own.dtype == master.dtype and own.device == master.device and own.shape == master.shape:
+            master.data = own.data  # the same tensor object: the optimizer's param groups keep it
+            shared = True
+    return shared
+
+
 def zero_stage(cfg: Config) -> int | None:
     """The recipe's ZeRO stage under DeepSpeed (0 when it names none), None on other engines."""
     if cfg.engine.name != "deepspeed":
@@ -322,11 +347,15 @@ def zero_stage(cfg: Config) -> int | None:
 def model_construction(cfg: Config, info: DistInfo) -> contextlib.AbstractContextManager:
     """The context the model is built in.
 
-    ZeRO-3: `deepspeed.zero.Init`, which partitions every module's parameters as soon as the
-    module is built, so no rank ever holds more than one layer in full (and that only while it
-    is built) instead of the whole model until `deepspeed.initialize`. Its parameters are
-    broadcast from rank 0 before partitioning, so every rank builds the same model. Not with
-    `run.init_from`: copying a trained model's weights in needs the full tensors.
+    ZeRO-2 and 3: experts in the per-member layout (`models.layers.sharded_layout`). ZeRO-3
+    gathers a module's parameters whole, and ZeRO-2 reduces a gradient larger than a bucket
+    whole, so 8 experts stacked in one `[8, 4096, 4096]` tensor — 134M of the benchmark's 138M
+    parameters — would be gathered and their gradient held in full on every rank.
+    ZeRO-3 also builds under `deepspeed.zero.Init`, which partitions every module's parameters
+    as soon as the module is built, so no rank ever holds more than one layer in full (and that
+    only while it is built) instead of the whole model until `deepspeed.initialize`. Its
+    parameters are broadcast from rank 0 before partitioning, so every rank builds the same model.
+    Neither with `run.init_from`: copying a trained model's weights in needs the full tensors.
     FSDP: parameters on the `meta` device, materialised shard by shard (`fsdp_engine`).
     Other engines: a no-op (they replicate the model anyway).
     """
@@ -334,11 +363,24 @@ def model_construction(cfg: Config, info: DistInfo) -> contextlib.AbstractContex
         from manytask.trainer.fsdp_engine import builds_on_meta, parameters_on_meta
 
         return parameters_on_meta() if builds_on_meta(cfg) else contextlib.nullcontext()
-    if zero_stage(cfg) != 3 or cfg.run.init_from:
+    stage = zero_stage(cfg)
+    if stage not in (2, 3) or cfg.run.init_from:
         return contextlib.nullcontext()
+    return _sharded_construction(cfg, info, stage)
+
+
+@contextlib.contextmanager
+def _sharded_construction(cfg: Config, info: DistInfo, stage: int) -> Iterator[None]:
     import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, info), mem_efficient_linear=False)
+    from manytask.models.layers import sharded_layout
+
+    partitioned = (
+        deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, info), mem_efficient_linear=False)
+        if stage == 3 else contextlib.nullcontext()
+    )
+    with sharded_layout(), partitioned:
+        yield
 
 
 # DeepSpeed's default buckets hold 5e8 elements: its gradient-reduction buffer alone is 2 GB of

@@ -26,11 +26,7 @@ process group (export, eval, predict).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import math
-import os
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -186,23 +182,6 @@ class ReduceScatterByAllReduce(ReduceScatter):
         return None
 
 
-def mmap_large_blocks(threshold: int = 64 << 20) -> None:
-    """Let glibc serve (and return) blocks of at least `threshold` bytes by mmap again.
-
-    `trainer/memory.py` keeps freed blocks up to 1 GiB in the heap so a step's tensors are not
-    page-faulted in every step. FSDP allocates each unit's gathered parameters, full gradients
-    and reduce-scatter buffers — up to the size of the largest layer, several times a step —
-    between long-lived shards: kept in the heap they fragment it, and a 138M-parameter MMoE's
-    peak per rank grows from 2.5 GiB to 5.5 GiB (bench/bench_memory.py). Smaller blocks (the
-    activations) stay in the heap."""
-    if not sys.platform.startswith("linux") or os.environ.get("MANYTASK_KEEP_FREED_MEMORY", "1") == "0":
-        return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # another libc: nothing to undo
-        pass
-
-
 def mixed_precision(cfg: Config, info: DistInfo) -> MixedPrecisionPolicy:
     """bf16 compute with fp32 gradient reduction on a GPU (precision auto/bf16); fp32 else."""
     if info.device.type == "cuda" and cfg.trainer.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
@@ -301,8 +280,6 @@ class FSDPEngine:
 
     def __init__(self, cfg: Config, model: nn.Module, info: DistInfo):
         self.cfg, self.info = cfg, info
-        if info.device.type == "cpu":
-            mmap_large_blocks()
         ensure_process_group(info)
         mesh = init_device_mesh(info.device.type, (dist.get_world_size(),))
         on_meta = any(p.device.type == "meta" for p in model.parameters())

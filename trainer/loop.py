@@ -254,7 +254,7 @@ def gate_metrics(out: Any) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- set-up
 def build_job(cfg: Config) -> Job:
-    keep_freed_memory()  # before the first big allocation: no per-step page faults on CPU
+    keep_freed_memory(cfg.engine.name)  # before the first big allocation: no per-step page faults on CPU
     info = D.init_distributed(cfg.engine.backend, deepspeed=cfg.engine.name == "deepspeed")
     D.seed_everything(cfg.run.seed, info.rank)
     run = RunDir(cfg, info)
