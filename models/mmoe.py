@@ -91,6 +91,9 @@ class MMoE(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor], source_id: torch.Tensor) -> ModelOutput:
         h = self.encoder(inputs)  # [B, F]
         experts = self.experts(h)  # [E, B, D]
+        # [B, E, D] for MGDA-UB, upstream of every use below so each task's gradient reaches it
+        shared = experts.transpose(0, 1)
+        experts = shared.transpose(0, 1)
         w = self.gates(self.gate_embedding(h) if self.gate_embedding is not None else h)  # [G, B, E]
         if self.shared_gate:
             outputs = self.towers(mix(w, experts)[0])  # one mixture [B, D] for every tower
@@ -102,7 +105,7 @@ class MMoE(nn.Module):
             aux["load_balance"] = self.load_balance_weight * load_balance_loss(w)
         return ModelOutput(
             outputs, aux_losses=aux, gate_means=means, gate_entropy=entropy,
-            shared=experts.transpose(0, 1),
+            shared=shared,
         )
 
     def gate_experts(self) -> dict[str, list[str]]:

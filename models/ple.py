@@ -106,15 +106,18 @@ class ExtractionLevel(nn.Module):
         for layer in self.task_experts:
             h = self.act(layer(h))  # [T, K, B, d]
         shared_out = self.shared_experts(shared_in)  # [S, B, D]
+        # [B, S, D] for MGDA-UB, upstream of every use below so each task's gradient reaches it
+        representation = shared_out.transpose(0, 1)
+        shared_out = representation.transpose(0, 1)
         B, D = shared_out.shape[1:]
         experts = torch.cat([h.reshape(T * K, B, D), shared_out], dim=0)  # [T*K+S, B, D]
         w = self.task_gates(task_in)  # [T, B, K+S]
         own = torch.cat([h, shared_out.unsqueeze(0).expand(T, S, B, D)], dim=1)  # [T, K+S, B, D]
         task_out = mix(w, own)  # [T, B, D]
         if self.shared_gate is None:
-            return task_out, None, [w], experts
+            return task_out, None, [w], representation
         w_shared = self.shared_gate(shared_in)  # [1, B, T*K+S]
-        return task_out, mix(w_shared, experts)[0], [w, w_shared], experts
+        return task_out, mix(w_shared, experts)[0], [w, w_shared], representation
 
     def gate_experts(self, task_names: list[str]) -> dict[str, list[str]]:
         """Gate key (without level) -> the experts it weighs, named `<task>.<k>` / `shared.<s>`."""
@@ -158,7 +161,7 @@ class PLE(nn.Module):
         means: dict[str, torch.Tensor] = {}
         entropy: dict[str, torch.Tensor] = {}
         for level, module in enumerate(self.levels):
-            task_rep, shared_next, weights, experts = module(task_rep, shared_rep)
+            task_rep, shared_next, weights, representation = module(task_rep, shared_rep)
             for gate_keys, w in zip(self.gate_keys[level], weights):
                 m, e = gate_outputs(gate_keys, w)
                 means.update(m)
@@ -169,7 +172,7 @@ class PLE(nn.Module):
             self.towers(task_rep),
             gate_means=means,
             gate_entropy=entropy,
-            shared=experts.transpose(0, 1),
+            shared=representation,
         )
 
     def gate_experts(self) -> dict[str, list[str]]:

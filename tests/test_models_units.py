@@ -239,6 +239,21 @@ def test_load_balance_is_zero_for_uniform_gates():
     assert load_balance_loss(one_hot).item() == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize("name", ["multi_head", "mmoe", "omoe", "ple", "conditioned"])
+def test_every_task_loss_reaches_the_shared_representation(name):
+    """MGDA-UB differentiates each task's loss against `out.shared`: it must lie upstream of every
+    tower (a detached view gives no gradient, and MGDA then silently weighs tasks uniformly)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name, {}), make_spec())
+    out = model(*make_inputs())
+    assert out.shared is not None and out.shared.shape[0] == 16  # leading batch dim
+    masks = {t: torch.ones(16, dtype=torch.bool) for t in TASKS}
+    losses = task_losses(out.outputs, make_labels(), masks, model_spec_tasks(model))
+    for task, loss in losses.items():
+        (g,) = torch.autograd.grad(loss, out.shared, retain_graph=True, allow_unused=True)
+        assert g is not None and g.abs().sum() > 0, f"{name}: {task}'s loss does not reach out.shared"
+
+
 # -- masked task: exactly zero gradient on its tower ------------------------------------------
 
 
