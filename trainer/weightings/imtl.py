@@ -1,5 +1,7 @@
 """`imtl_g`, `imtl_l` and `imtl` (the hybrid): Impartial Multi-Task Learning (Liu, Li, Kuang, Xue, Chen, Yang, Liao &
-Zhang, "Towards Impartial Multi-task Learning", ICLR 2021; Sec. 3.1 IMTL-L, Sec. 3.2 IMTL-G).
+Zhang, "Towards Impartial Multi-task Learning", ICLR 2021, openreview.net/forum?id=IMPnRXEWpvr:
+IMTL-G its gradient balance, IMTL-L its loss balance, Eq. (6) with a = e, b = 1, IMTL its
+hybrid balance).
 
 IMTL-G (gradient balance): find the combination d = Σ_t α_t g_t, Σ_t α_t = 1, whose
 projections onto every unit task gradient u_t = g_t / ||g_t|| are equal (dᵀu_1 = dᵀu_t). With
@@ -9,12 +11,12 @@ Gram-matrix entry divided by a norm, so α follows from M = G Gᵀ alone.
 Path: coefficients (`CoefficientWeighting`: one backward of Σ_t c_t L_t, exact over ranks),
 with c = K·α so that the weights sum to K like `equal`.
 
-IMTL-L (loss balance): a learnable s_t per task, training on Σ_t (e^{s_t} L_t − s_t); at the
+IMTL-L (loss balance, Eq. (6)): a learnable s_t per task, training on Σ_t (e^{s_t} L_t − s_t); at the
 optimum e^{s_t} L_t = 1, so every scaled loss is 1. Path: losses only, like `uncertainty`: the
 s_t are parameters of the weighting (the trainer's optimizer steps them) and their gradient is
 built from the all-reduced loss, so every rank keeps the same s.
 
-IMTL (the hybrid the paper recommends, Sec. 3.3 / Algorithm 1, and LibMTL's `IMTL`): IMTL-L's
+IMTL (the hybrid balance the paper recommends, as LibMTL's `IMTL` implements it): IMTL-L's
 scales make the scaled losses L̃_t = e^{s_t} L_t − s_t, and IMTL-G's closed form is applied to
 their gradients g̃_t = e^{s_t} g_t. Their Gram matrix is E M E with E = diag(e^{s}), so α still
 follows from M alone; the shared direction Σ_t α_t g̃_t is the combination c_t = K·α_t·e^{s_t}
