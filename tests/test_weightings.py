@@ -140,6 +140,7 @@ def expected_sum(method: str, weights: dict[str, float], present: set[str]) -> f
         "imtl_g": k,
         "db_mtl": None,  # 1 / loss
         "imtl_l": None,  # learned
+        "imtl": None,  # K·α·e^s: learned scales
         "cagrad": None,  # K (1 + λ) / (1 + c²)
         "nash_mtl": None,
         "aligned_mtl": None,

@@ -151,6 +151,27 @@ def test_imtl_l_scales_every_loss_to_one() -> None:
     assert w["small"] * 0.1 == pytest.approx(1.0, rel=0.1) and w["large"] * 10 == pytest.approx(1.0, rel=0.1)
 
 
+def test_imtl_hybrid_balances_the_scaled_gradients_and_learns_the_scales() -> None:
+    """Shared θ [2] at 0, L_a = 0.5 + θ·(1, 0), L_b = 3 + θ·(0, 2), scales s = (ln 2, 0): the
+    scaled gradients (2, 0) and (0, 2) have equal norms, so α = (1/2, 1/2) and c = K·α·e^s =
+    (2, 1); the shared gradient (2, 2) projects equally on both tasks' directions, and
+    ∂/∂s_t = e^{s_t} L_t − 1 = (0, 2). With s = 0 it is IMTL-G: α = (2/3, 1/3), c = (4/3, 2/3)."""
+    two = {"a": TaskConfig("regression"), "b": TaskConfig("regression")}
+    for scales, coeffs, s_grad in [([math.log(2), 0.0], [2.0, 1.0], [0.0, 2.0]), ([0.0, 0.0], [4 / 3, 2 / 3], [-0.5, 2.0])]:
+        imtl = build_weighting(WeightingConfig("imtl"), two)
+        (s,) = imtl.parameters()
+        with torch.no_grad():
+            s.copy_(torch.tensor(scales))
+        theta = torch.zeros(2, requires_grad=True)
+        losses = {"a": 0.5 + theta @ torch.tensor([1.0, 0.0]), "b": 3.0 + theta @ torch.tensor([0.0, 2.0])}
+        total, weights = imtl.combine(losses, WeightingContext(shared_params=[theta]))
+        assert [weights["a"], weights["b"]] == pytest.approx(coeffs)
+        d_theta, d_s = torch.autograd.grad(total, [theta, s])
+        torch.testing.assert_close(d_theta, coeffs[0] * torch.tensor([1.0, 0.0]) + coeffs[1] * torch.tensor([0.0, 2.0]))
+        torch.testing.assert_close(d_s, torch.tensor(s_grad))
+    assert d_theta.tolist() == pytest.approx([4 / 3, 4 / 3])  # equal projections on (1, 0), (0, 1)
+
+
 # --------------------------------------------------------------------------- mixed precision
 @pytest.mark.parametrize("method", [m for m, c in WEIGHTINGS.items() if c.gradients != "none"])
 def test_gradient_methods_run_finite_under_bf16_autocast(method: str) -> None:

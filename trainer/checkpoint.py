@@ -176,12 +176,13 @@ class Checkpointer:
 
     header: what `common.pt` carries besides the parts (the run's resolved config, its tasks),
     readable without building anything (`read_model_state`).
+    every: `checkpoint.every` — the steps `should_save` picks (0: only the last step).
     checksums: False only to measure what they cost (bench/bench_trainer.py).
     """
 
-    def __init__(self, root: Path, info: D.DistInfo, keep_last: int = 3, checksums: bool = True):
+    def __init__(self, root: Path, info: D.DistInfo, keep_last: int = 3, checksums: bool = True, every: int = 0):
         self.root, self.info, self.keep_last = Path(root), info, max(1, keep_last)
-        self.checksums = checksums
+        self.checksums, self.every = checksums, every
         self.parts: dict[str, Part] = {}
         self.header: dict[str, Any] = {}
 
@@ -195,6 +196,11 @@ class Checkpointer:
         self.parts[name] = Part(obj, per_rank, must_be_finite, same_world_only)
 
     # ---------------------------------------------------------------- save
+    def should_save(self, step: int, last_step: bool = False) -> bool:
+        """Every `every` steps and at the last one. From the step and the recipe alone, so every
+        rank decides the same (a preemption stop saves through `save` directly)."""
+        return last_step or (self.every > 0 and step % self.every == 0)
+
     def check_finite(self, step: int) -> None:
         """Refuse (on every rank) to checkpoint NaN/inf parameters or optimizer state."""
         bad = None

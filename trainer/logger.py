@@ -140,6 +140,9 @@ class MetricsLogger:
     On other ranks (`is_rank0=False`) every method does nothing, so callers need no rank
     checks. Pass the `run_id` saved in the checkpoint when resuming so W&B continues the
     same run; `resume_step` is the checkpoint's step (0 = a fresh run: the file is reset).
+    It owns its schedule: `should_log` (`trainer.log_every`) and `should_log_gate_heatmap`
+    (`logging.heatmap_every`), decided from the step and the recipe, the same on every rank
+    (a log step runs collectives: the gate statistics are averaged over ranks).
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class MetricsLogger:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = is_rank0
+        self.log_every, self.heatmap_every = cfg.trainer.log_every, cfg.logging.heatmap_every
         self._run_id = run_id or generate_run_id()
         self._run: Any = None  # wandb Run
         self._wandb_dir: Path | None = None
@@ -216,6 +220,14 @@ class MetricsLogger:
     def wandb_dir(self) -> Path | None:
         """The local W&B run folder (`run_dir/wandb/offline-run-...`), None without W&B."""
         return self._wandb_dir
+
+    def should_log(self, step: int, last_step: bool = False) -> bool:
+        """Training scalars every `trainer.log_every` steps and at the last one."""
+        return last_step or step % self.log_every == 0
+
+    def should_log_gate_heatmap(self, step: int) -> bool:
+        """The gate-utilization image every `logging.heatmap_every` steps (0: never)."""
+        return self.heatmap_every > 0 and step % self.heatmap_every == 0
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Write scalars (floats, numpy or 0-d tensors) for `step` to metrics.jsonl and W&B."""

@@ -3,7 +3,10 @@
 `train(cfg)` is what `manytask train` and every torchrun rank call. The step itself
 (`train_step`) reads top to bottom: sampler picks how many samples of each source, one routed
 forward, masked per-task losses, one all-reduce of what all ranks must agree on, loss
-weighting, one backward, one optimizer step.
+weighting, one backward, one optimizer step. Around it, each part decides its own timing
+(as torchtitan's trainer does): `logger.should_log`, `affinity.should_run`,
+`validator.should_validate`, `logger.should_log_gate_heatmap`, `ckpt.should_save` — from
+the step and the recipe alone, plus the agreed stop flag, so every rank decides the same.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 
 from manytask.config import Config
-from manytask.data_pipeline.loader import MultiSourceLoader, source_sizes, val_batches
+from manytask.data_pipeline.loader import MultiSourceLoader, source_sizes
 from manytask.models import build_model
 from manytask.models.losses import task_losses
 from manytask.models.spec import TaskSpec
@@ -27,9 +30,7 @@ from manytask.trainer.engines import (
     build_engine,
     model_construction,
     restart_schedule,
-    zero_stage,
 )
-from manytask.trainer.evaluate import evaluate
 from manytask.trainer.finetune import prepare_finetune
 from manytask.trainer.logger import MetricsLogger
 from manytask.trainer.memory import keep_freed_memory
@@ -48,6 +49,7 @@ from manytask.trainer.run_dir import RunDir
 from manytask.trainer.run_lock import RunLock, RunLocked
 from manytask.trainer.specs import build_model_spec
 from manytask.trainer.task_sampler import TaskSampler
+from manytask.trainer.validator import Validator
 from manytask.trainer.weightings import build_weighting
 from manytask.trainer.weightings.base import WeightingContext
 
@@ -85,6 +87,7 @@ class Job:
     preempt: PreemptionFlag
     affinity: TaskAffinity
     gate_health: GateHealth
+    validator: Validator
     step: int = 0
     samples_per_task: dict[str, int] = field(default_factory=dict)
     nonfinite_steps: int = 0
@@ -310,9 +313,11 @@ def _build_parts(cfg: Config, info: D.DistInfo, run: RunDir, lock: RunLock) -> J
     return Job(
         cfg=cfg, info=info, run=run, lock=lock, specs=specs, data=data, sampler=sampler, engine=engine,
         weighting=weighting, weighting_opt=weighting_opt, logger=None,  # type: ignore[arg-type]
-        ckpt=Checkpointer(run.ckpt, info, cfg.checkpoint.keep_last), preempt=PreemptionFlag().install(),
+        ckpt=Checkpointer(run.ckpt, info, cfg.checkpoint.keep_last, every=cfg.checkpoint.every),
+        preempt=PreemptionFlag().install(),
         affinity=TaskAffinity(cfg.monitor, list(specs)),
         gate_health=GateHealth(cfg.monitor, gate_experts_of(engine.module)),
+        validator=Validator(cfg.trainer.eval_every),
         samples_per_task={t: 0 for t in specs}, last_shared_layer=list(engine.module.last_shared_parameters()),
         shared_params=[p for p in engine.module.shared_parameters() if p.requires_grad],
         model_spec=model_spec,
@@ -402,12 +407,6 @@ def restore(job: Job) -> None:
 
 
 # --------------------------------------------------------------------------- loop
-def run_eval(job: Job) -> dict[str, float]:
-    batches = val_batches(job.cfg, job.info.rank, job.info.world_size, job.cfg.data.val_batch_size)
-    return evaluate(job.engine.module, batches, job.specs, job.cfg, job.info.device,
-                    lockstep=zero_stage(job.cfg) == 3 or getattr(job.engine, "lockstep_eval", False))
-
-
 def train(cfg: Config) -> dict[str, float]:
     """Run (or resume) the recipe to `trainer.max_steps`; returns the final validation metrics."""
     job = build_job(cfg)
@@ -418,52 +417,78 @@ def train(cfg: Config) -> dict[str, float]:
                         f"{t.max_steps}; nothing to train (raise trainer.max_steps to continue it)")
             return {}
         if job.step == 0:
-            job.logger.log(0, run_eval(job))
+            job.logger.log(0, job.validator.run(job))
         progress = Progress(job.info.is_rank0 and cfg.logging.progress, job.step, t.max_steps)
-        window_start, window_samples = time.perf_counter(), 0
+        rate = SampleRate()
         val: dict[str, float] = {}
         while job.step < t.max_steps:
             result = train_step(job, job.step)
             job.step += 1
-            job.sampler.observe(job.step, result.losses)  # adaptive mixing: the agreed losses
-            window_samples += result.samples * job.info.world_size
-            for task, n in result.counts.items():
-                job.samples_per_task[task] += n
-            if result.skipped:
-                job.nonfinite_steps += 1
-                job.run.say(f"step {job.step}: non-finite loss, step skipped ({nonfinite_tasks(result)}; "
-                            f"{job.nonfinite_steps} so far)")
-                if t.on_nonfinite == "stop" or job.nonfinite_steps > t.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {job.step} (per-task losses {result.losses}); "
-                        f"set trainer.on_nonfinite: skip to skip such steps"
-                    )
+            last = job.step == t.max_steps
+            account(job, result)
+            rate.add(result.samples * job.info.world_size)
             metrics: dict[str, float] = {}
-            if job.step % t.log_every == 0 or job.step == t.max_steps:
-                elapsed = time.perf_counter() - window_start
-                metrics.update(log_metrics(job, result, window_samples / max(elapsed, 1e-9)))
-                window_start, window_samples = time.perf_counter(), 0
+            if job.logger.should_log(job.step, last_step=last):
+                metrics.update(log_metrics(job, result, rate.take()))
                 progress.update(job.step, result.losses, metrics["perf/samples_per_s"])
-            metrics.update(job.affinity.maybe_measure(job, job.step))
-            if job.step % t.eval_every == 0 or job.step == t.max_steps:
-                val = run_eval(job)
+            if job.affinity.should_run(job.step):
+                metrics.update(job.affinity.measure(job, job.step))
+            if job.validator.should_validate(job.step, last_step=last):
+                val = job.validator.run(job)
                 job.sampler.observe_eval(job.step, val)  # val_loss_ratio mixing
                 metrics.update(val)
             if metrics:
                 job.logger.log(job.step, metrics)
-            if job.cfg.logging.heatmap_every and job.step % job.cfg.logging.heatmap_every == 0:
+            if job.logger.should_log_gate_heatmap(job.step):
                 log_gate_heatmap(job, metrics)
-            log_affinity_heatmap(job, metrics)  # only at affinity measurement steps
-            if result.stop_requested:
+            if job.affinity.should_run(job.step):
+                log_affinity_heatmap(job, metrics)
+            if result.stop_requested:  # agreed by every rank in the step's collective
                 job.run.say(f"preemption signal: stopping at step {job.step}")
                 save(job)
                 return val
-            if job.step % cfg.checkpoint.every == 0 or job.step == t.max_steps:
+            if job.ckpt.should_save(job.step, last_step=last):
                 save(job)
         summarize(job, val)
         return val
     finally:
         job.close()
+
+
+def account(job: Job, result: StepResult) -> None:
+    """Fold a finished step into the job: adaptive mixing sees the agreed losses, the
+    per-task sample counters grow, and a skipped (non-finite) step is counted, announced,
+    and raises NonFiniteLossError past `trainer.on_nonfinite` / `trainer.max_nonfinite`."""
+    t = job.cfg.trainer
+    job.sampler.observe(job.step, result.losses)
+    for task, n in result.counts.items():
+        job.samples_per_task[task] += n
+    if not result.skipped:
+        return
+    job.nonfinite_steps += 1
+    job.run.say(f"step {job.step}: non-finite loss, step skipped ({nonfinite_tasks(result)}; "
+                f"{job.nonfinite_steps} so far)")
+    if t.on_nonfinite == "stop" or job.nonfinite_steps > t.max_nonfinite:
+        raise NonFiniteLossError(
+            f"non-finite loss at step {job.step} (per-task losses {result.losses}); "
+            f"set trainer.on_nonfinite: skip to skip such steps"
+        )
+
+
+class SampleRate:
+    """Samples per second (all ranks) since the previous log step."""
+
+    def __init__(self) -> None:
+        self.start, self.samples = time.perf_counter(), 0
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+
+    def take(self) -> float:
+        """The rate since the last `take` (or creation), and start a new window."""
+        rate = self.samples / max(time.perf_counter() - self.start, 1e-9)
+        self.start, self.samples = time.perf_counter(), 0
+        return rate
 
 
 def nonfinite_tasks(result: StepResult) -> str:

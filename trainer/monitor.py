@@ -103,13 +103,11 @@ class TaskAffinity:
         self._batches: list[Batch] | None = None
         self._off = False  # no validation split to measure on
 
-    def maybe_measure(self, job: Any, step: int) -> dict[str, float]:
-        """Measure when `step` is a multiple of `affinity_every` (decided from the step alone,
-        so all ranks agree without a collective); {} otherwise."""
+    def should_run(self, step: int) -> bool:
+        """At multiples of `monitor.affinity_every` with two tasks or more (from the step and
+        the recipe alone, so all ranks agree without a collective: `measure` is one)."""
         every = self.cfg.affinity_every
-        if not every or step % every or len(self.tasks) < 2:
-            return {}
-        return self.measure(job, step)
+        return bool(every) and step % every == 0 and len(self.tasks) >= 2
 
     def fixed_batches(self, job: Any) -> list[Batch]:
         """The first validation batch of every source (this rank's share), read once."""

@@ -7,7 +7,8 @@ gradients takes them from `task_gradients.py`; one whose shared step is a combin
 
 Paths (each method's docstring says which it takes):
 - losses only: equal, static, uncertainty, dwa, worst_case, rlw, famo, imtl_l;
-- coefficients from the Gram matrix, one backward of Σ_t c_t L_t: imtl_g, cagrad, nash_mtl,
+- coefficients from the Gram matrix, one backward of Σ_t c_t L_t: imtl_g, imtl (+ IMTL-L's
+  learned scales), cagrad, nash_mtl,
   aligned_mtl, upgrad, gradvac;
 - surgery (writes the shared gradients after the backward, DeepSpeed's too): pcgrad, db_mtl;
 - gradnorm (last shared layer's gradients), mgda (shared representation's gradients).
@@ -32,7 +33,7 @@ from manytask.trainer.weightings.equal import EqualWeighting
 from manytask.trainer.weightings.famo import FAMOWeighting
 from manytask.trainer.weightings.gradnorm import GradNormWeighting
 from manytask.trainer.weightings.gradvac import GradVacWeighting
-from manytask.trainer.weightings.imtl import IMTLGWeighting, IMTLLWeighting
+from manytask.trainer.weightings.imtl import IMTLGWeighting, IMTLLWeighting, IMTLWeighting
 from manytask.trainer.weightings.mgda import MGDAWeighting, min_norm_weights
 from manytask.trainer.weightings.nash_mtl import NashMTLWeighting
 from manytask.trainer.weightings.pcgrad import PCGradWeighting
@@ -56,6 +57,7 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "db_mtl": DBMTLWeighting,
     "imtl_l": IMTLLWeighting,
     "imtl_g": IMTLGWeighting,
+    "imtl": IMTLWeighting,
     "cagrad": CAGradWeighting,
     "nash_mtl": NashMTLWeighting,
     "aligned_mtl": AlignedMTLWeighting,

@@ -1,5 +1,5 @@
 """`aligned_mtl`: Aligned-MTL (Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component
-Alignment for Multi-Task Learning", CVPR 2023, Sec. 4, Eq. (9)-(10)).
+Alignment for Multi-Task Learning", CVPR 2023, Algorithm 1).
 
 The task gradients are replaced by an orthogonal system with equal norms, the closest one to
 G (a Procrustes problem), and scaled by the smallest singular value so the step is no longer

@@ -1,5 +1,5 @@
-"""`cagrad`: Conflict-Averse Gradient descent (Liu, Liu, Jin, Stone & Liu, NeurIPS 2021, Eq. (2)
-the objective, Sec. 3.1 its dual).
+"""`cagrad`: Conflict-Averse Gradient descent (Liu, Liu, Jin, Stone & Liu, NeurIPS 2021,
+arXiv:2110.14048, Algorithm 1).
 
 With g_0 = (1/K) Σ_t g_t the average gradient, CAGrad steps along the d that maximises the
 worst task's improvement within a ball around g_0: max_d min_t g_tᵀd s.t. ||d − g_0|| ≤ c ||g_0||.

@@ -1,5 +1,6 @@
-"""`db_mtl`: Dual-Balancing Multi-Task Learning (Lin, Ye, Chen, Zhang, Kwok & Zhang, 2023,
-arXiv:2308.12029, Sec. 3.1 loss-scale balancing, Sec. 3.2 gradient-magnitude balancing, Alg. 1).
+"""`db_mtl`: Dual-Balancing Multi-Task Learning (Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Tsang &
+Kwok, "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029, Neural Networks: loss-scale
+balancing by the log transform, gradient-magnitude balancing by the maximum norm).
 
 Loss scale: every task trains on log L_t, so its gradient is ∇L_t / L_t. Gradient magnitude:
 a running average of those gradients, ĝ_t ← ∇log L_t + (β / k^σ) (ĝ_t − ∇log L_t) at the k-th

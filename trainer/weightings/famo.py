@@ -1,4 +1,5 @@
-"""`famo`: Fast Adaptive Multitask Optimization (Liu, Feng, Stone & Liu, NeurIPS 2023, Alg. 1).
+"""`famo`: Fast Adaptive Multitask Optimization (Liu, Feng, Stone & Liu, NeurIPS 2023,
+arXiv:2306.03792, Algorithm 1).
 
 FAMO decreases all task losses at an equal *rate* with O(1) extra cost: task logits ξ [T]
 give z = softmax(ξ), and the model trains on Σ_t z_t log(L_t) / c with c = Σ_t z_t / L_t,

@@ -1,10 +1,10 @@
 """`gradvac`: Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and
-Improving Multi-task Optimization in Massively Multilingual Models", ICLR 2021, Sec. 3,
-Eq. (2)-(3)).
+Improving Multi-task Optimization in Massively Multilingual Models", ICLR 2021,
+arXiv:2010.05874, Sec. 3).
 
 Like PCGrad, but towards a target similarity instead of orthogonality: each pair keeps an
-EMA target φ̂_ij ← (1 − β) φ̂_ij + β φ_ij of its observed cosine φ_ij (Eq. 3), and when
-φ_ij < φ̂_ij, g_i is moved along g_j until their cosine is φ̂_ij (Eq. 2):
+EMA target φ̂_ij ← (1 − β) φ̂_ij + β φ_ij of its observed cosine φ_ij, and when
+φ_ij < φ̂_ij, g_i is moved along g_j until their cosine is φ̂_ij:
 
     g_i ← g_i + g_j · ||g_i|| (φ̂_ij √(1 − φ_ij²) − φ_ij √(1 − φ̂_ij²)) / (||g_j|| √(1 − φ̂_ij²)).
 

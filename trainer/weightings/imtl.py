@@ -1,5 +1,7 @@
-"""`imtl_g` and `imtl_l`: Impartial Multi-Task Learning (Liu, Li, Kuang, Xue, Chen, Yang, Liao &
-Zhang, "Towards Impartial Multi-task Learning", ICLR 2021; Sec. 3.1 IMTL-L, Sec. 3.2 IMTL-G).
+"""`imtl_g`, `imtl_l` and `imtl` (the hybrid): Impartial Multi-Task Learning (Liu, Li, Kuang, Xue, Chen, Yang, Liao &
+Zhang, "Towards Impartial Multi-task Learning", ICLR 2021, openreview.net/forum?id=IMPnRXEWpvr:
+IMTL-G its gradient balance, IMTL-L its loss balance, Eq. (6) with a = e, b = 1, IMTL its
+hybrid balance).
 
 IMTL-G (gradient balance): find the combination d = Σ_t α_t g_t, Σ_t α_t = 1, whose
 projections onto every unit task gradient u_t = g_t / ||g_t|| are equal (dᵀu_1 = dᵀu_t). With
@@ -9,10 +11,19 @@ Gram-matrix entry divided by a norm, so α follows from M = G Gᵀ alone.
 Path: coefficients (`CoefficientWeighting`: one backward of Σ_t c_t L_t, exact over ranks),
 with c = K·α so that the weights sum to K like `equal`.
 
-IMTL-L (loss balance): a learnable s_t per task, training on Σ_t (e^{s_t} L_t − s_t); at the
+IMTL-L (loss balance, Eq. (6)): a learnable s_t per task, training on Σ_t (e^{s_t} L_t − s_t); at the
 optimum e^{s_t} L_t = 1, so every scaled loss is 1. Path: losses only, like `uncertainty`: the
 s_t are parameters of the weighting (the trainer's optimizer steps them) and their gradient is
 built from the all-reduced loss, so every rank keeps the same s.
+
+IMTL (the hybrid balance the paper recommends, as LibMTL's `IMTL` implements it): IMTL-L's
+scales make the scaled losses L̃_t = e^{s_t} L_t − s_t, and IMTL-G's closed form is applied to
+their gradients g̃_t = e^{s_t} g_t. Their Gram matrix is E M E with E = diag(e^{s}), so α still
+follows from M alone; the shared direction Σ_t α_t g̃_t is the combination c_t = K·α_t·e^{s_t}
+of the raw gradients. Path: coefficients (one backward of Σ_t c_t L_t, exact over ranks), plus
+IMTL-L's term for the s_t (∂/∂s_t = e^{s_t} L_t − 1 from the all-reduced loss). As with
+`imtl_g`, towers get c_t times their own gradient (the paper gives them ∇L̃_t; the factor
+K·α_t is the price of a single backward, and Adam's per-parameter scaling absorbs most of it).
 """
 
 from __future__ import annotations
@@ -79,4 +90,31 @@ class IMTLLWeighting(Weighting):
         for i in range(len(self.task_names)):
             if red.present[i]:  # d/ds_t from the all-reduced loss: the same on every rank
                 total = total + (w[i] - w[i].detach()) * red.loss[i] - s[i]
+        return total, weights
+
+
+class IMTLWeighting(CoefficientWeighting):
+    """Hybrid IMTL: learnable `log_scale` s [T] (recipe order) as in IMTL-L, α from the Gram
+    matrix of the scaled gradients as in IMTL-G; weights c_t = K·α_t·e^{s_t}."""
+
+    def __init__(self, tasks, params=None) -> None:
+        super().__init__(tasks, params)
+        self.log_scale = torch.nn.Parameter(torch.zeros(len(self.task_names)))
+        self._scaled: dict[int, float] = {}  # this micro-batch: task index -> global mean loss
+
+    def coefficients(self, gram: torch.Tensor, losses: list[float], idx: list[int], step: int) -> list[float]:
+        scale = self.log_scale.detach().double().cpu()[idx].exp()
+        alpha = imtl_g_alpha(gram * scale[:, None] * scale[None, :])  # Gram of e^{s_t} g_t
+        self._scaled = dict(zip(idx, losses))
+        return (len(idx) * alpha * scale).tolist()
+
+    def combine(
+        self, losses: dict[str, torch.Tensor], ctx: WeightingContext
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self._scaled = {}  # filled by `coefficients` only when every present loss is finite
+        total, weights = super().combine(losses, ctx)
+        s = self.log_scale.to(total.device)
+        for i, loss in self._scaled.items():  # d/ds_t = e^{s_t} L_t − 1, identical on every rank
+            w = torch.exp(s[i])
+            total = total + (w - w.detach()) * loss - s[i]
         return total, weights

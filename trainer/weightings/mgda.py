@@ -1,5 +1,5 @@
 """`mgda`: MGDA-UB (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
-NeurIPS 2018).
+NeurIPS 2018; the Frank-Wolfe solver is its Algorithm 2).
 
 Find simplex weights α (α_i >= 0, Σ α_i = 1 over the present tasks) minimising
 ||Σ_i α_i g_i||², where g_i = ∂L_i/∂Z is task i's gradient wrt the shared representation

@@ -1,5 +1,5 @@
 """`nash_mtl`: Nash-MTL (Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya,
-"Multi-Task Learning as a Bargaining Game", ICML 2022, Sec. 3.1).
+"Multi-Task Learning as a Bargaining Game", ICML 2022, arXiv:2202.01017, Algorithm 1).
 
 The Nash bargaining solution over the tasks is d = Σ_t α_t g_t with α > 0 solving the
 paper's GᵀGα = 1/α (its G has the task gradients as columns); in our Gram form

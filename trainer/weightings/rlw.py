@@ -1,5 +1,5 @@
 """`rlw`: Random Loss Weighting (Lin, Ye, Xu, Shi & Zhang, "Reasonable Effectiveness of Random
-Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022, Sec. 3, Eq. (2)).
+Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022, arXiv:2111.10603, Algorithm 2).
 
 Every step draws λ = softmax(z), z ~ N(0, I_K) over the K present tasks, and trains on
 Σ_t K λ_t L_t (scaled by K so that the weights sum to K, like `equal`, and one learning

@@ -1,5 +1,6 @@
 """`upgrad`: Unconflicting Projection of Gradients (Quinton & Rey, "Jacobian Descent for
-Multi-Objective Optimization", 2024, arXiv:2406.16232, Sec. 5, Eq. (5); TorchJD's `UPGrad`).
+Multi-Objective Optimization", 2024, arXiv:2406.16232: the projection π_J onto the dual cone
+is its Eq. (3), the quadratic program below its Proposition 1; TorchJD's `UPGrad`).
 
 Each task gradient g_i is projected onto the dual cone of the rows of G, {x : G x ≥ 0}
 (the directions that increase no loss), and the projections are added:
