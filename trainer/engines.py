@@ -127,6 +127,8 @@ class AbsentTaskSnapshot:
 class TorchEngine:
     """Single-process or DDP training with a torch optimizer and LR schedule."""
 
+    lockstep_eval = False  # replicated weights: a rank may evaluate fewer batches than another
+
     def __init__(self, cfg: Config, model: nn.Module, info: DistInfo, ddp: bool):
         self.cfg, self.info, self.kind = cfg, info, "ddp" if ddp else "single"
         self.module = model.to(info.device)
@@ -217,6 +219,8 @@ class DeepSpeedEngine:
         from manytask.trainer.ds_checkpoint import use_weights_only_loading
 
         self.cfg, self.info, self.kind = cfg, info, "deepspeed"
+        # ZeRO-3 gathers parameters from every rank in each forward: ranks make the same number
+        self.lockstep_eval = zero_stage(cfg) == 3
         params = [p for p in model.parameters() if p.requires_grad]
         ds_config = deepspeed_config(cfg, info, sum(getattr(p, "ds_numel", p.numel()) for p in params))
         # Unless the embedded config names a DeepSpeed optimizer, ZeRO wraps torch's own: its

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from manytask.data_pipeline.loader import val_batches
-from manytask.trainer.engines import zero_stage
 from manytask.trainer.evaluate import evaluate
 
 
@@ -25,9 +24,8 @@ class Validator:
 
     def run(self, job: Any) -> dict[str, float]:
         """The whole validation split (this rank's share), metrics identical on every rank.
-        ZeRO-3 and FSDP evaluate in lockstep: every rank makes the same number of forwards
-        (each forward gathers parameters from every rank)."""
+        Engines whose forwards gather parameters (ZeRO-3, FSDP) set `lockstep_eval`: every
+        rank then makes the same number of forwards."""
         cfg, info = job.cfg, job.info
         batches = val_batches(cfg, info.rank, info.world_size, cfg.data.val_batch_size)
-        lockstep = zero_stage(cfg) == 3 or getattr(job.engine, "lockstep_eval", False)
-        return evaluate(job.engine.module, batches, job.specs, cfg, info.device, lockstep=lockstep)
+        return evaluate(job.engine.module, batches, job.specs, cfg, info.device, lockstep=job.engine.lockstep_eval)
