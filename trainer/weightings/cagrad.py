@@ -105,6 +105,29 @@ def _face_optimum(m: np.ndarray, b: np.ndarray, phi: float, face: list[int]) -> 
     return v / v.sum()
 
 
+def _warm_start(m: np.ndarray, b: np.ndarray, phi: float) -> tuple[np.ndarray, list[int]]:
+    """A feasible start for `face_weights`: (w [K] on the simplex, its face), the optimum of a
+    face. Usually most tasks are in the support, so: the optimum of every task's face, dropping
+    the tasks it gives a weight ≤ 0, a few times; else the best vertex."""
+    K = m.shape[0]
+    face = list(range(K))
+    for _ in range(4):
+        z = _face_optimum(m, b, phi, face)
+        if z is None:
+            break
+        if (z > 0).all():
+            w = np.zeros(K)
+            w[face] = z
+            return w, face
+        face = [t for t, x in zip(face, z) if x > 0]
+        if not face:
+            break
+    best = int(np.argmin(b + phi * np.sqrt(np.diag(m))))
+    w = np.zeros(K)
+    w[best] = 1.0
+    return w, [best]
+
+
 def face_weights(m: np.ndarray, b: np.ndarray, phi: float, tol: float = 1e-9) -> np.ndarray | None:
     """w* on the simplex minimising wᵀb + φ sqrt(wᵀMw) by an active-set method (as NNLS):
     the face (support) grows by the task whose partial derivative is lowest below the face's
@@ -118,12 +141,9 @@ def face_weights(m: np.ndarray, b: np.ndarray, phi: float, tol: float = 1e-9) ->
     ∂f/∂w_t ≥ ν with equality on the support, to `tol` relative to the largest |∂f/∂w|.
     """
     K = m.shape[0]
-    diag = np.diag(m)
-    if not (diag > 0).all():
+    if not (np.diag(m) > 0).all():
         return None
-    w = np.zeros(K)
-    face = [int(np.argmin(b + phi * np.sqrt(diag)))]  # the best vertex
-    w[face] = 1.0
+    w, face = _warm_start(m, b, phi)
     for _ in range(3 * K + 10):
         norm = math.sqrt(max(float(w @ m @ w), 0.0))
         if norm <= 1e-150:
@@ -131,11 +151,12 @@ def face_weights(m: np.ndarray, b: np.ndarray, phi: float, tol: float = 1e-9) ->
         grad = b + phi * (m @ w) / norm
         nu = float(grad[face].mean())
         scale = 1.0 + float(np.abs(grad).max())
-        outside = np.setdiff1d(np.arange(K), face)
-        if not outside.size or float(grad[outside].min()) >= nu - tol * scale:
+        outside = grad.copy()
+        outside[face] = np.inf
+        added = int(np.argmin(outside))
+        if float(outside[added]) >= nu - tol * scale:  # (also when the face is every task)
             spread = float(np.abs(grad[face] - nu).max())
             return w if spread <= tol * scale and (w >= 0).all() else None
-        added = int(outside[np.argmin(grad[outside])])
         face = [*face, added]
         while True:  # move towards the larger face's optimum, dropping tasks that reach 0
             z = _face_optimum(m, b, phi, face)
@@ -146,16 +167,20 @@ def face_weights(m: np.ndarray, b: np.ndarray, phi: float, tol: float = 1e-9) ->
                 w = np.zeros(K)
                 w[face] = z
                 break
-            out = z <= 0
-            step = float(np.min(now[out] / (now[out] - z[out])))
-            if step <= 0 and out[-1] and now[-1] == 0:  # the task just added leaves at once: stuck
+            # The segment now -> z leaves the simplex where the first weight reaches 0.
+            ratio = np.where(z <= 0, now / np.where(z <= 0, now - z, 1.0), np.inf)
+            first = int(np.argmin(ratio))
+            if first == len(face) - 1 and now[first] == 0:  # the task just added leaves at once: stuck
                 return None
-            moved = now + step * (z - now)
-            keep = [t for t, x in zip(face, moved) if x > 1e-15]
+            moved = now + float(ratio[first]) * (z - now)
+            moved[first] = 0.0  # dropped exactly, so the face shrinks every pass
+            keep = [k for k in range(len(face)) if moved[k] > 0]
+            if not keep:
+                return None
             w = np.zeros(K)
-            w[keep] = moved[[face.index(t) for t in keep]]
+            w[[face[k] for k in keep]] = moved[keep]
             w /= w.sum()
-            face = keep
+            face = [face[k] for k in keep]
     return None
 
 
