@@ -1,5 +1,10 @@
 """`famo`: Fast Adaptive Multitask Optimization (Liu, Feng, Stone & Liu, NeurIPS 2023,
-arXiv:2306.03792, Algorithm 1).
+arXiv:2306.03792, Algorithm 1). Checked against the authors' own copy of Algorithm 1
+(github.com/Cranial-XIX/FAMO, `misc/famo.png`, shown in its README) and their `famo.py`:
+line 5 is the weighting below, line 6 the logit update ξ ← ξ − β(δ + γξ) with
+δ = (∂z/∂ξ)ᵀ [log L_t(before) − log L_t(after)], line 1 the floor (L ← L − L* + ε). The paper's
+line 6 is a plain gradient step with γ = 0.001 by default; the authors' `famo.py` takes it with
+Adam (`weight_decay=gamma`, 0.01 there), as this file does with the paper's γ.
 
 FAMO decreases all task losses at an equal *rate* with O(1) extra cost: task logits ξ [T]
 give z = softmax(ξ), and the model trains on Σ_t z_t log(L_t) / c with c = Σ_t z_t / L_t,

@@ -1,6 +1,8 @@
 """`gradvac`: Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and
 Improving Multi-task Optimization in Massively Multilingual Models", ICLR 2021,
-arXiv:2010.05874, Sec. 3).
+arXiv:2010.05874, the Gradient Vaccine update and its EMA targets; equation and section numbers
+not verified: neither the paper's text nor the authors' code was reachable here, and the
+formula below agrees with LibMTL's and TorchJD's implementations).
 
 Like PCGrad, but towards a target similarity instead of orthogonality: each pair keeps an
 EMA target φ̂_ij ← (1 − β) φ̂_ij + β φ_ij of its observed cosine φ_ij, and when
