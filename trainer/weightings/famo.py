@@ -85,18 +85,18 @@ class FAMOWeighting(Weighting):
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = device_of(losses, ctx, self)
-        red = reduce_losses(self.task_names, losses, ctx, device)
-        idx = [i for i, p in enumerate(red.present) if p]
-        if red.finite:
-            self._update(red.loss)
+        reduced = reduce_losses(self.task_names, losses, ctx, device)
+        idx = [i for i, p in enumerate(reduced.present) if p]
+        if reduced.finite:
+            self._update(reduced.loss)
         weights = {t: 0.0 for t in self.task_names}
         if idx:
             floor = self.params.min_loss
-            ok = red.finite
-            values = famo_weights([self.logits[i] for i in idx], [red.loss[i] for i in idx], floor) if ok else [1.0] * len(idx)
+            ok = reduced.finite
+            values = famo_weights([self.logits[i] for i in idx], [reduced.loss[i] for i in idx], floor) if ok else [1.0] * len(idx)
             for k, i in enumerate(idx):
                 weights[self.task_names[i]] = values[k]
-        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device)
+        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, reduced.mean_count), device)
         return total, weights
 
     def _update(self, loss: list[float | None]) -> None:

@@ -84,15 +84,15 @@ class IMTLLWeighting(Weighting):
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = device_of(losses, ctx, self)
-        red = reduce_losses(self.task_names, losses, ctx, device)
+        reduced = reduce_losses(self.task_names, losses, ctx, device)
         s = self.log_scale.to(device)
         w = torch.exp(s)
         values = w.detach().tolist()
-        weights = {t: values[i] if red.present[i] else 0.0 for i, t in enumerate(self.task_names)}
-        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device)
+        weights = {t: values[i] if reduced.present[i] else 0.0 for i, t in enumerate(self.task_names)}
+        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, reduced.mean_count), device)
         for i in range(len(self.task_names)):
-            if red.present[i]:  # d/ds_t from the all-reduced loss: the same on every rank
-                total = total + (w[i] - w[i].detach()) * red.loss[i] - s[i]
+            if reduced.present[i]:  # d/ds_t from the all-reduced loss: the same on every rank
+                total = total + (w[i] - w[i].detach()) * reduced.loss[i] - s[i]
         return total, weights
 
 

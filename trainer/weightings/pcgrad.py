@@ -27,7 +27,6 @@ from manytask.trainer.weightings.base import (
     Weighting,
     WeightingContext,
     exact_sum,
-    present_here,
     rank_shares,
 )
 from manytask.trainer.weightings.task_gradients import SurgeryBuffer, shared_task_gradients
@@ -96,7 +95,7 @@ class PCGradWeighting(Weighting):
         params, device, tg = shared_task_gradients(self, losses, ctx)
         c = pcgrad_coefficients(tg.gram, order_seed=ctx.step).to(tg.grads.device, tg.grads.dtype)
         self.surgery.add(ctx.step, params, c @ tg.grads)
-        weights = {t: 1.0 if present_here(t, losses, ctx) else 0.0 for t in self.task_names}
+        weights = {t: 1.0 if tg.present[i] else 0.0 for i, t in enumerate(self.task_names)}
         shares = rank_shares(self.task_names, losses, ctx, tg.counts)  # towers: exact over ranks
         return exact_sum(self.task_names, losses, weights, shares, device), weights
 

@@ -1,7 +1,7 @@
 """Per-task gradients of the shared parameters: the one place every gradient-based method
 (and the task-affinity monitor) gets them from.
 
-`task_gradients(...)` takes one `autograd.grad` per task held on this rank with respect to
+`task_gradients(...)` takes one `autograd.grad` per task labelled on this rank with respect to
 the shared parameters (retain_graph, so the trainer's single backward still runs; no `.grad`
 buffer or DDP hook is touched), weights each by this rank's labelled count of the task, and
 averages gradients, counts and loss sums over ranks in ONE collective. Dividing by the mean
@@ -39,7 +39,7 @@ from manytask.trainer.weightings.base import (
     WeightingContext,
     device_of,
     exact_sum,
-    held,
+    local_count,
     rank_shares,
 )
 from manytask.trainer.weightings.sharded_gradients import ZeroSharding
@@ -75,9 +75,9 @@ class TaskGradients:
     grads:   [T, P] float32, row t = gradient of task t's mean loss over every labelled
              sample of all ranks; zeros for a task labelled nowhere. Under ZeRO-3
              (`sharded`) only this rank's partition of it, [T, P / R].
-    counts:  [T] mean over ranks of `held()` (labelled samples; 0 = absent everywhere).
+    counts:  [T] mean over ranks of `local_count()` (labelled samples; 0 = absent everywhere).
     losses:  T global mean losses (None when absent).
-    present: T flags: labelled on some rank and not flagged absent by the trainer.
+    present: T flags: labelled on some rank.
     """
 
     grads: torch.Tensor
@@ -105,7 +105,7 @@ def task_gradients(
 ) -> TaskGradients:
     """The exact global per-task gradients of `params` (see the module docstring).
 
-    Each rank's gradient of task t counts with `held()` (its labelled count with
+    Each rank's gradient of task t counts with `local_count()` (its labelled count with
     `ctx.local_counts`, else 1 if it has the loss). One collective of 2T + T·P floats,
     issued on every rank whatever its data.
     """
@@ -117,7 +117,7 @@ def task_gradients(
     loss_sums = torch.zeros(T, dtype=torch.float32, device=device)
     grads = torch.zeros(T, size, dtype=torch.float32, device=device)
     for i, task in enumerate(tasks):
-        n = held(task, losses, ctx)
+        n = local_count(task, losses, ctx)
         if n == 0:
             continue
         loss = losses[task]
@@ -130,7 +130,7 @@ def task_gradients(
     sums = reduced[T : 2 * T].double().cpu()
     grads = reduced[2 * T :].reshape(T, size) / reduced[:T].clamp_min(1e-12).unsqueeze(1)
     grads[reduced[:T] == 0] = 0.0
-    present = [mean_counts[i] > 0 and bool(ctx.present.get(t, True)) for i, t in enumerate(tasks)]
+    present = [bool(mean_counts[i] > 0) for i in range(T)]
     mean_loss = [float(sums[i] / mean_counts[i]) if present[i] else None for i in range(T)]
     return TaskGradients(grads=grads, counts=mean_counts.tolist(), losses=mean_loss, present=present)
 
@@ -155,7 +155,7 @@ def sharded_task_gradients(
     loss_sums = torch.zeros(T, dtype=torch.float64, device=device)
     parts = []
     for i, task in enumerate(tasks):
-        n, loss = held(task, losses, ctx), losses.get(task)
+        n, loss = local_count(task, losses, ctx), losses.get(task)
         grads: tuple[torch.Tensor | None, ...] = (None,) * len(params)
         if loss is not None and loss.requires_grad:
             grads = sharding.grad(loss, params)
@@ -178,7 +178,7 @@ def sharded_task_gradients(
     gram[:, absent] = 0.0
     local = local / scale.to(local.device, torch.float32).unsqueeze(1)
     local[absent.to(local.device)] = 0.0
-    present = [bool(mean_counts[i] > 0) and bool(ctx.present.get(t, True)) for i, t in enumerate(tasks)]
+    present = [bool(mean_counts[i] > 0) for i in range(T)]
     mean_loss = [float(sums[i] / mean_counts[i]) if present[i] else None for i in range(T)]
     return TaskGradients(grads=local, counts=mean_counts.tolist(), losses=mean_loss, present=present,
                          sharded=True, reduced_gram=gram)
