@@ -32,7 +32,7 @@ from manytask.trainer.weightings.task_gradients import CoefficientWeighting
 class CAGradParams:
     c: float = 0.4  # radius of the ball around the mean gradient, relative to its norm
     rescale: bool = True  # divide the direction by 1 + c² (official code's rescale=1)
-    max_iter: int = 200
+    max_iter: int = 200  # Frank-Wolfe steps of the fallback solver (M singular on a face)
 
     def validate(self, file: str | None) -> None:
         if self.c < 0 or self.max_iter <= 0:
