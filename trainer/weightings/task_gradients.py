@@ -45,13 +45,17 @@ from manytask.trainer.weightings.base import (
 from manytask.trainer.weightings.sharded_gradients import ZeroSharding
 
 
-def flat_gradient(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    """∂loss/∂params flattened to [P] (float32; zeros for a parameter the loss does not use).
+def flat_gradient(
+    loss: torch.Tensor, params: Sequence[torch.nn.Parameter], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """∂loss/∂params flattened to [P] (float32; zeros for a parameter the loss does not use),
+    written into `out` ([P] float32) when given.
 
     `autograd.grad` with retain_graph: the graph stays for the trainer's backward.
     """
     grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
+    pieces = [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)]
+    return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
 
 def gram_matrix(grads: torch.Tensor, block: int = 1 << 22) -> torch.Tensor:
@@ -113,23 +117,28 @@ def task_gradients(
         return sharded_task_gradients(tasks, losses, params, ctx, ctx.sharding, device)
     size = sum(p.numel() for p in params)
     T = len(tasks)
-    counts = torch.zeros(T, dtype=torch.float32, device=device)
-    loss_sums = torch.zeros(T, dtype=torch.float32, device=device)
-    grads = torch.zeros(T, size, dtype=torch.float32, device=device)
-    for i, task in enumerate(tasks):
-        n = local_count(task, losses, ctx)
-        if n == 0:
-            continue
-        loss = losses[task]
-        counts[i] = n
-        loss_sums[i] = n * loss.detach().float()
+    # The collective's one buffer, [counts T | loss sums T | gradients T·P]: each task's
+    # gradient is concatenated straight into its row (no per-task temporaries to copy).
+    flat = torch.zeros(2 * T + T * size, dtype=torch.float32, device=device)
+    grads = flat[2 * T :].view(T, size)
+    counts = [local_count(t, losses, ctx) for t in tasks]
+    held = [i for i in range(T) if counts[i] > 0]
+    if held:
+        flat[:T] = torch.tensor(counts, dtype=torch.float32, device=device)
+        here = torch.tensor(held, device=device)
+        flat[T + here] = torch.stack([losses[tasks[i]].detach().float().reshape(()) for i in held]) * flat[here]
+    for i in held:
+        loss = losses[tasks[i]]
         if loss.requires_grad and size:
-            grads[i] = n * flat_gradient(loss, params)
-    reduced = ctx.all_reduce_mean(torch.cat([counts, loss_sums, grads.reshape(-1)]))
+            flat_gradient(loss, params, out=grads[i])
+    grads.mul_(flat[:T].unsqueeze(1))  # count-weighted: n_t g_t (rows of absent tasks stay 0)
+    reduced = ctx.all_reduce_mean(flat)
     mean_counts = reduced[:T].double().cpu()
     sums = reduced[T : 2 * T].double().cpu()
-    grads = reduced[2 * T :].reshape(T, size) / reduced[:T].clamp_min(1e-12).unsqueeze(1)
-    grads[reduced[:T] == 0] = 0.0
+    grads = reduced[2 * T :].view(T, size).div_(reduced[:T].clamp_min(1e-12).unsqueeze(1))
+    absent = [i for i in range(T) if mean_counts[i] == 0]
+    if absent:
+        grads[absent] = 0.0
     present = [bool(mean_counts[i] > 0) for i in range(T)]
     mean_loss = [float(sums[i] / mean_counts[i]) if present[i] else None for i in range(T)]
     return TaskGradients(grads=grads, counts=mean_counts.tolist(), losses=mean_loss, present=present)
