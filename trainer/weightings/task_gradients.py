@@ -133,15 +133,14 @@ def task_gradients(
             flat_gradient(loss, params, out=grads[i])
     grads.mul_(flat[:T].unsqueeze(1))  # count-weighted: n_t g_t (rows of absent tasks stay 0)
     reduced = ctx.all_reduce_mean(flat)
-    mean_counts = reduced[:T].double().cpu()
-    sums = reduced[T : 2 * T].double().cpu()
+    scalars = reduced[: 2 * T].double().cpu().tolist()  # Python floats: no per-element tensor ops
+    mean_counts, sums = scalars[:T], scalars[T:]
     grads = reduced[2 * T :].view(T, size).div_(reduced[:T].clamp_min(1e-12).unsqueeze(1))
-    absent = [i for i in range(T) if mean_counts[i] == 0]
-    if absent:
-        grads[absent] = 0.0
-    present = [bool(mean_counts[i] > 0) for i in range(T)]
-    mean_loss = [float(sums[i] / mean_counts[i]) if present[i] else None for i in range(T)]
-    return TaskGradients(grads=grads, counts=mean_counts.tolist(), losses=mean_loss, present=present)
+    present = [c > 0 for c in mean_counts]
+    if not all(present):
+        grads[[i for i in range(T) if not present[i]]] = 0.0
+    mean_loss = [sums[i] / mean_counts[i] if present[i] else None for i in range(T)]
+    return TaskGradients(grads=grads, counts=mean_counts, losses=mean_loss, present=present)
 
 
 def sharded_task_gradients(
