@@ -61,5 +61,7 @@ def test_weightings_benchmark_runs_at_smoke_size():
 
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "x |" in line}
     assert set(rows) == {*WEIGHTINGS, "equal + T backward"}
-    assert rows["equal"].count("1.00x") == 2  # the baseline is itself, for time and memory
+    cells = {name: [c.strip() for c in line.split("|")[2:5]] for name, line in rows.items()}
+    assert cells["equal"][0] == cells["equal"][2] == "1.00x"  # the baseline is itself, for time and memory
+    assert cells["equal + T backward"][1] == "1.00x"  # the reference is itself in "time / reference"
     assert "T=2 (equal step" in out

@@ -14,7 +14,9 @@ measured loss when losses are averaged over ranks.
 whole batch, however the labelled samples are split; `equal`/`static`/`rlw`, which make no
 collective, are exact when every rank holds the same number of each task's labels); `weights` maps every task to the
 python float its loss was multiplied by (the trainer logs it as `weights/<task>`), 0.0 for a
-task absent on every rank.
+task absent on every rank (`equal`/`static`/`rlw` know only this rank's `losses`: they give 0.0
+to a task left out of them; the trainer passes every task, so they weigh one labelled nowhere
+as usual, and its in-graph 0 trains nothing).
 
 Weights must be identical on every rank, so a weighting derives them only from quantities that
 went through `ctx.all_reduce_mean`, and issues the same collectives on every rank whatever the
@@ -60,13 +62,12 @@ class WeightingContext:
                        `task_gradients.py`).
     all_reduce_mean:   elementwise mean over ranks (may work in place; it gets a fresh
                        tensor); identity in one process.
-    present:           task -> True if it has >= 1 labelled sample on ANY rank this step. A
-                       task missing here: the adaptive methods decide from the all-reduced
-                       count; `equal`/`static`/`rlw` (no collective) from local `losses`.
     local_counts:      task -> labelled samples on this rank, or None. Given, the per-task
                        means over ranks are weighted by them (the exact global mean) and a rank
                        with 0 samples contributes nothing; None: every task in `losses` counts
-                       as held.
+                       once. Whether a task is present this step is decided from these counts
+                       all-reduced (the adaptive methods), or from `losses` alone by the methods
+                       without a collective (`equal`, `static`, `rlw`, `pcgrad`'s logged weights).
     seed:              the run's seed (RLW draws from (seed, step): the same on every rank).
     sharding:          set under ZeRO-3, where every parameter is partitioned across ranks:
                        how a method takes several backward passes over one forward and keeps
@@ -79,7 +80,6 @@ class WeightingContext:
     last_shared_layer: list[torch.nn.Parameter] = field(default_factory=list)
     shared_params: list[torch.nn.Parameter] = field(default_factory=list)
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = identity
-    present: dict[str, bool] = field(default_factory=dict)
     local_counts: dict[str, int] | None = None
     seed: int = 0
     sharding: ZeroSharding | None = None
@@ -149,12 +149,14 @@ class Weighting(torch.nn.Module):
 
 
 def present_here(task: str, losses: dict[str, torch.Tensor], ctx: WeightingContext) -> bool:
-    """Whether `task` is trained this step, without a collective (see WeightingContext.present)."""
-    return bool(ctx.present.get(task, task in losses))
+    """Whether `task` is trained this step, decided without a collective: it has a loss here.
+    (The trainer passes every task, an absent one as an in-graph 0, so every rank agrees.)"""
+    return task in losses
 
 
-def held(task: str, losses: dict[str, torch.Tensor], ctx: WeightingContext) -> float:
-    """How much this rank's loss of `task` counts in the mean over ranks (0 = not held here)."""
+def local_count(task: str, losses: dict[str, torch.Tensor], ctx: WeightingContext) -> float:
+    """How much this rank's loss of `task` counts in the mean over ranks: its labelled count
+    with `ctx.local_counts`, else 1 if it has the loss; 0 = no labelled sample here."""
     if task not in losses:
         return 0.0
     if ctx.local_counts is None:
@@ -196,18 +198,18 @@ def weighted_sum(
 class Reduced:
     """Per-task quantities averaged over the ranks that hold the task (same on every rank).
 
-    present: held by at least one rank (and not flagged absent in ctx.present).
+    present:    labelled on at least one rank.
     loss:    mean loss over the ranks holding the task; None when not present. May be NaN/inf:
              the weighting then leaves its state alone and the trainer skips the step.
     extra:   name -> per-task list of further means (e.g. gradient norms), same convention.
-    held:    mean over ranks of `held()` per task (fraction of ranks, or mean sample count).
+    mean_count: mean over ranks of `local_count()` per task (fraction of ranks, or mean sample count).
     tensor:  `extra_tensor` averaged over all ranks (not masked), or None.
     """
 
     present: list[bool]
     loss: list[float | None]
     extra: dict[str, list[float | None]]
-    held: list[float]
+    mean_count: list[float]
     tensor: torch.Tensor | None = None
 
     @property
@@ -227,14 +229,14 @@ def reduce_losses(
 ) -> Reduced:
     """One collective: every task's loss (and `extra` per-task scalars) averaged over ranks.
 
-    Each rank's value counts with its `held()` weight h: mean = sum(x * h) / sum(h), so a rank
+    Each rank's value counts with its `local_count()` weight h: mean = sum(x * h) / sum(h), so a rank
     without the task contributes nothing, and with `ctx.local_counts` the mean is the exact
     mean over all labelled samples. `extra_tensor` (any shape) rides along in the same
     collective and is averaged over all ranks, unweighted. Called identically on every rank.
     """
     extra = extra or {}
     n = len(tasks)
-    h = [held(t, losses, ctx) for t in tasks]
+    h = [local_count(t, losses, ctx) for t in tasks]
     zero = torch.zeros((), dtype=torch.float64, device=device)
     weight = torch.tensor(h, dtype=torch.float64, device=device)
     rows = [
@@ -250,26 +252,26 @@ def reduce_losses(
     if extra_tensor is not None:
         tensor = reduced[n * (len(rows) + 1) :].reshape(extra_tensor.shape)
     packed = reduced[: n * (len(rows) + 1)].tolist()
-    held_mean = packed[:n]
+    mean_count = packed[:n]
     values = [packed[n * (k + 1) : n * (k + 2)] for k in range(len(rows))]
 
     def mean(k: int, i: int) -> float | None:
-        return values[k][i] / held_mean[i] if held_mean[i] > 0 else None
+        return values[k][i] / mean_count[i] if mean_count[i] > 0 else None
 
-    # A task the trainer did not flag is decided by the all-reduced count, never by local data.
-    present = [bool(ctx.present.get(t, True)) and held_mean[i] > 0 for i, t in enumerate(tasks)]
+    # Decided by the all-reduced count, never by local data: the same on every rank.
+    present = [mean_count[i] > 0 for i in range(n)]
     loss = [mean(0, i) if present[i] else None for i in range(n)]
     named = {name: [mean(k + 1, i) if present[i] else None for i in range(n)] for k, name in enumerate(extra)}
-    return Reduced(present=present, loss=loss, extra=named, held=held_mean, tensor=tensor)
+    return Reduced(present=present, loss=loss, extra=named, mean_count=mean_count, tensor=tensor)
 
 
-def rank_shares(tasks: list[str], losses: dict[str, torch.Tensor], ctx: WeightingContext, mean_held: list[float]) -> list[float]:
-    """Per task, h_t / h̄_t: this rank's `held()` over its mean over ranks (0 if not held).
+def rank_shares(tasks: list[str], losses: dict[str, torch.Tensor], ctx: WeightingContext, mean_counts: list[float]) -> list[float]:
+    """Per task, h_t / h̄_t: this rank's `local_count()` over its mean over ranks (0 if none here).
 
     Multiplying this rank's loss by it turns the ranks' averaged gradient (DDP, DeepSpeed)
     into the gradient of the global mean loss: (1/R) Σ_r (n_r / n̄) ∇L_r = Σ_r n_r ∇L_r / N.
     """
-    return [held(t, losses, ctx) / mean_held[i] if mean_held[i] > 0 else 0.0 for i, t in enumerate(tasks)]
+    return [local_count(t, losses, ctx) / mean_counts[i] if mean_counts[i] > 0 else 0.0 for i, t in enumerate(tasks)]
 
 
 def exact_sum(

@@ -69,7 +69,7 @@ class DWAWeighting(Weighting):
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = device_of(losses, ctx, self)
-        red = reduce_losses(self.task_names, losses, ctx, device)
+        reduced = reduce_losses(self.task_names, losses, ctx, device)
         window = ctx.step // self.params.window
         if self.window_index is None:
             self.window_index = window
@@ -77,15 +77,15 @@ class DWAWeighting(Weighting):
             self._close_window()
             self.window_index = window
         scores: list[float | None] = []
-        for i, present in enumerate(red.present):
+        for i, present in enumerate(reduced.present):
             a, b = self.prev[i], self.prev2[i]
             ratio = a / b if a is not None and b is not None and b > 0 else 1.0
             scores.append(ratio if present else None)
         w = softmax_weights(scores, self.params.temperature)
         weights = dict(zip(self.task_names, w))
-        if red.finite:
-            for i, present in enumerate(red.present):
+        if reduced.finite:
+            for i, present in enumerate(reduced.present):
                 if present:
-                    self.sums[i] += red.loss[i]
+                    self.sums[i] += reduced.loss[i]
                     self.counts[i] += 1
-        return exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device), weights
+        return exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, reduced.mean_count), device), weights

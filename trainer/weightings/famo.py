@@ -1,5 +1,10 @@
 """`famo`: Fast Adaptive Multitask Optimization (Liu, Feng, Stone & Liu, NeurIPS 2023,
-arXiv:2306.03792, Algorithm 1).
+arXiv:2306.03792, Algorithm 1). Checked against the authors' own copy of Algorithm 1
+(github.com/Cranial-XIX/FAMO, `misc/famo.png`, shown in its README) and their `famo.py`:
+line 5 is the weighting below, line 6 the logit update ξ ← ξ − β(δ + γξ) with
+δ = (∂z/∂ξ)ᵀ [log L_t(before) − log L_t(after)], line 1 the floor (L ← L − L* + ε). The paper's
+line 6 is a plain gradient step with γ = 0.001 by default; the authors' `famo.py` takes it with
+Adam (`weight_decay=gamma`, 0.01 there), as this file does with the paper's γ.
 
 FAMO decreases all task losses at an equal *rate* with O(1) extra cost: task logits ξ [T]
 give z = softmax(ξ), and the model trains on Σ_t z_t log(L_t) / c with c = Σ_t z_t / L_t,
@@ -80,18 +85,18 @@ class FAMOWeighting(Weighting):
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = device_of(losses, ctx, self)
-        red = reduce_losses(self.task_names, losses, ctx, device)
-        idx = [i for i, p in enumerate(red.present) if p]
-        if red.finite:
-            self._update(red.loss)
+        reduced = reduce_losses(self.task_names, losses, ctx, device)
+        idx = [i for i, p in enumerate(reduced.present) if p]
+        if reduced.finite:
+            self._update(reduced.loss)
         weights = {t: 0.0 for t in self.task_names}
         if idx:
             floor = self.params.min_loss
-            ok = red.finite
-            values = famo_weights([self.logits[i] for i in idx], [red.loss[i] for i in idx], floor) if ok else [1.0] * len(idx)
+            ok = reduced.finite
+            values = famo_weights([self.logits[i] for i in idx], [reduced.loss[i] for i in idx], floor) if ok else [1.0] * len(idx)
             for k, i in enumerate(idx):
                 weights[self.task_names[i]] = values[k]
-        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device)
+        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, reduced.mean_count), device)
         return total, weights
 
     def _update(self, loss: list[float | None]) -> None:

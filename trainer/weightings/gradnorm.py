@@ -69,28 +69,28 @@ class GradNormWeighting(Weighting):
         device = device_of(losses, ctx, self)
         tg = task_gradients(self.task_names, losses, ctx.last_shared_layer, ctx, device)
         norms = tg.gram.diagonal().clamp_min(0).sqrt().tolist()
-        red = Reduced(
-            present=tg.present, loss=tg.losses, held=tg.counts,
+        reduced = Reduced(
+            present=tg.present, loss=tg.losses, mean_count=tg.counts,
             extra={"grad_norm": [norms[i] if p else None for i, p in enumerate(tg.present)]},
         )
-        used = {t: self.weights[i] if red.present[i] else 0.0 for i, t in enumerate(self.task_names)}
+        used = {t: self.weights[i] if reduced.present[i] else 0.0 for i, t in enumerate(self.task_names)}
         total = exact_sum(self.task_names, losses, used, rank_shares(self.task_names, losses, ctx, tg.counts), device)
-        if red.finite:
-            self._update(red)
+        if reduced.finite:
+            self._update(reduced)
         return total, used
 
-    def _update(self, red: Reduced) -> None:
-        idx = [i for i, p in enumerate(red.present) if p]
+    def _update(self, reduced: Reduced) -> None:
+        idx = [i for i, p in enumerate(reduced.present) if p]
         for i in idx:
             if self.initial[i] is None:
-                self.initial[i] = red.loss[i]
+                self.initial[i] = reduced.loss[i]
         if len(idx) < 2:
             return  # one task: nothing to balance
         p = self.params
-        gnorm = {i: red.extra["grad_norm"][i] for i in idx}
+        gnorm = {i: reduced.extra["grad_norm"][i] for i in idx}
         g = {i: self.weights[i] * gnorm[i] for i in idx}
         g_mean = sum(g.values()) / len(idx)
-        rate = {i: red.loss[i] / self.initial[i] if self.initial[i] > 0 else 1.0 for i in idx}
+        rate = {i: reduced.loss[i] / self.initial[i] if self.initial[i] > 0 else 1.0 for i in idx}
         rate_mean = sum(rate.values()) / len(idx)
         old_sum = sum(self.weights[i] for i in idx)
         new = {}

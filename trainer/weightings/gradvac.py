@@ -1,6 +1,8 @@
 """`gradvac`: Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and
 Improving Multi-task Optimization in Massively Multilingual Models", ICLR 2021,
-arXiv:2010.05874, Sec. 3).
+arXiv:2010.05874, the Gradient Vaccine update and its EMA targets; equation and section numbers
+not verified: neither the paper's text nor the authors' code was reachable here, and the
+formula below agrees with LibMTL's and TorchJD's implementations).
 
 Like PCGrad, but towards a target similarity instead of orthogonality: each pair keeps an
 EMA target φ̂_ij ← (1 − β) φ̂_ij + β φ_ij of its observed cosine φ_ij, and when
@@ -18,13 +20,13 @@ task pair over all shared parameters (the paper also has per-layer variants).
 
 from __future__ import annotations
 
-import math
-import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from manytask.schema import ConfigError
+from manytask.trainer.weightings.pcgrad import visit_orders
 from manytask.trainer.weightings.task_gradients import CoefficientWeighting
 
 
@@ -40,29 +42,35 @@ class GradVacParams:
 def gradvac_coefficients(
     gram: torch.Tensor, targets: list[list[float]], beta: float, order_seed: int
 ) -> tuple[torch.Tensor, list[list[float]]]:
-    """(c [K], updated targets [K][K]) for a Gram matrix M [K, K] and the pairs' targets."""
-    m = gram.double()
+    """(c [K], updated targets [K][K]) for a Gram matrix M [K, K] and the pairs' targets.
+
+    Row i of `coeff` is the adjusted g_i over the original g's, so its norm is
+    sqrt(coeff[i] M coeff[i]) and its dot with g_j is coeff[i]·M[:, j]. As in `pcgrad`, the
+    adjustments of one task are sequential but the tasks are independent: round k adjusts every
+    task towards the k-th task of its own order (`visit_orders`) at once.
+    """
+    m = gram.detach().double().cpu().numpy()
     K = m.shape[0]
-    new = [row[:] for row in targets]
-    coeff = torch.eye(K, dtype=torch.float64)
-    rng = random.Random(order_seed)
-    for i in range(K):
-        others = [j for j in range(K) if j != i and m[j, j] > 0]
-        rng.shuffle(others)
-        for j in others:
-            gi_norm = math.sqrt(max(float(coeff[i] @ m @ coeff[i]), 0.0))
-            gj_norm = math.sqrt(float(m[j, j]))
-            if gi_norm == 0:
-                continue
-            phi = float(coeff[i] @ m[:, j]) / (gi_norm * gj_norm)
-            phi = max(-1.0, min(1.0, phi))
-            target = new[i][j]
-            if phi < target:
-                w = gi_norm * (target * math.sqrt(1 - phi**2) - phi * math.sqrt(1 - target**2))
-                w /= gj_norm * math.sqrt(1 - target**2)
-                coeff[i, j] += w
-            new[i][j] = (1 - beta) * target + beta * phi
-    return coeff.sum(0), new
+    new = np.array(targets, dtype=np.float64).reshape(K, K)
+    order, real = visit_orders(np.diag(m), order_seed)
+    columns = m.T.copy()  # columns[j] = M[:, j]
+    norm = np.sqrt(np.clip(np.diag(m), 0.0, None))  # ||g_j||
+    coeff = np.eye(K)
+    rows = np.arange(K)
+    for k in range(order.shape[1]):
+        j = order[:, k]
+        gi_norm = np.sqrt(np.clip(np.einsum("ij,ij->i", coeff @ m, coeff), 0.0, None))
+        moved = real[:, k] & (gi_norm > 0)  # a zero g_i has no direction: left alone
+        with np.errstate(divide="ignore", invalid="ignore"):
+            phi = np.clip(np.einsum("ij,ij->i", coeff, columns[j]) / (gi_norm * norm[j]), -1.0, 1.0)
+            target = new[rows, j]
+            # Cosine 1 is reached only in the limit (an infinite step along g_j): such a target is skipped.
+            below = moved & (phi < target) & (target < 1.0)
+            root = np.sqrt(1 - target**2)
+            w = gi_norm * (target * np.sqrt(1 - phi**2) - phi * root) / (norm[j] * root)
+        coeff[rows[below], j[below]] += w[below]
+        new[rows[moved], j[moved]] = (1 - beta) * target[moved] + beta * phi[moved]
+    return torch.from_numpy(coeff.sum(0)), new.tolist()
 
 
 class GradVacWeighting(CoefficientWeighting):
@@ -77,9 +85,9 @@ class GradVacWeighting(CoefficientWeighting):
         self.targets = [[0.0] * T for _ in range(T)]
 
     def coefficients(self, gram: torch.Tensor, losses: list[float], idx: list[int], step: int) -> list[float]:
-        sub = [[self.targets[a][b] for b in idx] for a in idx]
-        coeff, sub = gradvac_coefficients(gram, sub, self.params.beta, order_seed=step)
-        for x, a in enumerate(idx):
-            for y, b in enumerate(idx):
-                self.targets[a][b] = sub[x][y]
+        targets = np.array(self.targets, dtype=np.float64)
+        pairs = np.ix_(idx, idx)
+        coeff, sub = gradvac_coefficients(gram, targets[pairs].tolist(), self.params.beta, order_seed=step)
+        targets[pairs] = sub
+        self.targets = targets.tolist()
         return coeff.tolist()

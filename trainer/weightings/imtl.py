@@ -1,7 +1,10 @@
 """`imtl_g`, `imtl_l` and `imtl` (the hybrid): Impartial Multi-Task Learning (Liu, Li, Kuang, Xue, Chen, Yang, Liao &
 Zhang, "Towards Impartial Multi-task Learning", ICLR 2021, openreview.net/forum?id=IMPnRXEWpvr:
 IMTL-G its gradient balance, IMTL-L its loss balance, Eq. (6) with a = e, b = 1, IMTL its
-hybrid balance).
+hybrid balance). The equation numbers of IMTL-G's closed form and of the hybrid are not
+verified (the paper's text was not reachable here); the closed form below is the one LibMTL's
+`weighting/IMTL.py` and the `IMTLG` of Nash-MTL's `methods/weight_methods.py` (read in the copy
+that Cranial-XIX/FAMO carries) implement, and the hybrid is LibMTL's (IMTL-G on the gradients of e^{s_t} L_t − s_t).
 
 IMTL-G (gradient balance): find the combination d = Σ_t α_t g_t, Σ_t α_t = 1, whose
 projections onto every unit task gradient u_t = g_t / ||g_t|| are equal (dᵀu_1 = dᵀu_t). With
@@ -81,15 +84,15 @@ class IMTLLWeighting(Weighting):
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = device_of(losses, ctx, self)
-        red = reduce_losses(self.task_names, losses, ctx, device)
+        reduced = reduce_losses(self.task_names, losses, ctx, device)
         s = self.log_scale.to(device)
         w = torch.exp(s)
         values = w.detach().tolist()
-        weights = {t: values[i] if red.present[i] else 0.0 for i, t in enumerate(self.task_names)}
-        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device)
+        weights = {t: values[i] if reduced.present[i] else 0.0 for i, t in enumerate(self.task_names)}
+        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, reduced.mean_count), device)
         for i in range(len(self.task_names)):
-            if red.present[i]:  # d/ds_t from the all-reduced loss: the same on every rank
-                total = total + (w[i] - w[i].detach()) * red.loss[i] - s[i]
+            if reduced.present[i]:  # d/ds_t from the all-reduced loss: the same on every rank
+                total = total + (w[i] - w[i].detach()) * reduced.loss[i] - s[i]
         return total, weights
 
 

@@ -33,7 +33,7 @@ from manytask.trainer.weightings.base import (
     WeightingContext,
     device_of,
     exact_sum,
-    held,
+    local_count,
     rank_shares,
     reduce_losses,
     task_backward,
@@ -95,20 +95,20 @@ class MGDAWeighting(Weighting):
         n = len(self.task_names)
         flat = torch.zeros(n, ctx.representation.numel(), dtype=torch.float64, device=device)
         for i, task in enumerate(self.task_names):
-            loss, share = losses.get(task), held(task, losses, ctx)
+            loss, share = losses.get(task), local_count(task, losses, ctx)
             # under ZeRO-3 every rank makes every pass: each gathers the towers it crosses
             if loss is None or share == 0 and ctx.sharding is None or not loss.requires_grad:
                 continue
             (g,) = task_backward(loss, [ctx.representation], ctx)
             if g is not None and share > 0:
                 flat[i] = share * g.detach().reshape(-1).to(torch.float64)
-        red = reduce_losses(self.task_names, losses, ctx, device, extra_tensor=flat @ flat.T)
-        idx = [i for i, p in enumerate(red.present) if p]
-        alpha = self._solve(red.tensor, red.held, red.loss, idx)
+        reduced = reduce_losses(self.task_names, losses, ctx, device, extra_tensor=flat @ flat.T)
+        idx = [i for i, p in enumerate(reduced.present) if p]
+        alpha = self._solve(reduced.tensor, reduced.mean_count, reduced.loss, idx)
         weights = {t: 0.0 for t in self.task_names}
         for k, i in enumerate(idx):
             weights[self.task_names[i]] = alpha[k]
-        return exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device), weights
+        return exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, reduced.mean_count), device), weights
 
     def _solve(
         self, gram: torch.Tensor, share: list[float], loss: list[float | None], idx: list[int]

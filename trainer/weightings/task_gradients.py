@@ -1,7 +1,7 @@
 """Per-task gradients of the shared parameters: the one place every gradient-based method
 (and the task-affinity monitor) gets them from.
 
-`task_gradients(...)` takes one `autograd.grad` per task held on this rank with respect to
+`task_gradients(...)` takes one `autograd.grad` per task labelled on this rank with respect to
 the shared parameters (retain_graph, so the trainer's single backward still runs; no `.grad`
 buffer or DDP hook is touched), weights each by this rank's labelled count of the task, and
 averages gradients, counts and loss sums over ranks in ONE collective. Dividing by the mean
@@ -39,19 +39,23 @@ from manytask.trainer.weightings.base import (
     WeightingContext,
     device_of,
     exact_sum,
-    held,
+    local_count,
     rank_shares,
 )
 from manytask.trainer.weightings.sharded_gradients import ZeroSharding
 
 
-def flat_gradient(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    """∂loss/∂params flattened to [P] (float32; zeros for a parameter the loss does not use).
+def flat_gradient(
+    loss: torch.Tensor, params: Sequence[torch.nn.Parameter], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """∂loss/∂params flattened to [P] (float32; zeros for a parameter the loss does not use),
+    written into `out` ([P] float32) when given.
 
     `autograd.grad` with retain_graph: the graph stays for the trainer's backward.
     """
     grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
+    pieces = [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)]
+    return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
 
 def gram_matrix(grads: torch.Tensor, block: int = 1 << 22) -> torch.Tensor:
@@ -75,9 +79,9 @@ class TaskGradients:
     grads:   [T, P] float32, row t = gradient of task t's mean loss over every labelled
              sample of all ranks; zeros for a task labelled nowhere. Under ZeRO-3
              (`sharded`) only this rank's partition of it, [T, P / R].
-    counts:  [T] mean over ranks of `held()` (labelled samples; 0 = absent everywhere).
+    counts:  [T] mean over ranks of `local_count()` (labelled samples; 0 = absent everywhere).
     losses:  T global mean losses (None when absent).
-    present: T flags: labelled on some rank and not flagged absent by the trainer.
+    present: T flags: labelled on some rank.
     """
 
     grads: torch.Tensor
@@ -105,7 +109,7 @@ def task_gradients(
 ) -> TaskGradients:
     """The exact global per-task gradients of `params` (see the module docstring).
 
-    Each rank's gradient of task t counts with `held()` (its labelled count with
+    Each rank's gradient of task t counts with `local_count()` (its labelled count with
     `ctx.local_counts`, else 1 if it has the loss). One collective of 2T + T·P floats,
     issued on every rank whatever its data.
     """
@@ -113,26 +117,30 @@ def task_gradients(
         return sharded_task_gradients(tasks, losses, params, ctx, ctx.sharding, device)
     size = sum(p.numel() for p in params)
     T = len(tasks)
-    counts = torch.zeros(T, dtype=torch.float32, device=device)
-    loss_sums = torch.zeros(T, dtype=torch.float32, device=device)
-    grads = torch.zeros(T, size, dtype=torch.float32, device=device)
-    for i, task in enumerate(tasks):
-        n = held(task, losses, ctx)
-        if n == 0:
-            continue
-        loss = losses[task]
-        counts[i] = n
-        loss_sums[i] = n * loss.detach().float()
+    # The collective's one buffer, [counts T | loss sums T | gradients T·P]: each task's
+    # gradient is concatenated straight into its row (no per-task temporaries to copy).
+    flat = torch.zeros(2 * T + T * size, dtype=torch.float32, device=device)
+    grads = flat[2 * T :].view(T, size)
+    counts = [local_count(t, losses, ctx) for t in tasks]
+    held = [i for i in range(T) if counts[i] > 0]
+    if held:
+        flat[:T] = torch.tensor(counts, dtype=torch.float32, device=device)
+        here = torch.tensor(held, device=device)
+        flat[T + here] = torch.stack([losses[tasks[i]].detach().float().reshape(()) for i in held]) * flat[here]
+    for i in held:
+        loss = losses[tasks[i]]
         if loss.requires_grad and size:
-            grads[i] = n * flat_gradient(loss, params)
-    reduced = ctx.all_reduce_mean(torch.cat([counts, loss_sums, grads.reshape(-1)]))
-    mean_counts = reduced[:T].double().cpu()
-    sums = reduced[T : 2 * T].double().cpu()
-    grads = reduced[2 * T :].reshape(T, size) / reduced[:T].clamp_min(1e-12).unsqueeze(1)
-    grads[reduced[:T] == 0] = 0.0
-    present = [mean_counts[i] > 0 and bool(ctx.present.get(t, True)) for i, t in enumerate(tasks)]
-    mean_loss = [float(sums[i] / mean_counts[i]) if present[i] else None for i in range(T)]
-    return TaskGradients(grads=grads, counts=mean_counts.tolist(), losses=mean_loss, present=present)
+            flat_gradient(loss, params, out=grads[i])
+    grads.mul_(flat[:T].unsqueeze(1))  # count-weighted: n_t g_t (rows of absent tasks stay 0)
+    reduced = ctx.all_reduce_mean(flat)
+    scalars = reduced[: 2 * T].double().cpu().tolist()  # Python floats: no per-element tensor ops
+    mean_counts, sums = scalars[:T], scalars[T:]
+    grads = reduced[2 * T :].view(T, size).div_(reduced[:T].clamp_min(1e-12).unsqueeze(1))
+    present = [c > 0 for c in mean_counts]
+    if not all(present):
+        grads[[i for i in range(T) if not present[i]]] = 0.0
+    mean_loss = [sums[i] / mean_counts[i] if present[i] else None for i in range(T)]
+    return TaskGradients(grads=grads, counts=mean_counts, losses=mean_loss, present=present)
 
 
 def sharded_task_gradients(
@@ -155,7 +163,7 @@ def sharded_task_gradients(
     loss_sums = torch.zeros(T, dtype=torch.float64, device=device)
     parts = []
     for i, task in enumerate(tasks):
-        n, loss = held(task, losses, ctx), losses.get(task)
+        n, loss = local_count(task, losses, ctx), losses.get(task)
         grads: tuple[torch.Tensor | None, ...] = (None,) * len(params)
         if loss is not None and loss.requires_grad:
             grads = sharding.grad(loss, params)
@@ -178,7 +186,7 @@ def sharded_task_gradients(
     gram[:, absent] = 0.0
     local = local / scale.to(local.device, torch.float32).unsqueeze(1)
     local[absent.to(local.device)] = 0.0
-    present = [bool(mean_counts[i] > 0) and bool(ctx.present.get(t, True)) for i, t in enumerate(tasks)]
+    present = [bool(mean_counts[i] > 0) for i in range(T)]
     mean_loss = [float(sums[i] / mean_counts[i]) if present[i] else None for i in range(T)]
     return TaskGradients(grads=local, counts=mean_counts.tolist(), losses=mean_loss, present=present,
                          sharded=True, reduced_gram=gram)

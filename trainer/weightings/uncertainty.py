@@ -63,15 +63,15 @@ class UncertaintyWeighting(Weighting):
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = device_of(losses, ctx, self)
-        red = reduce_losses(self.task_names, losses, ctx, device)
+        reduced = reduce_losses(self.task_names, losses, ctx, device)
         s = self.log_vars.to(device)
         w = torch.tensor(self.loss_scale, device=device) * torch.exp(-s)
         values = w.detach().tolist()
-        weights = {t: values[i] if red.present[i] else 0.0 for i, t in enumerate(self.task_names)}
-        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device)  # the model's part: w_i held constant
+        weights = {t: values[i] if reduced.present[i] else 0.0 for i, t in enumerate(self.task_names)}
+        total = exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, reduced.mean_count), device)  # the model's part: w_i held constant
         for i in range(len(self.task_names)):
-            if red.present[i]:  # an absent task adds no term: its s_i gets a zero gradient
+            if reduced.present[i]:  # an absent task adds no term: its s_i gets a zero gradient
                 # (w_i - w_i.detach()) * L̄_i has value 0 and gives d/ds_i from the all-reduced
                 # loss L̄_i, the same on every rank.
-                total = total + (w[i] - w[i].detach()) * red.loss[i] + self.reg_scale * s[i]
+                total = total + (w[i] - w[i].detach()) * reduced.loss[i] + self.reg_scale * s[i]
         return total, weights

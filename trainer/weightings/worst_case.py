@@ -59,19 +59,19 @@ class WorstCaseWeighting(Weighting):
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = device_of(losses, ctx, self)
-        red = reduce_losses(self.task_names, losses, ctx, device)
+        reduced = reduce_losses(self.task_names, losses, ctx, device)
         beta = self.params.ema
-        if red.finite:
-            for i, present in enumerate(red.present):
+        if reduced.finite:
+            for i, present in enumerate(reduced.present):
                 if not present:
                     continue
-                x = red.loss[i]
+                x = reduced.loss[i]
                 if self.initial[i] is None:
                     self.initial[i] = x
                 prev = self.smoothed[i]
                 self.smoothed[i] = x if prev is None else beta * prev + (1.0 - beta) * x
         scores: list[float | None] = []
-        for i, present in enumerate(red.present):
+        for i, present in enumerate(reduced.present):
             ema, first = self.smoothed[i], self.initial[i]
             if not present or ema is None:
                 scores.append(None)
@@ -84,5 +84,5 @@ class WorstCaseWeighting(Weighting):
         for i, task in enumerate(self.task_names):
             # A present task not yet scored (its first loss was not finite) still enters the
             # total with weight 1, so the trainer sees the bad loss and skips the step.
-            weights[task] = w[i] if scores[i] is not None or not red.present[i] else 1.0
-        return exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, red.held), device), weights
+            weights[task] = w[i] if scores[i] is not None or not reduced.present[i] else 1.0
+        return exact_sum(self.task_names, losses, weights, rank_shares(self.task_names, losses, ctx, reduced.mean_count), device), weights
