@@ -351,7 +351,7 @@ def test_parquet_lists_read_as_dictionaries_give_the_ids_plain_python_gives(tmp_
 def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatch):
     """hash=N ids are recorded as `poly64-splitmix64`: the fast hash (inverse powers, blocks of
     _HASH_BLOCK bytes) must equal the formula computed one string at a time in Python."""
-    from manytask.data_pipeline import preprocess
+    from manytask.data_pipeline import string_hash
 
     mask = (1 << 64) - 1
 
@@ -374,9 +374,9 @@ def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatc
         "".join(chr(c) for c in rng.integers(32, 0x800, rng.integers(0, 40))) for _ in range(200)]
     want = [formula(v) for v in values]
     for block in (1 << 20, 64, 5):  # one block; many blocks; strings longer than a block
-        monkeypatch.setattr(preprocess, "_HASH_BLOCK", block)
+        monkeypatch.setattr(string_hash, "_HASH_BLOCK", block)
         for arr in (pa.array(values, pa.string()), pa.array(values, pa.large_string()).slice(3)):
-            got = preprocess.hash_strings(arr)
+            got = string_hash.hash_strings(arr)
             assert got.tolist() == want[len(values) - len(arr):]
 
 

@@ -1,0 +1,113 @@
+"""Raw table columns (pyarrow arrays, or numpy for NPZ) in the forms the field encoders work on:
+strings, each row's index into its batch's distinct values, floats, lists of strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def strings(col: Any):
+    """A column as a pyarrow string array (numbers printed as text; nulls stay null)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not isinstance(col, pa.Array):
+        col = pa.array(np.asarray(col).tolist())
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        col = pc.cast(col, pa.string())
+    return col
+
+
+def distinct_index(col: Any) -> tuple[Any, np.ndarray]:
+    """A column as (distinct values, a pyarrow string array; index of each row's value in it,
+    int64 [n], -1 for null). A dictionary array (Parquet's string columns, read so) is used as
+    it is; any other column is dictionary-encoded here (one hash per row, in pyarrow)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not isinstance(col, pa.Array) or not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(strings(col))
+    index = col.indices.to_numpy(zero_copy_only=False)
+    if col.null_count:
+        index = np.where(np.asarray(col.is_valid(), dtype=bool), index, -1)
+    return strings(col.dictionary), index.astype(np.int64, copy=False)
+
+
+def is_dictionary(col: Any) -> bool:
+    import pyarrow as pa
+
+    return isinstance(col, (pa.Array, pa.ChunkedArray)) and pa.types.is_dictionary(col.type)
+
+
+def floats(col: Any) -> np.ndarray:
+    """A column as float64 [n] or [n, ...] (numpy arrays keep their trailing dims); null -> NaN."""
+    import pyarrow as pa
+
+    if isinstance(col, (pa.Array, pa.ChunkedArray)):
+        return col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    return np.asarray(col, dtype=np.float64)
+
+
+def string_lists(col: Any, sep: str):
+    """A list column, or a delimited string column split on `sep`, as a pyarrow list<string>
+    (list<dictionary<string>> as it is: Parquet's list columns read as dictionaries)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not isinstance(col, pa.Array):
+        values = np.asarray(col, dtype=object)
+        col = pa.array([None if v is None else list(v) if not isinstance(v, str) else v for v in values])
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return pc.split_pattern(col, sep)
+    if pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
+        col = col.cast(pa.list_(col.type.value_type))
+    value_type = col.type.value_type
+    if pa.types.is_dictionary(value_type) and pa.types.is_string(value_type.value_type):
+        return col
+    if pa.types.is_string(col.type):  # a dictionary-encoded string column: decode, then split
+        return pc.split_pattern(strings(col), sep)
+    if not pa.types.is_string(value_type):
+        col = col.cast(pa.list_(pa.string()))
+    return col
+
+
+def list_values(lists) -> tuple[Any, np.ndarray]:
+    """Every value of a list<string> array, null rows' values included, and each row's value
+    count (0 for a null row): (values, counts [n]). Read from the list offsets with numpy
+    (pyarrow's list_parent_indices costs ~1 us per value)."""
+    offsets = lists.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = lists.values.slice(offsets[0], offsets[-1] - offsets[0])
+    counts = np.diff(offsets)
+    if lists.null_count:
+        counts = np.where(np.asarray(lists.is_valid(), dtype=bool), counts, 0)
+    return values, counts
+
+
+def list_rows(lists) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """The non-empty values of a list<string> array, row by row: (distinct values, index of
+    each kept value in them [m], each row's first kept value in that index [n], its number of
+    kept values [n]); row i's values are index[starts[i] : starts[i] + lengths[i]]."""
+    import pyarrow.compute as pc
+
+    values, counts = list_values(lists)
+    distinct, index = distinct_index(values)
+    spans = np.diff(lists.offsets.to_numpy(zero_copy_only=False).astype(np.int64))
+    empty = np.r_[np.asarray(pc.equal(pc.binary_length(distinct), 0).fill_null(True), dtype=bool), True]
+    keep = ~empty[index]  # index -1 (null) -> the appended True
+    if lists.null_count:
+        keep &= np.repeat(counts > 0, spans)  # a null row's values do not count
+    if not keep.all():
+        spans = np.bincount(np.repeat(np.arange(len(lists)), spans)[keep], minlength=len(lists))
+        index = index[keep]
+    return distinct, index, np.cumsum(spans) - spans, spans
+

@@ -1,0 +1,327 @@
+"""Field encoders: one column spec -> one or two model-ready fields. Each is fitted on the
+training split's rows (vocabularies, mean / std), encodes record batches of raw columns and says
+what manifest.json records for it (data_pipeline/preprocess.py describes the kinds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from manytask.data_pipeline.arrow_columns import (
+    distinct_index,
+    floats,
+    is_dictionary,
+    list_rows,
+    list_values,
+    string_lists,
+    strings,
+)
+from manytask.data_pipeline.column_specs import ColumnSpec
+from manytask.data_pipeline.string_hash import hash_strings
+
+VOCAB_DIR = "vocab"
+
+
+class MissingValueError(ValueError):
+    """A missing or non-finite value in a numeric input column with `missing=error`."""
+
+
+
+class FieldEncoder:
+    """Base: one spec -> one or two output fields. `fit` sees training rows only (pass 1)."""
+
+    needs_fit = False
+
+    def __init__(self, spec: ColumnSpec):
+        self.spec = spec
+
+    def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
+        """Count / accumulate what the encoder needs from the training rows `train` (bool [n])."""
+
+    def finish(self) -> None:
+        """After the last `fit`: turn the counts into the vocabulary / statistics."""
+
+    def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
+        """Raw columns of rows row0.. -> field -> array [n, ...] (row0 only names rows in errors)."""
+        raise NotImplementedError
+
+    def record(self) -> dict[str, Any]:
+        """What manifest.json records for this field under "preprocessing"."""
+        return {"kind": self.kind, "columns": self.spec.columns, "role": self.spec.role, "spec": self.spec.text}
+
+    def vocab_sizes(self) -> dict[str, int]:
+        """Fields whose manifest `vocab` is fixed by the encoder (not max + 1 of the data)."""
+        return {}
+
+    def write_files(self, folder: Path) -> None:
+        """Write the vocabulary file(s) beside a split's manifest (only vocabularies have one)."""
+
+
+class Vocabulary(FieldEncoder):
+    """`cat` (one id per sample) and `multi` (k ids, padded) over a vocabulary of the training
+    split's values: most frequent first (ties by value), `min_count` / `max_vocab` applied."""
+
+    needs_fit = True
+
+    def __init__(self, spec: ColumnSpec, values: list[str] | None = None):
+        super().__init__(spec)
+        self.multi = spec.kind == "multi"
+        label = spec.role == "target" and not self.multi
+        # cat input: 0 = unseen/empty; cat target: classes from 0, -1 = unseen/empty (masked);
+        # multi: 0 = padding (pooling skips it), 1 = unseen.
+        self.pad = 0 if self.multi else None
+        self.oov = -1 if label else (1 if self.multi else 0)
+        self.first_id = 0 if label else (2 if self.multi else 1)
+        self.kind = "multi_categorical" if self.multi else "categorical"
+        self.counts: dict[str, int] = {}
+        self.values = values
+        self._lookup = None
+
+    def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
+        # Count each distinct value of the batch once: its rows' dictionary indices are counted
+        # with numpy (bincount), only the distinct values reach Python.
+        col = cols[self.spec.columns[0]]
+        if self.multi:
+            lists = string_lists(col, self.spec.sep)
+            values, counts = list_values(lists)
+            distinct, index = distinct_index(values)
+            spans = np.diff(lists.offsets.to_numpy(zero_copy_only=False))
+            train = np.repeat(train & (counts > 0), spans)
+        else:
+            distinct, index = distinct_index(col)
+        counts = np.bincount(index[train & (index >= 0)], minlength=len(distinct))
+        seen = np.flatnonzero(counts)
+        for value, count in zip(distinct.take(seen).to_pylist(), counts[seen].tolist()):
+            if value:  # None and "" are "empty", never vocabulary entries
+                self.counts[value] = self.counts.get(value, 0) + count
+
+    def finish(self) -> None:
+        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        kept = [v for v, c in ranked if c >= self.spec.min_count]
+        self.values = kept[: self.spec.max_vocab] if self.spec.max_vocab else kept
+        self.counts = {}
+
+    @property
+    def size(self) -> int:
+        return self.first_id + len(self.values)
+
+    def _ids(self, values) -> np.ndarray:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if self._lookup is None:
+            self._lookup = pa.array(self.values, pa.string())
+        idx = pc.index_in(values, value_set=self._lookup).fill_null(-1).to_numpy(zero_copy_only=False)
+        return np.where(idx >= 0, idx + self.first_id, self.oov).astype(np.int64)
+
+    def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
+
+        col = cols[self.spec.columns[0]]
+        if not self.multi and is_dictionary(col):  # look up each distinct value once
+            distinct, index = distinct_index(col)
+            return {self.spec.field: np.r_[self._ids(distinct), self.oov][index]}
+        if not self.multi:
+            return {self.spec.field: self._ids(strings(col))}
+        lists = string_lists(col, self.spec.sep)
+        n, k = len(lists), self.spec.k
+        distinct, index, starts, lengths = list_rows(lists)
+        ids = self._ids(distinct)[index]  # each distinct value looked up once
+        out = np.full((n, k), self.pad, np.int64)
+        for j in range(k):  # column j: the j-th value of every row that has one
+            rows = np.flatnonzero(lengths > j)
+            out[rows, j] = ids[starts[rows] + j]
+        return {self.spec.field: out}
+
+    def record(self) -> dict[str, Any]:
+        out = {**super().record(), "vocab_file": f"{VOCAB_DIR}/{self.spec.field}.txt", "size": self.size,
+               "first_id": self.first_id, "oov": self.oov, "min_count": self.spec.min_count,
+               "max_vocab": self.spec.max_vocab}
+        if self.multi:
+            out.update(pad=self.pad, k=self.spec.k, sep=self.spec.sep)
+        return out
+
+    def vocab_sizes(self) -> dict[str, int]:
+        return {self.spec.field: self.size}
+
+    def write_files(self, folder: Path) -> None:
+        path = folder / VOCAB_DIR / f"{self.spec.field}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(_escape(v) + "\n" for v in self.values), encoding="utf-8")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def unescape(line: str) -> str:
+    out, i = [], 0
+    while i < len(line):
+        ch = line[i]
+        if ch == "\\" and i + 1 < len(line):
+            out.append({"n": "\n", "r": "\r"}.get(line[i + 1], line[i + 1]))
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+
+class HashedIds(FieldEncoder):
+    """`hash=N`: id 1 + hash(value) mod (N - 1), 0 for empty — no vocabulary, any cardinality
+    (`hash_strings`: vectorised, stable across runs and machines)."""
+
+    kind = "hash"
+
+    def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
+        col = cols[self.spec.columns[0]]
+        if is_dictionary(col):  # hash each distinct value once
+            distinct, index = distinct_index(col)
+            h = np.r_[hash_strings(distinct), np.uint64(0)][index]
+        else:
+            h = hash_strings(strings(col))
+        ids = (h % np.uint64(self.spec.buckets - 1)).astype(np.int64) + 1
+        return {self.spec.field: np.where(h == 0, 0, ids)}
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "size": self.spec.buckets, "oov": 0, "hash": "poly64-splitmix64"}
+
+    def vocab_sizes(self) -> dict[str, int]:
+        return {self.spec.field: self.spec.buckets}
+
+
+class Numeric(FieldEncoder):
+    """`num`: float32 (one column: [], several: [c]); log1p on request; mean/std of the training
+    split (NaN ignored) for standardising; missing values refused or filled + indicator field."""
+
+    kind = "numeric"
+
+    def __init__(self, spec: ColumnSpec, stats: dict | None = None):
+        super().__init__(spec)
+        self.needs_fit = spec.role == "input" and (spec.standardize or spec.fill == "mean")
+        c = len(spec.columns)
+        self.count, self.mean, self.m2 = np.zeros(c), np.zeros(c), np.zeros(c)
+        if stats:
+            self.mean, self.std = np.asarray(stats["mean"], float), np.asarray(stats["std"], float)
+        else:
+            self.std = np.ones(c)
+
+    def _values(self, cols: dict[str, Any]) -> np.ndarray:
+        x = np.stack([floats(cols[c]) for c in self.spec.columns], axis=1)  # [n, c]
+        if self.spec.log:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                x = np.log1p(x)
+        x[~np.isfinite(x)] = np.nan
+        return x
+
+    def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
+        x = self._values(cols)[train]
+        valid = ~np.isnan(x)
+        n = valid.sum(axis=0)
+        if not n.any():
+            return
+        x[~valid] = 0.0  # (np.nanmean / nansum copy and mask again; these are the same sums)
+        mean = x.sum(axis=0) / np.maximum(n, 1)
+        m2 = (np.where(valid, x - mean, 0.0) ** 2).sum(axis=0)
+        total = self.count + n  # Chan et al.: combine this batch's moments with the running ones
+        delta = mean - self.mean
+        safe = np.maximum(total, 1)
+        self.mean = self.mean + delta * n / safe
+        self.m2 = self.m2 + m2 + delta**2 * self.count * n / safe
+        self.count = total
+
+    def finish(self) -> None:
+        std = np.sqrt(self.m2 / np.maximum(self.count, 1))
+        self.std = np.where(std > 0, std, 1.0)
+
+    def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
+        spec = self.spec
+        x = self._values(cols)
+        missing = np.isnan(x)
+        out = {}
+        if spec.role == "input" and missing.any():
+            if spec.fill is None:
+                row, j = np.argwhere(missing)[0]
+                raise MissingValueError(
+                    f"column '{spec.columns[j]}' (field '{spec.field}'): missing or non-finite value "
+                    f"at row {row0 + row} (0-based data row); give '{spec.field}=...:fill=0' (or "
+                    f"fill=mean) to fill it and add a '{spec.field}_missing' indicator"
+                )
+            fill = self.mean if spec.fill == "mean" else np.full(x.shape[1], float(spec.fill))
+            x = np.where(missing, fill, x)
+        if spec.role == "input" and spec.fill is not None:
+            ind = missing.astype(np.float32)
+            out[f"{spec.field}_missing"] = ind[:, 0] if x.shape[1] == 1 else ind
+        if spec.standardize and spec.role == "input":
+            x = (x - self.mean) / self.std
+        x = x.astype(np.float32)
+        out[spec.field] = x[:, 0] if x.shape[1] == 1 else x
+        return dict(reversed(list(out.items())))  # the field first, then its indicator
+
+    def record(self) -> dict[str, Any]:
+        standardized = self.spec.standardize and self.spec.role == "input"
+        out = {**super().record(), "standardize": standardized, "log": self.spec.log,
+               "missing": "keep" if self.spec.role == "target" else ("error" if self.spec.fill is None else "fill")}
+        if standardized or self.spec.fill == "mean":
+            out.update(mean=[float(v) for v in self.mean], std=[float(v) for v in self.std])
+        if self.spec.role == "input" and self.spec.fill is not None:
+            out.update(fill=self.spec.fill, indicator=f"{self.spec.field}_missing")
+        return out
+
+
+class Equals(FieldEncoder):
+    """`eq=VALUE`: int64 1 where the (text of the) value equals VALUE, 0 elsewhere, -1 if empty."""
+
+    kind = "equals"
+
+    def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
+        import pyarrow.compute as pc
+
+        s = strings(cols[self.spec.columns[0]])
+        eq = pc.equal(s, self.spec.equals).fill_null(False).to_numpy(zero_copy_only=False)
+        empty = pc.or_(pc.is_null(s), pc.equal(s, "").fill_null(True)).to_numpy(zero_copy_only=False)
+        return {self.spec.field: np.where(empty, -1, eq.astype(np.int64))}
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "equals": self.spec.equals, "size": 2}
+
+    def vocab_sizes(self) -> dict[str, int]:
+        return {self.spec.field: 2}
+
+
+class Passthrough(FieldEncoder):
+    """No kind on numeric columns: float -> float32 (NaN kept), int / bool -> int64 (null -> -1);
+    several columns (or an NPZ array) become one `[k]` / `[...]` field."""
+
+    kind = "passthrough"
+
+    def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
+        import pyarrow as pa
+
+        parts = []
+        for c in self.spec.columns:
+            col = cols[c]
+            if isinstance(col, (pa.Array, pa.ChunkedArray)):
+                if pa.types.is_floating(col.type) or col.null_count:
+                    a = floats(col)
+                    if not pa.types.is_floating(col.type):
+                        a = np.where(np.isnan(a), -1, a).astype(np.int64)
+                else:
+                    a = col.to_numpy(zero_copy_only=False)
+            else:
+                a = np.asarray(col)
+            parts.append(a)
+        single = len(parts) == 1 and (self.spec.field == self.spec.columns[0] or parts[0].ndim > 1)
+        arr = parts[0] if single else np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
+        return {self.spec.field: arr.astype(np.float32 if arr.dtype.kind == "f" else np.int64)}
+
+
+ENCODERS = {"cat": Vocabulary, "multi": Vocabulary, "hash": HashedIds, "num": Numeric,
+            "eq": Equals, "": Passthrough}
+
+
+def make_encoders(specs: list[ColumnSpec]) -> list[FieldEncoder]:
+    return [ENCODERS[s.kind](s) for s in specs]
+
