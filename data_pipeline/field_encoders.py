@@ -10,13 +10,18 @@ from typing import Any
 import numpy as np
 
 from manytask.data_pipeline.arrow_columns import (
+    buffer_values,
     distinct_index,
     floats,
     is_dictionary,
     list_rows,
     list_values,
+    numpy_of,
+    string_array,
     string_lists,
     strings,
+    valid_mask,
+    value_positions,
 )
 from manytask.data_pipeline.column_specs import ColumnSpec
 from manytask.data_pipeline.string_hash import hash_strings
@@ -28,6 +33,22 @@ class MissingValueError(ValueError):
     """A missing or non-finite value in a numeric input column with `missing=error`."""
 
 
+ID_DTYPES = ("int8", "int16", "int32", "int64")
+
+
+def id_dtype(size: int) -> str:
+    """The narrowest signed integer dtype holding the ids 0..size-1 and -1 (a masked label).
+
+    Id fields are written so (manifest `dtype`, and `dtype` in their preprocessing record):
+    an 8-byte id per value was most of the bytes a table conversion shuffles, hashes and
+    writes. Models cast ids to int64 when they look them up (`InputEncoder`, the losses), so
+    the narrow type stops at the batch. Manifests written before `dtype` was recorded hold
+    int64 ids (`Preprocessor.from_manifest` then encodes int64)."""
+    for name in ID_DTYPES:
+        if size - 1 <= np.iinfo(name).max:
+            return name
+    return "int64"
+
 
 class FieldEncoder:
     """Base: one spec -> one or two output fields. `fit` sees training rows only (pass 1)."""
@@ -36,6 +57,12 @@ class FieldEncoder:
 
     def __init__(self, spec: ColumnSpec):
         self.spec = spec
+        self.stored_dtype = ""  # an id field's dtype as a manifest recorded it ("" = id_dtype(size))
+
+    @property
+    def dtype(self) -> str:
+        """An id field's dtype: as recorded, else the narrowest for its `size` (id encoders)."""
+        return self.stored_dtype or id_dtype(self.size)
 
     def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
         """Count / accumulate what the encoder needs from the training rows `train` (bool [n])."""
@@ -81,19 +108,26 @@ class Vocabulary(FieldEncoder):
 
     def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
         # Count each distinct value of the batch once: its rows' dictionary indices are counted
-        # with numpy (bincount), only the distinct values reach Python.
+        # with numpy (bincount), only the distinct values reach Python. Every value is counted,
+        # then the few rows that do not count (validation rows, null lists) are subtracted:
+        # no mask over every value.
         col = cols[self.spec.columns[0]]
         if self.multi:
             lists = string_lists(col, self.spec.sep)
             values, counts = list_values(lists)
             distinct, index = distinct_index(values)
-            spans = np.diff(lists.offsets.to_numpy(zero_copy_only=False))
-            train = np.repeat(train & (counts > 0), spans)
+            offsets = numpy_of(lists.offsets).astype(np.int64)
+            dropped = np.flatnonzero(~train | (counts == 0))  # a null row's values do not count
+            drop = index[value_positions(offsets - offsets[0], dropped)]
         else:
             distinct, index = distinct_index(col)
-        counts = np.bincount(index[train & (index >= 0)], minlength=len(distinct))
+            drop = index[~train]
+        if len(index) and index.min() < 0:  # nulls (index -1) are never counted
+            index, drop = index[index >= 0], drop[drop >= 0]
+        counts = np.bincount(index, minlength=len(distinct)) - np.bincount(drop, minlength=len(distinct))
         seen = np.flatnonzero(counts)
-        for value, count in zip(distinct.take(seen).to_pylist(), counts[seen].tolist()):
+        values = distinct.to_pylist()  # (take with numpy indices would import pandas: numpy_of)
+        for value, count in zip([values[i] for i in seen.tolist()], counts[seen].tolist()):
             if value:  # None and "" are "empty", never vocabulary entries
                 self.counts[value] = self.counts.get(value, 0) + count
 
@@ -108,36 +142,45 @@ class Vocabulary(FieldEncoder):
         return self.first_id + len(self.values)
 
     def _ids(self, values) -> np.ndarray:
-        import pyarrow as pa
         import pyarrow.compute as pc
 
         if self._lookup is None:
-            self._lookup = pa.array(self.values, pa.string())
-        idx = pc.index_in(values, value_set=self._lookup).fill_null(-1).to_numpy(zero_copy_only=False)
-        return np.where(idx >= 0, idx + self.first_id, self.oov).astype(np.int64)
+            self._lookup = string_array(self.values)
+        found = pc.index_in(values, value_set=self._lookup)  # null where not in the vocabulary
+        idx = np.where(valid_mask(found), buffer_values(found), -1)
+        return np.where(idx >= 0, idx + self.first_id, self.oov).astype(self.dtype)
+
+    def _lookup_table(self, distinct) -> np.ndarray:
+        """The ids of a batch's distinct values, then the OOV id for index -1 (null): [d + 1]."""
+        ids = self._ids(distinct)
+        return np.append(ids, np.array(self.oov, ids.dtype))
 
     def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
-
         col = cols[self.spec.columns[0]]
         if not self.multi and is_dictionary(col):  # look up each distinct value once
             distinct, index = distinct_index(col)
-            return {self.spec.field: np.r_[self._ids(distinct), self.oov][index]}
+            return {self.spec.field: self._lookup_table(distinct)[index]}
         if not self.multi:
             return {self.spec.field: self._ids(strings(col))}
         lists = string_lists(col, self.spec.sep)
         n, k = len(lists), self.spec.k
         distinct, index, starts, lengths = list_rows(lists)
+        # Kept value v of row r at position p = v - starts[r] goes to out[r, p] (p < k): one
+        # scatter into the flat [n * k] array; positions past a row's values keep the padding.
+        row_base = np.repeat(np.arange(n, dtype=np.int64) * k - starts, lengths)
+        target = row_base + np.arange(len(index), dtype=np.int64)
         ids = self._ids(distinct)[index]  # each distinct value looked up once
-        out = np.full((n, k), self.pad, np.int64)
-        for j in range(k):  # column j: the j-th value of every row that has one
-            rows = np.flatnonzero(lengths > j)
-            out[rows, j] = ids[starts[rows] + j]
-        return {self.spec.field: out}
+        if len(lengths) and lengths.max() > k:  # rows longer than k keep their first k values
+            fits = target - np.repeat(np.arange(n, dtype=np.int64) * k, lengths) < k
+            target, ids = target[fits], ids[fits]
+        out = np.full(n * k, self.pad, self.dtype)
+        out[target] = ids
+        return {self.spec.field: out.reshape(n, k)}
 
     def record(self) -> dict[str, Any]:
         out = {**super().record(), "vocab_file": f"{VOCAB_DIR}/{self.spec.field}.txt", "size": self.size,
                "first_id": self.first_id, "oov": self.oov, "min_count": self.spec.min_count,
-               "max_vocab": self.spec.max_vocab}
+               "max_vocab": self.spec.max_vocab, "dtype": self.dtype}
         if self.multi:
             out.update(pad=self.pad, k=self.spec.k, sep=self.spec.sep)
         return out
@@ -182,11 +225,18 @@ class HashedIds(FieldEncoder):
             h = np.r_[hash_strings(distinct), np.uint64(0)][index]
         else:
             h = hash_strings(strings(col))
-        ids = (h % np.uint64(self.spec.buckets - 1)).astype(np.int64) + 1
-        return {self.spec.field: np.where(h == 0, 0, ids)}
+        ids = h % np.uint64(self.spec.buckets - 1)
+        ids += np.uint64(1)
+        ids[h == 0] = 0  # empty
+        return {self.spec.field: ids.astype(self.dtype)}
+
+    @property
+    def size(self) -> int:
+        return self.spec.buckets
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "size": self.spec.buckets, "oov": 0, "hash": "poly64-splitmix64"}
+        return {**super().record(), "size": self.spec.buckets, "oov": 0, "hash": "poly64-splitmix64",
+                "dtype": self.dtype}
 
     def vocab_sizes(self) -> dict[str, int]:
         return {self.spec.field: self.spec.buckets}
@@ -272,9 +322,10 @@ class Numeric(FieldEncoder):
 
 
 class Equals(FieldEncoder):
-    """`eq=VALUE`: int64 1 where the (text of the) value equals VALUE, 0 elsewhere, -1 if empty."""
+    """`eq=VALUE`: 1 where the (text of the) value equals VALUE, 0 elsewhere, -1 if empty."""
 
     kind = "equals"
+    size = 2
 
     def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
         import pyarrow.compute as pc
@@ -282,10 +333,10 @@ class Equals(FieldEncoder):
         s = strings(cols[self.spec.columns[0]])
         eq = pc.equal(s, self.spec.equals).fill_null(False).to_numpy(zero_copy_only=False)
         empty = pc.or_(pc.is_null(s), pc.equal(s, "").fill_null(True)).to_numpy(zero_copy_only=False)
-        return {self.spec.field: np.where(empty, -1, eq.astype(np.int64))}
+        return {self.spec.field: np.where(empty, -1, eq).astype(self.dtype)}
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "equals": self.spec.equals, "size": 2}
+        return {**super().record(), "equals": self.spec.equals, "size": 2, "dtype": self.dtype}
 
     def vocab_sizes(self) -> dict[str, int]:
         return {self.spec.field: 2}
@@ -309,7 +360,7 @@ class Passthrough(FieldEncoder):
                     if not pa.types.is_floating(col.type):
                         a = np.where(np.isnan(a), -1, a).astype(np.int64)
                 else:
-                    a = col.to_numpy(zero_copy_only=False)
+                    a = numpy_of(col)
             else:
                 a = np.asarray(col)
             parts.append(a)

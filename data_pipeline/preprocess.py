@@ -63,6 +63,8 @@ from manytask.data_pipeline.field_encoders import (
 from manytask.data_pipeline.manifest import FieldInfo, load_manifest, manifest_path
 from manytask.data_pipeline.string_hash import hash_strings
 
+ID_KINDS = ("categorical", "multi_categorical", "hash", "equals")  # record kinds of id fields
+
 __all__ = [  # the names other modules and tests import from here
     "KINDS", "VOCAB_DIR", "ColumnSpec", "SpecError", "MissingValueError", "parse_spec", "resolve_specs",
     "make_encoders", "hash_strings", "preprocessing_record", "Preprocessor", "field_infos",
@@ -124,6 +126,8 @@ class Preprocessor:
                 encoders.append(Numeric(spec, rec if "mean" in rec else None))
             else:
                 encoders.append(ENCODERS[spec.kind](spec))
+            if rec["kind"] in ID_KINDS:  # written before dtypes were recorded: int64
+                encoders[-1].stored_dtype = rec.get("dtype", "int64")
         return cls(encoders, str(path))
 
     def encode(self, table: Any, fields: list[str] | None = None) -> dict[str, np.ndarray]:
