@@ -20,7 +20,7 @@ vocabularies: OUT/<split>/vocab/<field>.txt, one value per line; all recorded in
 
 
 def _write(args: argparse.Namespace) -> int:
-    from manytask.data_pipeline.shard_tools import convert_table
+    from manytask.data_pipeline.table_to_shards import convert_table
 
     manifests = convert_table(
         args.input, args.out, features=args.features, targets=args.targets,

@@ -398,3 +398,43 @@ def test_read_ahead_hands_over_batches_in_order_and_the_readers_error_where_it_s
     assert next(early) == 0
     early.close()  # a consumer that stops early leaves no reader thread behind
     assert not [t for t in threading.enumerate() if t.name == "table-read-ahead"]
+
+
+def test_id_fields_are_stored_narrow_and_manifests_without_a_dtype_encode_int64(tmp_path):
+    """Id fields are written in the narrowest signed dtype of their vocabulary / hash space (the
+    manifest's field dtype and the preprocessing record say which); the serving-side encoder
+    gives the same dtype and values. A manifest written before dtypes were recorded (int64 ids on
+    disk) still encodes int64."""
+    import json
+
+    from manytask.data_pipeline.field_encoders import id_dtype
+
+    assert [id_dtype(s) for s in (1, 128, 129, 32768, 32769, 2**31)] == \
+        ["int8", "int8", "int16", "int16", "int32", "int32"]
+    df = raw_table()
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pandas(df.assign(genres=[g.split("|") if g else [] for g in df.genres])), path)
+    specs = SPECS + ["wide=user_id:hash=30000", "wider=user_id:hash=70000"]
+    out = convert_table(path, tmp_path / "out", specs, ["y", "click", "paris=city:eq=paris"],
+                        samples_per_shard=128, chunk_size=32, val_fraction=0.25, batch_rows=100)
+    train = out["train"]
+    want = {"city": "int8", "genres": "int8", "user": "int8", "wide": "int16", "wider": "int32", "paris": "int8"}
+    assert {f: train.fields[f].dtype for f in want} == want
+    assert {f: train.preprocessing[f]["dtype"] for f in want} == want
+    assert train.fields["click"].dtype == "int64"  # a number column passes through as it was
+    written = read_split(tmp_path / "out/val")
+    raw = df.iloc[written["row"]]
+    encoded = Preprocessor.from_manifest(tmp_path / "out/train").encode(raw)
+    for name, dtype in want.items():
+        assert encoded[name].dtype == dtype and written[name].dtype == dtype
+        np.testing.assert_array_equal(encoded[name], written[name])
+    # the same folder as an older writer left it: no "dtype" in preprocessing -> int64 ids
+    manifest = tmp_path / "out/train/manifest.json"
+    record = json.loads(manifest.read_text())
+    for rec in record["preprocessing"].values():
+        rec.pop("dtype", None)
+    manifest.write_text(json.dumps(record))
+    old = Preprocessor.from_manifest(tmp_path / "out/train").encode(raw)
+    for name in want:
+        assert old[name].dtype == np.int64
+        np.testing.assert_array_equal(old[name], written[name])
