@@ -11,21 +11,22 @@ FIELD defaults to the column name. KIND and OPTIONs:
 
 | spec                              | field                                                        |
 | --------------------------------- | ------------------------------------------------------------ |
-| `city:cat`                        | int64 id from a vocabulary of the training split; 0 = unseen or empty |
+| `city:cat`                        | id from a vocabulary of the training split; 0 = unseen or empty |
 | `city:cat:min_count=5:max_vocab=1000` | values seen < 5 times, or beyond the 1000 most frequent, -> 0 |
-| `user_id:hash=1048576`            | int64 id 1 + hash(value) mod 1048575, no vocabulary pass; 0 = empty |
-| `genres:multi:k=4:sep=\\|`         | int64 `[4]`: a Parquet list or a delimited string; 0 = padding (ignored by pooling), 1 = unseen |
+| `user_id:hash=1048576`            | id 1 + hash(value) mod 1048575, no vocabulary pass; 0 = empty |
+| `genres:multi:k=4:sep=\\|`         | ids `[4]`: a Parquet list or a delimited string; 0 = padding (ignored by pooling), 1 = unseen |
 | `age:num`                         | float32, standardised with the training mean / std; missing -> error naming column and row |
 | `age:num:raw`                     | float32 as is (still checked for missing values)              |
 | `income:num:fill=0`               | missing -> 0 (or `fill=mean`) plus a float32 field `income_missing` (1 where filled) |
 | `price:num:log`                   | log1p(value) before standardising                            |
-| `ideal=cut:eq=Ideal`              | int64 1 where the value equals `Ideal`, else 0; missing -> -1 (masked label) |
+| `ideal=cut:eq=Ideal`              | 1 where the value equals `Ideal`, else 0; missing -> -1 (masked label) |
 | `col` (no kind)                   | a string column -> `cat`, a list column -> `multi`; numbers pass through as before (float32 / int64) |
 
 Targets use the same syntax. A float target keeps NaN for "no label" (masked), an integer
 target -1; a string target (`label:cat` or no kind) gets class ids 0..C-1 from the training
 split, -1 for an unseen or empty value. `--min-count` / `--max-vocab` set the defaults of
-every vocabulary.
+every vocabulary. Id fields are stored in the narrowest signed integer dtype of their id space
+(`field_encoders.id_dtype`: int8 / int16 / int32), recorded as `dtype`.
 
 `manifest.json` then holds `"preprocessing": {field: {...}}` (kind, columns, vocabulary file
 `vocab/<field>.txt` beside the manifest — one value per line, line 1 is id `first_id` —, size,
