@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from manytask.data_pipeline.field_encoders import FieldEncoder
-from manytask.data_pipeline.manifest import Manifest
+from manytask.data_pipeline.manifest import FieldInfo, Manifest
 from manytask.data_pipeline.preprocess import (
     field_infos,
     make_encoders,
@@ -27,7 +29,7 @@ from manytask.data_pipeline.preprocess import (
     resolve_specs,
 )
 from manytask.data_pipeline.shard_writer import ShardSink
-from manytask.data_pipeline.table_reader import open_table, read_ahead
+from manytask.data_pipeline.table_reader import TableSource, open_table, read_ahead
 
 
 def read_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -134,36 +136,15 @@ def convert_table(
     specs = [parse_spec(t, "input", min_count, max_vocab) for t in features]
     specs += [parse_spec(t, "target", min_count, max_vocab) for t in targets]
     encoders = make_encoders(resolve_specs(specs, source.columns))
-    columns = list(dict.fromkeys(c for e in encoders for c in e.spec.columns))
-    strings = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "hash", "eq")
-               or (e.spec.kind == "multi" and source.columns[e.spec.columns[0]] == "string")}
-    # Vocabulary columns are read as dictionaries where the format stores them so (Parquet).
-    dictionaries = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "multi")}
     n = source.count_rows()
     if n == 0:
         raise ValueError(f"{input}: the table has no rows")
     is_val, n_val = val_rows(n, val_fraction, seed)
-
-    def batches(wanted: list[str]):
-        row0 = 0
-        for cols in read_ahead(source.batches(wanted, strings & set(wanted), batch_rows, dictionaries)):
-            rows = len(next(iter(cols.values())))
-            yield row0, rows, cols
-            row0 += rows
-
-    fitting = [e for e in encoders if e.needs_fit]
+    batches = BatchReader(source, encoders, batch_rows)
     # Encoders work on their own columns and state, mostly inside numpy and pyarrow (which let
-    # go of the GIL): a batch's encoders run side by side, and the shuffle + shard writing of a
-    # batch runs while the next one is encoded (memory: one more encoded batch).
-    with ThreadPoolExecutor(ENCODE_THREADS, "encode") as pool, ThreadPoolExecutor(1, "write") as writer:
-        if fitting:
-            fit_columns = list(dict.fromkeys(c for e in fitting for c in e.spec.columns))
-            for row0, rows, cols in batches(fit_columns):
-                train = ~is_val(np.arange(row0, row0 + rows))
-                list(pool.map(lambda e: e.fit(cols, train), fitting))  # noqa: B023 - used at once
-        for e in fitting:
-            e.finish()
-        record = preprocessing_record(encoders)
+    # go of the GIL): a batch's encoders run side by side.
+    with ThreadPoolExecutor(ENCODE_THREADS, "encode") as pool:
+        fit_encoders(pool, encoders, batches, is_val)
         splits = {"train": out / "train"} | ({"val": out / "val"} if n_val else {})
         for folder in splits.values():
             if folder.exists() and force:
@@ -171,30 +152,78 @@ def convert_table(
             folder.mkdir(parents=True, exist_ok=True)
             for e in encoders:
                 e.write_files(folder)
-        sinks: dict[str, ShardSink] = {}
-        tops: dict[str, int] = {}
-        fixed = {k for e in encoders for k in e.vocab_sizes()}
-        writing: Future | None = None
-        for b, (row0, rows, cols) in enumerate(batches(columns)):
+
+        def open_sinks(fields: dict[str, FieldInfo]) -> dict[str, ShardSink]:
+            record = preprocessing_record(encoders)
+            return {s: ShardSink(folder, dict(fields), samples_per_shard, chunk_size, layout, prefix=s,
+                                 preprocessing=record) for s, folder in splits.items()}
+
+        sinks = write_splits(pool, encoders, batches, is_val, seed, layout, open_sinks)
+    return {s: sink.close() for s, sink in sinks.items()}
+
+
+class BatchReader:
+    """The table's record batches for the encoders: `batches(encoders)` yields (first row,
+    column name -> array) with the columns those encoders read, the next batch read ahead in a
+    background thread. String columns a vocabulary or hash reads stay text in CSV (zip codes keep
+    their leading zeros); vocabulary columns come as dictionaries where Parquet stores them so."""
+
+    def __init__(self, source: TableSource, encoders: list[FieldEncoder], batch_rows: int):
+        self.source, self.batch_rows = source, batch_rows
+        self.strings = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "hash", "eq")
+                        or (e.spec.kind == "multi" and source.columns[e.spec.columns[0]] == "string")}
+        self.dictionaries = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "multi")}
+
+    def batches(self, encoders: list[FieldEncoder]) -> Iterator[tuple[int, dict[str, Any]]]:
+        wanted = list(dict.fromkeys(c for e in encoders for c in e.spec.columns))
+        row0 = 0
+        for cols in read_ahead(self.source.batches(wanted, self.strings & set(wanted), self.batch_rows,
+                                                   self.dictionaries)):
+            yield row0, cols
+            row0 += len(next(iter(cols.values())))
+
+
+def fit_encoders(pool: ThreadPoolExecutor, encoders: list[FieldEncoder], reader: BatchReader, is_val) -> None:
+    """Pass 1: the encoders that need vocabularies or statistics see the training rows of every
+    batch (`is_val(rows)` -> bool mask of the validation rows), then finish."""
+    fitting = [e for e in encoders if e.needs_fit]
+    if fitting:
+        for row0, cols in reader.batches(fitting):
+            train = ~is_val(np.arange(row0, row0 + len(next(iter(cols.values())))))
+            list(pool.map(lambda e: e.fit(cols, train), fitting))  # noqa: B023 - used at once
+    for e in fitting:
+        e.finish()
+
+
+def write_splits(
+    pool: ThreadPoolExecutor, encoders: list[FieldEncoder], reader: BatchReader, is_val, seed: int,
+    layout: str, open_sinks: Callable[[dict[str, FieldInfo]], dict[str, ShardSink]],
+) -> dict[str, ShardSink]:
+    """Pass 2: every batch encoded, its training rows shuffled (seeded by batch) into the train
+    sink and its validation rows into val; the shuffle and writing of a batch run in a thread
+    while the next batch is encoded (memory: one more encoded batch). The sinks are opened with
+    the first batch's field specs; an integer field without a fixed vocabulary gets the same
+    `vocab` (max + 1 over both splits) in train and val. Returns the sinks, not yet closed."""
+    sinks: dict[str, ShardSink] = {}
+    tops: dict[str, int] = {}
+    fixed = {k for e in encoders for k in e.vocab_sizes()}
+    writing: Future | None = None
+    with ThreadPoolExecutor(1, "write") as writer:
+        for b, (row0, cols) in enumerate(reader.batches(encoders)):
             arrays = encode_batch(pool, encoders, cols, row0)
             if not sinks:
-                fields = field_infos(arrays, encoders, layout)
-                sinks = {s: ShardSink(folder, dict(fields), samples_per_shard, chunk_size, layout,
-                                      prefix=s, preprocessing=record)
-                         for s, folder in splits.items()}
+                sinks = open_sinks(field_infos(arrays, encoders, layout))
             for name, a in arrays.items():
                 if name not in fixed and a.dtype.kind in "iu" and a.size:
                     tops[name] = max(tops.get(name, -1), int(a.max()))
-            val = is_val(np.arange(row0, row0 + rows))
-            shuffle = np.random.default_rng([seed, b])
+            val = is_val(np.arange(row0, row0 + len(next(iter(arrays.values())))))
             if writing is not None:
                 writing.result()  # (raises the writer's error here)
-            writing = writer.submit(_write_batch, sinks, arrays, val, shuffle)
+            writing = writer.submit(_write_batch, sinks, arrays, val, np.random.default_rng([seed, b]))
         if writing is not None:
             writing.result()
     for sink in sinks.values():
         for name, top in tops.items():
             sink.fields[name].vocab = top + 1 if top >= 0 else 0
             sink.fixed_vocab.add(name)
-    return {s: sink.close() for s, sink in sinks.items()}
-
+    return sinks
