@@ -258,29 +258,35 @@ class Numeric(FieldEncoder):
         else:
             self.std = np.ones(c)
 
-    def _values(self, cols: dict[str, Any]) -> np.ndarray:
-        x = np.stack([floats(cols[c]) for c in self.spec.columns], axis=1)  # [n, c]
-        if self.spec.log:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                x = np.log1p(x)
-        x[~np.isfinite(x)] = np.nan
-        return x
+    def _values(self, cols: dict[str, Any]) -> list[np.ndarray]:
+        """Each column as float64 [n] (log1p on request), NaN where missing or not finite.
+        Column by column: numpy reduces a [n] array ~2x faster than a [n, 1] one along rows."""
+        out = []
+        for c in self.spec.columns:
+            v = floats(cols[c])
+            if v.ndim != 1:
+                raise ValueError(f"column '{c}' (field '{self.spec.field}'): ':num' takes one number per "
+                                 f"row, got arrays of shape {list(v.shape[1:])}; give it without a kind")
+            if self.spec.log:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    v = np.log1p(v)
+            infinite = np.isinf(v)
+            out.append(np.where(infinite, np.nan, v) if infinite.any() else v)
+        return out
 
     def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
-        x = self._values(cols)[train]
-        valid = ~np.isnan(x)
-        n = valid.sum(axis=0)
-        if not n.any():
-            return
-        x[~valid] = 0.0  # (np.nanmean / nansum copy and mask again; these are the same sums)
-        mean = x.sum(axis=0) / np.maximum(n, 1)
-        m2 = (np.where(valid, x - mean, 0.0) ** 2).sum(axis=0)
-        total = self.count + n  # Chan et al.: combine this batch's moments with the running ones
-        delta = mean - self.mean
-        safe = np.maximum(total, 1)
-        self.mean = self.mean + delta * n / safe
-        self.m2 = self.m2 + m2 + delta**2 * self.count * n / safe
-        self.count = total
+        for j, v in enumerate(self._values(cols)):
+            y = v[train & ~np.isnan(v)]
+            if not len(y):
+                continue
+            mean = y.sum() / len(y)
+            d = y - mean
+            m2 = np.square(d, out=d).sum()  # (not np.dot: BLAS threads cost ~30x more here)
+            total = self.count[j] + len(y)  # Chan et al.: this batch's moments with the running ones
+            delta = mean - self.mean[j]
+            self.mean[j] += delta * len(y) / total
+            self.m2[j] += m2 + delta**2 * self.count[j] * len(y) / total
+            self.count[j] = total
 
     def finish(self) -> None:
         std = np.sqrt(self.m2 / np.maximum(self.count, 1))
@@ -288,27 +294,29 @@ class Numeric(FieldEncoder):
 
     def encode(self, cols: dict[str, Any], row0: int) -> dict[str, np.ndarray]:
         spec = self.spec
-        x = self._values(cols)
-        missing = np.isnan(x)
-        out = {}
-        if spec.role == "input" and missing.any():
-            if spec.fill is None:
-                row, j = np.argwhere(missing)[0]
-                raise MissingValueError(
-                    f"column '{spec.columns[j]}' (field '{spec.field}'): missing or non-finite value "
-                    f"at row {row0 + row} (0-based data row); give '{spec.field}=...:fill=0' (or "
-                    f"fill=mean) to fill it and add a '{spec.field}_missing' indicator"
-                )
-            fill = self.mean if spec.fill == "mean" else np.full(x.shape[1], float(spec.fill))
-            x = np.where(missing, fill, x)
-        if spec.role == "input" and spec.fill is not None:
-            ind = missing.astype(np.float32)
-            out[f"{spec.field}_missing"] = ind[:, 0] if x.shape[1] == 1 else ind
-        if spec.standardize and spec.role == "input":
-            x = (x - self.mean) / self.std
-        x = x.astype(np.float32)
-        out[spec.field] = x[:, 0] if x.shape[1] == 1 else x
-        return dict(reversed(list(out.items())))  # the field first, then its indicator
+        values = self._values(cols)
+        missing = [np.isnan(v) for v in values]
+        if spec.role == "input" and spec.fill is None and any(m.any() for m in missing):
+            row, j = min((int(np.argmax(m)), j) for j, m in enumerate(missing) if m.any())
+            raise MissingValueError(
+                f"column '{spec.columns[j]}' (field '{spec.field}'): missing or non-finite value "
+                f"at row {row0 + row} (0-based data row); give '{spec.field}=...:fill=0' (or "
+                f"fill=mean) to fill it and add a '{spec.field}_missing' indicator"
+            )
+        fields, indicators = [], []
+        for j, (v, m) in enumerate(zip(values, missing)):
+            if spec.role == "input" and spec.fill is not None:
+                if m.any():
+                    v = np.where(m, self.mean[j] if spec.fill == "mean" else float(spec.fill), v)
+                indicators.append(m.astype(np.float32))
+            if spec.standardize and spec.role == "input":
+                v = (v - self.mean[j]) / self.std[j]
+            fields.append(v.astype(np.float32))
+        one = len(fields) == 1
+        out = {spec.field: fields[0] if one else np.stack(fields, axis=1)}  # [n] or [n, c]
+        if indicators:
+            out[f"{spec.field}_missing"] = indicators[0] if one else np.stack(indicators, axis=1)
+        return out
 
     def record(self) -> dict[str, Any]:
         standardized = self.spec.standardize and self.spec.role == "input"
