@@ -67,6 +67,15 @@ def buffer_values(arr) -> np.ndarray:
     return np.frombuffer(arr.buffers()[1], dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
 
 
+def int_array(values: np.ndarray):
+    """An int64 numpy array as a pyarrow array, sharing its memory (`pa.array` imports pandas on
+    its first call; see numpy_of)."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
 def string_array(values: list[str]):
     """A list of str as a pyarrow string array, built from its buffers (`pa.array` imports
     pandas on its first call; see numpy_of). large_string beyond 2 GiB of text."""

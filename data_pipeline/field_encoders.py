@@ -13,6 +13,7 @@ from manytask.data_pipeline.arrow_columns import (
     buffer_values,
     distinct_index,
     floats,
+    int_array,
     is_dictionary,
     list_rows,
     list_values,
@@ -86,6 +87,63 @@ class FieldEncoder:
         """Write the vocabulary file(s) beside a split's manifest (only vocabularies have one)."""
 
 
+class ValueCounts:
+    """How often each string value was seen, summed over batches inside pyarrow: `add` keeps a
+    batch's (distinct values, counts); past COMPACT_ROWS kept rows they are summed per value
+    (group_by), so memory stays at about the vocabulary's size and no value passes through
+    Python until the ranking."""
+
+    COMPACT_ROWS = 1 << 20
+
+    def __init__(self):
+        self.parts: list = []  # pyarrow tables (value: large_string, count: int64)
+        self.rows = 0
+
+    def add(self, distinct, counts: np.ndarray) -> None:
+        """distinct: pyarrow string array; counts: int [len(distinct)], how often each was seen."""
+        import pyarrow as pa
+
+        seen = np.flatnonzero(counts)
+        part = pa.table({"value": distinct.take(int_array(seen)).cast(pa.large_string()),
+                         "count": int_array(counts[seen].astype(np.int64))})
+        self.parts.append(part)
+        self.rows += len(part)
+        if self.rows > self.COMPACT_ROWS:
+            self.parts = [self._summed()]
+            self.rows = len(self.parts[0])
+
+    def _summed(self):
+        """The kept parts as one table, each value once with its total count (nulls dropped)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = pa.concat_tables(self.parts).combine_chunks()
+        encoded = pc.dictionary_encode(table["value"]).chunk(0)
+        valid = valid_mask(encoded)
+        sums = np.bincount(buffer_values(encoded.indices)[valid], minlength=len(encoded.dictionary),
+                           weights=numpy_of(table["count"])[valid])  # (float64: exact below 2^53)
+        return pa.table({"value": encoded.dictionary, "count": int_array(sums.astype(np.int64))})
+
+    def ranked(self, min_count: int, max_vocab: int) -> list[str]:
+        """The values seen at least `min_count` times, most frequent first (ties by value, in
+        code point order: UTF-8 bytes sort so), at most `max_vocab` of them (0 = all). None and
+        "" are "empty", never vocabulary entries."""
+        import pyarrow.compute as pc
+
+        if not self.parts:
+            return []
+        table = self._summed()
+        values, counts = table["value"].chunk(0), numpy_of(table["count"])
+        kept = np.flatnonzero((buffer_values(pc.binary_length(values)) > 0) & (counts >= min_count))
+        values, counts = values.take(int_array(kept)), counts[kept]
+        by_value = np.empty(len(values), np.int64)
+        by_value[buffer_values(pc.sort_indices(values))] = np.arange(len(values))
+        order = np.lexsort((by_value, -counts))  # count descending, then value ascending
+        if max_vocab:
+            order = order[:max_vocab]
+        return values.take(int_array(order)).to_pylist()
+
+
 class Vocabulary(FieldEncoder):
     """`cat` (one id per sample) and `multi` (k ids, padded) over a vocabulary of the training
     split's values: most frequent first (ties by value), `min_count` / `max_vocab` applied."""
@@ -102,7 +160,7 @@ class Vocabulary(FieldEncoder):
         self.oov = -1 if label else (1 if self.multi else 0)
         self.first_id = 0 if label else (2 if self.multi else 1)
         self.kind = "multi_categorical" if self.multi else "categorical"
-        self.counts: dict[str, int] = {}
+        self.counts = ValueCounts()
         self.values = values
         self._lookup = None
 
@@ -125,17 +183,11 @@ class Vocabulary(FieldEncoder):
         if len(index) and index.min() < 0:  # nulls (index -1) are never counted
             index, drop = index[index >= 0], drop[drop >= 0]
         counts = np.bincount(index, minlength=len(distinct)) - np.bincount(drop, minlength=len(distinct))
-        seen = np.flatnonzero(counts)
-        values = distinct.to_pylist()  # (take with numpy indices would import pandas: numpy_of)
-        for value, count in zip([values[i] for i in seen.tolist()], counts[seen].tolist()):
-            if value:  # None and "" are "empty", never vocabulary entries
-                self.counts[value] = self.counts.get(value, 0) + count
+        self.counts.add(distinct, counts)
 
     def finish(self) -> None:
-        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        kept = [v for v, c in ranked if c >= self.spec.min_count]
-        self.values = kept[: self.spec.max_vocab] if self.spec.max_vocab else kept
-        self.counts = {}
+        self.values = self.counts.ranked(self.spec.min_count, self.spec.max_vocab)
+        self.counts = ValueCounts()
 
     @property
     def size(self) -> int:

@@ -438,3 +438,25 @@ def test_id_fields_are_stored_narrow_and_manifests_without_a_dtype_encode_int64(
     for name in want:
         assert old[name].dtype == np.int64
         np.testing.assert_array_equal(old[name], written[name])
+
+
+def test_vocabulary_counts_summed_in_pyarrow_rank_like_python(monkeypatch):
+    """Vocabulary counts are summed batch by batch inside pyarrow (compacted past COMPACT_ROWS
+    kept rows): the ranking is Python's sorted(-count, value) over the plain counts, with empty
+    and null values left out, min_count and max_vocab applied."""
+    from manytask.data_pipeline.field_encoders import ValueCounts
+
+    monkeypatch.setattr(ValueCounts, "COMPACT_ROWS", 5)  # compact after almost every batch
+    rng = np.random.default_rng(0)
+    words = ["b", "a", "é", "z", "", None, "ab", "A", "日本", "aa"]
+    counts, reference = ValueCounts(), {}
+    for _ in range(12):
+        distinct = pa.array(list(rng.permutation(np.array(words, dtype=object))), pa.string())
+        seen = rng.integers(0, 4, len(words))
+        counts.add(distinct, seen)
+        for value, c in zip(distinct.to_pylist(), seen.tolist()):
+            if value:
+                reference[value] = reference.get(value, 0) + c
+    ranked = sorted(reference, key=lambda v: (-reference[v], v))
+    assert counts.ranked(1, 0) == [v for v in ranked if reference[v] >= 1]
+    assert counts.ranked(15, 3) == [v for v in ranked if reference[v] >= 15][:3]
