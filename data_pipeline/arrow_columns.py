@@ -110,7 +110,7 @@ def floats(col: Any) -> np.ndarray:
     import pyarrow as pa
 
     if isinstance(col, (pa.Array, pa.ChunkedArray)):
-        return numpy_of(col.cast(pa.float64()))
+        return numpy_of(col if col.type == pa.float64() else col.cast(pa.float64()))
     return np.asarray(col, dtype=np.float64)
 
 

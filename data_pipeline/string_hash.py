@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from manytask.data_pipeline.arrow_columns import valid_mask
+
 _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial string hash (FNV-1's prime)
 _P_INV = np.uint64(pow(int(_P), -1, 1 << 64))  # odd, so invertible modulo 2^64
 _HASH_BLOCK = 1 << 20  # bytes hashed per numpy pass: the power tables stay at 8 MiB each
@@ -32,10 +34,12 @@ def hash_strings(values) -> np.ndarray:
     contiguous slice of the inverse-power table, no per-byte gather."""
     import pyarrow as pa
 
-    values = values.cast(pa.large_string()) if not pa.types.is_large_string(values.type) else values
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = values.cast(pa.large_string())
     n = len(values)
     bufs = values.buffers()
-    offsets = np.frombuffer(bufs[1], np.int64, count=n + 1, offset=values.offset * 8)
+    width = 8 if pa.types.is_large_string(values.type) else 4  # offsets: int64 or int32
+    offsets = np.frombuffer(bufs[1], f"i{width}", count=n + 1, offset=values.offset * width).astype(np.int64)
     data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     lens = np.diff(offsets)
     h = np.zeros(n, np.uint64)
@@ -61,5 +65,5 @@ def hash_strings(values) -> np.ndarray:
     h ^= h >> np.uint64(31)
     valid = lens > 0
     if values.null_count:
-        valid &= values.is_valid().to_numpy(zero_copy_only=False)
+        valid &= valid_mask(values)
     return np.where(valid, h, np.uint64(0))
