@@ -172,10 +172,11 @@ class Vocabulary(FieldEncoder):
         col = cols[self.spec.columns[0]]
         if self.multi:
             lists = string_lists(col, self.spec.sep)
-            values, counts = list_values(lists)
+            values, _ = list_values(lists)
             distinct, index = distinct_index(values)
             offsets = numpy_of(lists.offsets).astype(np.int64)
-            dropped = np.flatnonzero(~train | (counts == 0))  # a null row's values do not count
+            # Validation rows' values, and a null row's (if it spans any), do not count.
+            dropped = np.flatnonzero(~train | ~valid_mask(lists) if lists.null_count else ~train)
             drop = index[value_positions(offsets - offsets[0], dropped)]
         else:
             distinct, index = distinct_index(col)
