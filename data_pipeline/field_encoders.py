@@ -166,9 +166,9 @@ class Vocabulary(FieldEncoder):
 
     def fit(self, cols: dict[str, Any], train: np.ndarray) -> None:
         # Count each distinct value of the batch once: its rows' dictionary indices are counted
-        # with numpy (bincount), only the distinct values reach Python. Every value is counted,
-        # then the few rows that do not count (validation rows, null lists) are subtracted:
-        # no mask over every value.
+        # with numpy (bincount) and summed over batches in pyarrow (ValueCounts). Every value is
+        # counted, then the few rows that do not count (validation rows, null lists) are
+        # subtracted: no mask over every value.
         col = cols[self.spec.columns[0]]
         if self.multi:
             lists = string_lists(col, self.spec.sep)
