@@ -26,8 +26,9 @@ def strings(col: Any):
 
 def distinct_index(col: Any) -> tuple[Any, np.ndarray]:
     """A column as (distinct values, a pyarrow string array; index of each row's value in it,
-    integers [n] (int32 as pyarrow's dictionaries hold them), -1 for null). A dictionary array (Parquet's string columns, read so) is used as
-    it is; any other column is dictionary-encoded here (one hash per row, in pyarrow)."""
+    integers [n] (int32 as pyarrow's dictionaries hold them), -1 for null). A dictionary array
+    (Parquet's string columns, read so) is used as it is; any other column is dictionary-encoded
+    here (one hash per row, in pyarrow)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 

@@ -104,6 +104,8 @@ class ValueCounts:
         import pyarrow as pa
 
         seen = np.flatnonzero(counts)
+        if not len(seen):
+            return
         part = pa.table({"value": distinct.take(int_array(seen)).cast(pa.large_string()),
                          "count": int_array(counts[seen].astype(np.int64))})
         self.parts.append(part)
@@ -130,7 +132,7 @@ class ValueCounts:
         "" are "empty", never vocabulary entries."""
         import pyarrow.compute as pc
 
-        if not self.parts:
+        if not self.rows:
             return []
         table = self._summed()
         values, counts = table["value"].chunk(0), numpy_of(table["count"])
