@@ -42,16 +42,19 @@ def hash_strings(values) -> np.ndarray:
     offsets = np.frombuffer(bufs[1], f"i{width}", count=n + 1, offset=values.offset * width).astype(np.int64)
     data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     lens = np.diff(offsets)
+    valid = lens > 0
+    if values.null_count:
+        valid &= valid_mask(values)
+    every = bool(valid.all())  # (the common case: no mask per block)
     h = np.zeros(n, np.uint64)
     i = 0
     while i < n:  # strings i..j-1 span at most _HASH_BLOCK bytes (or are one longer string)
         j = max(i + 1, int(np.searchsorted(offsets, offsets[i] + _HASH_BLOCK, "right")) - 1)
         base = int(offsets[i])
         block = data[base : int(offsets[j])]
-        nonempty = lens[i:j] > 0
-        if nonempty.any():
-            contrib = block.astype(np.uint64)
-            contrib += np.uint64(1)
+        nonempty = slice(None) if every else lens[i:j] > 0
+        if every or nonempty.any():
+            contrib = np.add(block, np.uint64(1), dtype=np.uint64)
             contrib *= _powers(_P_INV, len(block))[: len(block)]
             sums = np.add.reduceat(contrib, (offsets[i:j] - base)[nonempty])
             ends = offsets[i + 1 : j + 1][nonempty] - base
@@ -63,7 +66,4 @@ def hash_strings(values) -> np.ndarray:
     h ^= h >> np.uint64(27)
     h *= np.uint64(0x94D049BB133111EB)
     h ^= h >> np.uint64(31)
-    valid = lens > 0
-    if values.null_count:
-        valid &= valid_mask(values)
-    return np.where(valid, h, np.uint64(0))
+    return h if every else np.where(valid, h, np.uint64(0))

@@ -378,6 +378,8 @@ def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatc
         for arr in (pa.array(values, pa.string()), pa.array(values, pa.large_string()).slice(3)):
             got = string_hash.hash_strings(arr)
             assert got.tolist() == want[len(values) - len(arr):]
+        full = [v for v in values if v]  # no empty or null value: no mask per block
+        assert string_hash.hash_strings(pa.array(full)).tolist() == [formula(v) for v in full]
 
 
 def test_read_ahead_hands_over_batches_in_order_and_the_readers_error_where_it_stopped():
