@@ -172,7 +172,7 @@ class ShardSink:
             if tuple(a.shape[1:]) != info.shape or len(a) != n:
                 raise ValueError(f"field {name!r}: got shape {list(a.shape)}, expected "
                                  f"[{n}, {', '.join(map(str, info.shape))}]")
-            if name in self._top and a.size:
+            if name in self._top and name not in self.fixed_vocab and a.size:
                 self._top[name] = max(self._top[name], int(a.max()))
             batch[name] = a
         self._pending.append(batch)
