@@ -462,3 +462,30 @@ def test_vocabulary_counts_summed_in_pyarrow_rank_like_python(monkeypatch):
     ranked = sorted(reference, key=lambda v: (-reference[v], v))
     assert counts.ranked(1, 0) == [v for v in ranked if reference[v] >= 1]
     assert counts.ranked(15, 3) == [v for v in ranked if reference[v] >= 15][:3]
+
+
+def test_raw_columns_named_like_their_fields_go_through_the_preprocessing(tmp_path):
+    """`color:cat` makes field color from column color, `age:num` standardises column age into
+    field age: a raw table's same-named columns are raw values, not the fields (before, a string
+    column reached the model as if it were ids: "invalid literal for int()"; a float64 age went
+    in unstandardised), while model-ready fields in the model's dtypes pass as they are."""
+    from manytask.data_pipeline.fields import FieldSpec
+    from manytask.models.spec import ModelSpec
+    from manytask.trainer.inference import model_inputs_from
+
+    df = raw_table()
+    path = tmp_path / "t.csv"
+    df.to_csv(path, index=False)
+    out = convert_table(path, tmp_path / "d", ["city:cat", "age:num"], ["y"], val_fraction=0.0)
+    prep = Preprocessor.from_manifest(tmp_path / "d/train")
+    spec = ModelSpec({f: FieldSpec.of(out["train"].fields[f]) for f in ("city", "age")}, {})
+    raw = df[["city", "age"]]
+    want = prep.encode(raw)
+    got = model_inputs_from(spec, {c: raw[c].to_numpy() for c in raw}, prep, raw=raw)
+    for name in ("city", "age"):
+        np.testing.assert_array_equal(got[name].numpy(), want[name])
+    assert abs(float(got["age"].mean())) < 1e-4  # standardised, not the raw ages
+    fields = {k: v for k, v in read_split(tmp_path / "d/train").items() if k in ("city", "age")}
+    passed = model_inputs_from(spec, fields, prep)  # already fields: used as they are
+    for name in ("city", "age"):
+        np.testing.assert_array_equal(passed[name].numpy(), fields[name])
