@@ -489,3 +489,32 @@ def test_raw_columns_named_like_their_fields_go_through_the_preprocessing(tmp_pa
     passed = model_inputs_from(spec, fields, prep)  # already fields: used as they are
     for name in ("city", "age"):
         np.testing.assert_array_equal(passed[name].numpy(), fields[name])
+
+
+def test_sources_whose_id_fields_differ_in_width_train_together(tmp_path):
+    """Two tables converted separately: 5 cities (int8 ids) and 300 (int16 ids) in a field of
+    the same name. The recipe's field is int16 with the larger vocabulary, and a run over both
+    sources trains (the int8 source's rows are cast when batches are built)."""
+    from manytask.config import load_config
+    from manytask.data_pipeline.sources import check_sources
+    from manytask.trainer.loop import train
+    from tests.conftest import write_recipe
+
+    rng = np.random.default_rng(0)
+    wide = pd.DataFrame({"city": [f"c{i}" for i in rng.integers(0, 300, 2000)], "y": rng.normal(size=2000)})
+    wide.to_csv(tmp_path / "wide.csv", index=False)
+    raw_table(800).to_csv(tmp_path / "narrow.csv", index=False)
+    for name in ("narrow", "wide"):
+        convert_table(tmp_path / f"{name}.csv", tmp_path / name, ["city:cat"], ["y"], chunk_size=64)
+    assert load_manifest(tmp_path / "narrow/train").fields["city"].dtype == "int8"
+    assert load_manifest(tmp_path / "wide/train").fields["city"].dtype == "int16"
+    sources = [{"name": n, "train": str(tmp_path / n / "train"), "val": str(tmp_path / n / "val"),
+                "inputs": ["city"], "labels": {"y": "y"}} for n in ("narrow", "wide")]
+    recipe = write_recipe(tmp_path, tmp_path / "narrow", data={"sources": sources},
+                          tasks={"y": {"type": "regression"}}, trainer={"max_steps": 20, "eval_every": 20},
+                          logging={"wandb": False, "progress": False, "heatmap_every": 0})
+    cfg = load_config(recipe)
+    city = check_sources(cfg).inputs["city"]
+    assert (city.dtype, city.vocab) == ("int16", load_manifest(tmp_path / "wide/train").fields["city"].vocab)
+    val = train(cfg)
+    assert np.isfinite(val["val/y/mse"])
