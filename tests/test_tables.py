@@ -494,7 +494,7 @@ def test_raw_columns_named_like_their_fields_go_through_the_preprocessing(tmp_pa
 def test_sources_whose_id_fields_differ_in_width_train_together(tmp_path):
     """Two tables converted separately: 5 cities (int8 ids) and 300 (int16 ids) in a field of
     the same name. The recipe's field is int16 with the larger vocabulary, and a run over both
-    sources trains (the int8 source's rows are cast when batches are built)."""
+    sources with 2 reader workers trains (the int8 source's rows are cast when batches are built)."""
     from manytask.config import load_config
     from manytask.data_pipeline.sources import check_sources
     from manytask.trainer.loop import train
@@ -510,7 +510,7 @@ def test_sources_whose_id_fields_differ_in_width_train_together(tmp_path):
     assert load_manifest(tmp_path / "wide/train").fields["city"].dtype == "int16"
     sources = [{"name": n, "train": str(tmp_path / n / "train"), "val": str(tmp_path / n / "val"),
                 "inputs": ["city"], "labels": {"y": "y"}} for n in ("narrow", "wide")]
-    recipe = write_recipe(tmp_path, tmp_path / "narrow", data={"sources": sources},
+    recipe = write_recipe(tmp_path, tmp_path / "narrow", data={"sources": sources, "num_workers": 2},
                           tasks={"y": {"type": "regression"}}, trainer={"max_steps": 20, "eval_every": 20},
                           logging={"wandb": False, "progress": False, "heatmap_every": 0})
     cfg = load_config(recipe)
