@@ -250,7 +250,7 @@ def prepare_diamonds(
 ) -> dict[str, Manifest]:
     """diamonds.csv -> `out/train` (90 %, 8 shards) and `out/val` (10 %), as
     `manytask shards write diamonds.csv OUT --features ... --targets ...` would write them."""
-    from manytask.data_pipeline.shard_tools import convert_table
+    from manytask.data_pipeline.table_to_shards import convert_table
 
     return convert_table(diamonds_csv(cache), out, DIAMONDS_FEATURES, DIAMONDS_TARGETS,
                          samples_per_shard=6_100, chunk_size=256, val_fraction=0.1, seed=seed,

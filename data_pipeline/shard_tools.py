@@ -8,16 +8,13 @@
   shard must exist with its recorded size.
 - `verify(dir)`: every shard against its recorded size and checksums.
 - `convert_table(input, out_dir, features, targets, ...)`: CSV / Parquet / NPZ -> train/ and
-  val/ shard folders. A column spec is `col` (field `col`, per-sample shape []),
-  `name=c1,c2,...` or `name=prefix*` (field `name`, shape [k], columns in order).
+  val/ shard folders (data_pipeline/table_to_shards.py; importable from here as before).
 """
 
 from __future__ import annotations
 
 import glob
-import math
 import os
-import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,11 +42,6 @@ from manytask.data_pipeline.manifest import (
 )
 from manytask.data_pipeline.preprocess import (
     describe,
-    field_infos,
-    make_encoders,
-    parse_spec,
-    preprocessing_record,
-    resolve_specs,
 )
 from manytask.data_pipeline.shard_reader import (
     NpyDecoder,
@@ -59,8 +51,6 @@ from manytask.data_pipeline.shard_reader import (
     split_member_name,
     suffix_field,
 )
-from manytask.data_pipeline.shard_writer import ShardSink
-from manytask.data_pipeline.table_reader import open_table, read_ahead
 
 # ---------------------------------------------------------------- index
 
@@ -287,147 +277,11 @@ def _short(v: np.ndarray) -> str:
         return np.array2string(v, separator=", ").replace("\n", " ")
 
 
-# ---------------------------------------------------------------- convert
-
-
-def read_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Columns of a (small) CSV/TSV, Parquet or NPZ table read whole: name -> array [n, ...]."""
-    source = open_table(path)
-    parts = list(source.batches(list(source.columns), batch_rows=1 << 30))
-    out = {}
-    for name in source.columns:
-        cols = [b[name] for b in parts]
-        out[name] = np.concatenate([np.asarray(c.to_numpy(zero_copy_only=False)) if hasattr(c, "to_numpy")
-                                    else np.asarray(c) for c in cols]) if cols else np.zeros(0)
-    return out
-
-
-class OutputNotEmptyError(ValueError):
-    """`shards write` into a folder that already holds files, without force."""
-
-
-def take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """a[rows] for a [n, ...] array; a row of several values is moved as one opaque item
-    (numpy gathers a [n, 4] int64 array ~8x faster so than element by element)."""
-    if a.ndim > 1 and a.flags.c_contiguous and a.size:
-        row = np.dtype((np.void, a.itemsize * (a.size // len(a))))
-        return np.take(a.reshape(len(a), -1).view(row)[:, 0], rows).view(a.dtype).reshape((len(rows),) + a.shape[1:])
-    return np.take(a, rows, axis=0)
-
-
-def val_rows(n: int, val_fraction: float, seed: int):
-    """A function rows -> bool mask "goes to val/" that picks exactly round(n * val_fraction) of
-    rows 0..n-1, spread evenly over the table, in O(1) memory: row i is in val when
-    (a * i + b) mod n < n_val, a bijection of 0..n-1 for a coprime to n."""
-    n_val = int(round(n * val_fraction))
-    rng = np.random.default_rng(seed)
-    b = int(rng.integers(n)) if n else 0
-    a = int(n * 0.6180339887498949) | 1 if n > 2 else 1
-    while n and math.gcd(a, n) != 1:
-        a += 2
-    a %= max(n, 1)
-
-    def is_val(rows: np.ndarray) -> np.ndarray:
-        if n_val == 0:
-            return np.zeros(len(rows), bool)
-        pos = (rows.astype(object) * a + b) % n if n > 3_000_000_000 else (rows * a + b) % n
-        return np.asarray(pos < n_val, bool)
-
-    return is_val, n_val
-
-
-def convert_table(
-    input: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    features: list[str],
-    targets: list[str],
-    samples_per_shard: int = 100_000,
-    chunk_size: int = 1024,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    layout: str = "chunk",
-    force: bool = False,
-    min_count: int = 1,
-    max_vocab: int = 0,
-    batch_rows: int = 131_072,
-) -> dict[str, Manifest]:
-    """Convert a table (file, directory or glob of CSV / TSV / Parquet, or one NPZ) to
-    `out_dir/train` and `out_dir/val` (shards + manifest.json + vocabulary files each).
-
-    features / targets: column specs (data_pipeline/preprocess.py). The table is streamed in
-    record batches of `batch_rows` (memory is bounded by the batch): pass 1 (only when some field
-    needs a vocabulary or statistics) reads the training rows, pass 2 encodes and writes.
-    Exactly round(n * val_fraction) rows go to val/, spread over the table (`val_rows`); the
-    training rows of each batch are shuffled with `seed`. An `out_dir` that already holds files
-    is refused unless `force`. Returns {"train": Manifest, "val": Manifest} (no val/ when 0).
-    """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OutputNotEmptyError(
-            f"{out}: the folder is not empty; `manytask shards write` would replace what is there. "
-            "Choose another folder, or pass --force (force=True) to overwrite it"
-        )
-    source = open_table(input)
-    specs = [parse_spec(t, "input", min_count, max_vocab) for t in features]
-    specs += [parse_spec(t, "target", min_count, max_vocab) for t in targets]
-    encoders = make_encoders(resolve_specs(specs, source.columns))
-    columns = list(dict.fromkeys(c for e in encoders for c in e.spec.columns))
-    strings = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "hash", "eq")
-               or (e.spec.kind == "multi" and source.columns[e.spec.columns[0]] == "string")}
-    # Vocabulary columns are read as dictionaries where the format stores them so (Parquet).
-    dictionaries = {e.spec.columns[0] for e in encoders if e.spec.kind in ("cat", "multi")}
-    n = source.count_rows()
-    if n == 0:
-        raise ValueError(f"{input}: the table has no rows")
-    is_val, n_val = val_rows(n, val_fraction, seed)
-
-    def batches(wanted: list[str]):
-        row0 = 0
-        for cols in read_ahead(source.batches(wanted, strings & set(wanted), batch_rows, dictionaries)):
-            rows = len(next(iter(cols.values())))
-            yield row0, rows, cols
-            row0 += rows
-
-    fitting = [e for e in encoders if e.needs_fit]
-    if fitting:
-        fit_columns = list(dict.fromkeys(c for e in fitting for c in e.spec.columns))
-        for row0, rows, cols in batches(fit_columns):
-            train = ~is_val(np.arange(row0, row0 + rows))
-            for e in fitting:
-                e.fit(cols, train)
-    for e in fitting:
-        e.finish()
-    record = preprocessing_record(encoders)
-    splits = {"train": out / "train"} | ({"val": out / "val"} if n_val else {})
-    for folder in splits.values():
-        if folder.exists() and force:
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for e in encoders:
-            e.write_files(folder)
-    sinks: dict[str, ShardSink] = {}
-    tops: dict[str, int] = {}
-    fixed = {k for e in encoders for k in e.vocab_sizes()}
-    for b, (row0, rows, cols) in enumerate(batches(columns)):
-        arrays: dict[str, np.ndarray] = {}
-        for e in encoders:
-            arrays.update(e.encode(cols, row0))
-        if not sinks:
-            fields = field_infos(arrays, encoders, layout)
-            sinks = {s: ShardSink(folder, dict(fields), samples_per_shard, chunk_size, layout,
-                                  prefix=s, preprocessing=record)
-                     for s, folder in splits.items()}
-        for name, a in arrays.items():
-            if name not in fixed and a.dtype.kind in "iu" and a.size:
-                tops[name] = max(tops.get(name, -1), int(a.max()))
-        val = is_val(np.arange(row0, row0 + rows))
-        train_idx = np.flatnonzero(~val)
-        train_idx = train_idx[np.random.default_rng([seed, b]).permutation(len(train_idx))]
-        sinks["train"].add({k: take_rows(v, train_idx) for k, v in arrays.items()})
-        if "val" in sinks:
-            sinks["val"].add({k: take_rows(v, np.flatnonzero(val)) for k, v in arrays.items()})
-    for sink in sinks.values():
-        for name, top in tops.items():
-            sink.fields[name].vocab = top + 1 if top >= 0 else 0
-            sink.fixed_vocab.add(name)
-    return {s: sink.close() for s, sink in sinks.items()}
+# `shards write` moved to its own module; these names stay importable from here.
+from manytask.data_pipeline.table_to_shards import (  # noqa: E402, F401
+    OutputNotEmptyError,
+    convert_table,
+    read_table,
+    take_rows,
+    val_rows,
+)

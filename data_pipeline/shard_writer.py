@@ -172,7 +172,7 @@ class ShardSink:
             if tuple(a.shape[1:]) != info.shape or len(a) != n:
                 raise ValueError(f"field {name!r}: got shape {list(a.shape)}, expected "
                                  f"[{n}, {', '.join(map(str, info.shape))}]")
-            if name in self._top and a.size:
+            if name in self._top and name not in self.fixed_vocab and a.size:
                 self._top[name] = max(self._top[name], int(a.max()))
             batch[name] = a
         self._pending.append(batch)
@@ -260,7 +260,7 @@ class ShardSink:
             size = len(header) + payload.shape[1]
             layout.append((column, suffix, header, payload, size))
             column += tarfile.BLOCKSIZE + size + (-size % tarfile.BLOCKSIZE)
-        block = np.zeros((keys, column), np.uint8)
+        block = np.empty((keys, column), np.uint8)  # every byte is set below (no memset pass)
         for at, suffix, header, payload, size in layout:
             template = np.frombuffer(tw.header_for(b"0" * 10 + b"." + suffix.encode(), size), np.uint8)
             block[:, at : at + tarfile.BLOCKSIZE] = template
@@ -270,6 +270,7 @@ class ShardSink:
             body = at + tarfile.BLOCKSIZE
             block[:, body : body + len(header)] = np.frombuffer(header, np.uint8)
             block[:, body + len(header) : body + size] = payload
+            block[:, body + size : body + size + (-size % tarfile.BLOCKSIZE)] = 0  # the member's padding
         for k in range(keys):
             offsets.append(tw.offset + k * column)
             row = block[k]

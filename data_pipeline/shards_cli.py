@@ -1,4 +1,5 @@
-"""`manytask shards write|index|inspect`: the command-line face of shard_tools."""
+"""`manytask shards write|index|inspect|verify`: the command-line face of shard_tools and
+table_to_shards."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ SPEC_HELP = """column specs: [FIELD=]COLUMNS[:KIND][:OPTION...]   (COLUMNS: col,
   age:num:raw                   float32 as is
   income:num:fill=0             missing -> 0 (or fill=mean) + field income_missing (1 = filled)
   price:num:log                 log1p(value), then standardised
-  ideal=cut:eq=Ideal            int64 1 / 0 (missing -> -1, a masked label)
+  ideal=cut:eq=Ideal            1 / 0 (missing -> -1, a masked label)
 targets: floats keep NaN (no label), a string target gets class ids 0..C-1 (unseen -> -1).
+ids are stored as int8 / int16 / int32, the narrowest type of their id space (recorded).
 vocabularies: OUT/<split>/vocab/<field>.txt, one value per line; all recorded in manifest.json."""
 
 
 def _write(args: argparse.Namespace) -> int:
-    from manytask.data_pipeline.shard_tools import convert_table
+    from manytask.data_pipeline.table_to_shards import convert_table
 
     manifests = convert_table(
         args.input, args.out, features=args.features, targets=args.targets,

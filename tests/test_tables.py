@@ -351,7 +351,7 @@ def test_parquet_lists_read_as_dictionaries_give_the_ids_plain_python_gives(tmp_
 def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatch):
     """hash=N ids are recorded as `poly64-splitmix64`: the fast hash (inverse powers, blocks of
     _HASH_BLOCK bytes) must equal the formula computed one string at a time in Python."""
-    from manytask.data_pipeline import preprocess
+    from manytask.data_pipeline import string_hash
 
     mask = (1 << 64) - 1
 
@@ -374,10 +374,12 @@ def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatc
         "".join(chr(c) for c in rng.integers(32, 0x800, rng.integers(0, 40))) for _ in range(200)]
     want = [formula(v) for v in values]
     for block in (1 << 20, 64, 5):  # one block; many blocks; strings longer than a block
-        monkeypatch.setattr(preprocess, "_HASH_BLOCK", block)
+        monkeypatch.setattr(string_hash, "_HASH_BLOCK", block)
         for arr in (pa.array(values, pa.string()), pa.array(values, pa.large_string()).slice(3)):
-            got = preprocess.hash_strings(arr)
+            got = string_hash.hash_strings(arr)
             assert got.tolist() == want[len(values) - len(arr):]
+        full = [v for v in values if v]  # no empty or null value: no mask per block
+        assert string_hash.hash_strings(pa.array(full)).tolist() == [formula(v) for v in full]
 
 
 def test_read_ahead_hands_over_batches_in_order_and_the_readers_error_where_it_stopped():
@@ -398,3 +400,121 @@ def test_read_ahead_hands_over_batches_in_order_and_the_readers_error_where_it_s
     assert next(early) == 0
     early.close()  # a consumer that stops early leaves no reader thread behind
     assert not [t for t in threading.enumerate() if t.name == "table-read-ahead"]
+
+
+def test_id_fields_are_stored_narrow_and_manifests_without_a_dtype_encode_int64(tmp_path):
+    """Id fields are written in the narrowest signed dtype of their vocabulary / hash space (the
+    manifest's field dtype and the preprocessing record say which); the serving-side encoder
+    gives the same dtype and values. A manifest written before dtypes were recorded (int64 ids on
+    disk) still encodes int64."""
+    import json
+
+    from manytask.data_pipeline.field_encoders import id_dtype
+
+    assert [id_dtype(s) for s in (1, 128, 129, 32768, 32769, 2**31)] == \
+        ["int8", "int8", "int16", "int16", "int32", "int32"]
+    df = raw_table()
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pandas(df.assign(genres=[g.split("|") if g else [] for g in df.genres])), path)
+    specs = SPECS + ["wide=user_id:hash=30000", "wider=user_id:hash=70000"]
+    out = convert_table(path, tmp_path / "out", specs, ["y", "click", "paris=city:eq=paris"],
+                        samples_per_shard=128, chunk_size=32, val_fraction=0.25, batch_rows=100)
+    train = out["train"]
+    want = {"city": "int8", "genres": "int8", "user": "int8", "wide": "int16", "wider": "int32", "paris": "int8"}
+    assert {f: train.fields[f].dtype for f in want} == want
+    assert {f: train.preprocessing[f]["dtype"] for f in want} == want
+    assert train.fields["click"].dtype == "int64"  # a number column passes through as it was
+    written = read_split(tmp_path / "out/val")
+    raw = df.iloc[written["row"]]
+    encoded = Preprocessor.from_manifest(tmp_path / "out/train").encode(raw)
+    for name, dtype in want.items():
+        assert encoded[name].dtype == dtype and written[name].dtype == dtype
+        np.testing.assert_array_equal(encoded[name], written[name])
+    # the same folder as an older writer left it: no "dtype" in preprocessing -> int64 ids
+    manifest = tmp_path / "out/train/manifest.json"
+    record = json.loads(manifest.read_text())
+    for rec in record["preprocessing"].values():
+        rec.pop("dtype", None)
+    manifest.write_text(json.dumps(record))
+    old = Preprocessor.from_manifest(tmp_path / "out/train").encode(raw)
+    for name in want:
+        assert old[name].dtype == np.int64
+        np.testing.assert_array_equal(old[name], written[name])
+
+
+def test_vocabulary_counts_summed_in_pyarrow_rank_like_python(monkeypatch):
+    """Vocabulary counts are summed batch by batch inside pyarrow (compacted past COMPACT_ROWS
+    kept rows): the ranking is Python's sorted(-count, value) over the plain counts, with empty
+    and null values left out, min_count and max_vocab applied."""
+    from manytask.data_pipeline.field_encoders import ValueCounts
+
+    monkeypatch.setattr(ValueCounts, "COMPACT_ROWS", 5)  # compact after almost every batch
+    rng = np.random.default_rng(0)
+    words = ["b", "a", "é", "z", "", None, "ab", "A", "日本", "aa"]
+    counts, reference = ValueCounts(), {}
+    for _ in range(12):
+        distinct = pa.array(list(rng.permutation(np.array(words, dtype=object))), pa.string())
+        seen = rng.integers(0, 4, len(words))
+        counts.add(distinct, seen)
+        for value, c in zip(distinct.to_pylist(), seen.tolist()):
+            if value:
+                reference[value] = reference.get(value, 0) + c
+    ranked = sorted(reference, key=lambda v: (-reference[v], v))
+    assert counts.ranked(1, 0) == [v for v in ranked if reference[v] >= 1]
+    assert counts.ranked(15, 3) == [v for v in ranked if reference[v] >= 15][:3]
+
+
+def test_raw_columns_named_like_their_fields_go_through_the_preprocessing(tmp_path):
+    """`color:cat` makes field color from column color, `age:num` standardises column age into
+    field age: a raw table's same-named columns are raw values, not the fields (before, a string
+    column reached the model as if it were ids: "invalid literal for int()"; a float64 age went
+    in unstandardised), while model-ready fields in the model's dtypes pass as they are."""
+    from manytask.data_pipeline.fields import FieldSpec
+    from manytask.models.spec import ModelSpec
+    from manytask.trainer.inference import model_inputs_from
+
+    df = raw_table()
+    path = tmp_path / "t.csv"
+    df.to_csv(path, index=False)
+    out = convert_table(path, tmp_path / "d", ["city:cat", "age:num"], ["y"], val_fraction=0.0)
+    prep = Preprocessor.from_manifest(tmp_path / "d/train")
+    spec = ModelSpec({f: FieldSpec.of(out["train"].fields[f]) for f in ("city", "age")}, {})
+    raw = df[["city", "age"]]
+    want = prep.encode(raw)
+    got = model_inputs_from(spec, {c: raw[c].to_numpy() for c in raw}, prep, raw=raw)
+    for name in ("city", "age"):
+        np.testing.assert_array_equal(got[name].numpy(), want[name])
+    assert abs(float(got["age"].mean())) < 1e-4  # standardised, not the raw ages
+    fields = {k: v for k, v in read_split(tmp_path / "d/train").items() if k in ("city", "age")}
+    passed = model_inputs_from(spec, fields, prep)  # already fields: used as they are
+    for name in ("city", "age"):
+        np.testing.assert_array_equal(passed[name].numpy(), fields[name])
+
+
+def test_sources_whose_id_fields_differ_in_width_train_together(tmp_path):
+    """Two tables converted separately: 5 cities (int8 ids) and 300 (int16 ids) in a field of
+    the same name. The recipe's field is int16 with the larger vocabulary, and a run over both
+    sources with 2 reader workers trains (the int8 source's rows are cast when batches are built)."""
+    from manytask.config import load_config
+    from manytask.data_pipeline.sources import check_sources
+    from manytask.trainer.loop import train
+    from tests.conftest import write_recipe
+
+    rng = np.random.default_rng(0)
+    wide = pd.DataFrame({"city": [f"c{i}" for i in rng.integers(0, 300, 2000)], "y": rng.normal(size=2000)})
+    wide.to_csv(tmp_path / "wide.csv", index=False)
+    raw_table(800).to_csv(tmp_path / "narrow.csv", index=False)
+    for name in ("narrow", "wide"):
+        convert_table(tmp_path / f"{name}.csv", tmp_path / name, ["city:cat"], ["y"], chunk_size=64)
+    assert load_manifest(tmp_path / "narrow/train").fields["city"].dtype == "int8"
+    assert load_manifest(tmp_path / "wide/train").fields["city"].dtype == "int16"
+    sources = [{"name": n, "train": str(tmp_path / n / "train"), "val": str(tmp_path / n / "val"),
+                "inputs": ["city"], "labels": {"y": "y"}} for n in ("narrow", "wide")]
+    recipe = write_recipe(tmp_path, tmp_path / "narrow", data={"sources": sources, "num_workers": 2},
+                          tasks={"y": {"type": "regression"}}, trainer={"max_steps": 20, "eval_every": 20},
+                          logging={"wandb": False, "progress": False, "heatmap_every": 0})
+    cfg = load_config(recipe)
+    city = check_sources(cfg).inputs["city"]
+    assert (city.dtype, city.vocab) == ("int16", load_manifest(tmp_path / "wide/train").fields["city"].vocab)
+    val = train(cfg)
+    assert np.isfinite(val["val/y/mse"])

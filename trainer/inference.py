@@ -72,7 +72,13 @@ def model_inputs_from(
     """
     needed = [f for f in spec.inputs if provided is None or f in provided]
     missing = [f for f in needed if f not in arrays]
-    if missing and preprocessing is not None:
+    # A raw column often has the name of the field made from it (`color:cat` makes field color
+    # from column color; `age:num` standardises column age into field age): such a column is
+    # raw, not the field, while it is not in the field's dtype (strings, float64 from a table).
+    raw_named = [] if preprocessing is None else [
+        f for f in needed if f in arrays and f in preprocessing.fields
+        and np.asarray(arrays[f]).dtype != np.dtype(spec.inputs[f].dtype)]
+    if (missing or raw_named) and preprocessing is not None:
         arrays = {**arrays, **preprocessing.encode(raw if raw is not None else arrays)}
         missing = [f for f in needed if f not in arrays]
     if missing or not needed:
