@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -151,19 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     from manytask.trainer.checkpoint import CheckpointError
     from manytask.trainer.run_lock import RunLocked
 
-    # Every rank of a job meets the same recipe error: rank 0 (or a lone process) says it once.
-    speaks = os.environ.get("RANK", "0") == "0"
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
-        if speaks:
-            print(f"manytask: config error: {err}", file=sys.stderr)
+        say_once(f"manytask: config error: {err}")
         return 2
     except (FileNotFoundError, ValueError, RunLocked) as err:
         if os.environ.get("MANYTASK_DEBUG"):
             raise
-        if speaks:
-            print(f"manytask: error: {err}", file=sys.stderr)
+        say_once(f"manytask: error: {err}")
         return 2
     except CheckpointError as err:  # possibly one rank's own: every rank says it
         if os.environ.get("MANYTASK_DEBUG"):
@@ -179,6 +176,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"manytask: {message}", file=sys.stderr)
         return 1
+
+
+OTHER_RANKS_WAIT_S = 5.0
+
+
+def say_once(message: str) -> None:
+    """Print an error that every rank of a job usually meets (a recipe error) once, on stderr.
+
+    Rank 0 (or a lone process) says it at once. Another rank waits first: torchrun stops every
+    rank when the first one exits, so if rank 0 met the same error this rank is stopped before
+    it repeats it. If the error is this rank's own (a file missing on one node only) it is
+    still said, with its rank, after the wait. Exiting silently instead lost the message
+    whenever a silent rank happened to exit before rank 0 had printed.
+    """
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        time.sleep(OTHER_RANKS_WAIT_S)
+        message = f"{message} (rank {rank})"
+    print(message, file=sys.stderr, flush=True)
 
 
 def run() -> None:

@@ -59,3 +59,19 @@ def test_cli_worker_keeps_its_exit_status_and_prints_its_error(tmp_path):
     # The first rank to fail makes torchrun stop the other, so one rank's hook is certain.
     assert "atexit hook ran" in proc.stdout
     assert "exitcode  : 2" in proc.stderr  # torchrun's summary: the rank's own status
+
+
+def test_an_error_met_by_one_rank_only_is_still_said(tmp_path):
+    """A file missing on one node only: rank 1 meets the error while rank 0 is busy (here,
+    asleep as if in a collective). Rank 1 must say it, naming itself, before it exits."""
+    script = (
+        "import os, sys, time\n"
+        "from manytask.launch.cli import run\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    time.sleep(120)\n"
+        f"sys.argv = ['manytask', 'train', {str(tmp_path / 'only_on_rank0.yaml')!r}]\n"
+        "run()\n"
+    )
+    proc = run_worker(tmp_path, script)
+    assert proc.returncode != 0
+    assert "only_on_rank0.yaml" in proc.stderr and "(rank 1)" in proc.stderr, proc.stderr[-2000:]
