@@ -100,7 +100,8 @@ def model_inputs_from(
         if rows is not None and a.shape[0] != rows:
             raise ValueError(f"{where}: field '{name}' has {a.shape[0]} rows, other fields {rows}")
         rows = a.shape[0]
-        out[name] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.dtype(fs.dtype)))
+        # (writable: a column read from Arrow is a read-only view torch would warn about)
+        out[name] = torch.from_numpy(np.require(a, np.dtype(fs.dtype), ["C_CONTIGUOUS", "WRITEABLE"]))
     for name, fs in spec.inputs.items():  # another source's field: zeros, as the loader fills it
         if name not in out:
             out[name] = torch.from_numpy(np.zeros((rows, *fs.shape), dtype=np.dtype(fs.dtype)))
