@@ -7,7 +7,12 @@ of the number of processes:
   shard. Consecutive shards whose members start in the same block of `window_members`
   members form a *group*; a group is cut into *windows* of `window_members` members (the last
   one shorter). A window never mixes groups, so locating it needs only shard-level sums;
-- the samples of window w are permuted by `default_rng([seed, salt, epoch, w])`.
+- the samples of window w are permuted by the epoch's *window generator* keyed by
+  (seed, salt, epoch, w): `"philox"` (the default; `window_permutation`: numpy's counter-based
+  Philox set directly to that key, ~10 us) or `"seed_sequence"` (`default_rng([seed, salt,
+  epoch, w])`, ~30 us: one SeedSequence per window was a fixed cost per window that made many
+  small sources read slower than one big one). The two give different orders; a stream
+  position records which one it was taken with (loader state) and resumes with it.
 Global position p (0 <= p < total) is the p-th sample of that order.
 
 Readers (rank x worker, all of them) share the positions not yet consumed: `reader_part`
@@ -32,6 +37,8 @@ import numpy as np
 from manytask.data_pipeline.manifest import Manifest
 
 Intervals = list[tuple[int, int]]  # sorted, disjoint, non-empty [start, end) position ranges
+# Window generators by name (see the module docstring); new streams use the first.
+WINDOW_RNGS = ("philox", "seed_sequence")
 
 
 # ---------------------------------------------------------------- interval sets
@@ -146,8 +153,12 @@ class EpochOrder:
     the touched shard's member sums.
     """
 
-    def __init__(self, layout: SourceLayout, seed: int, salt: int, epoch: int, shuffle: bool = True):
+    def __init__(self, layout: SourceLayout, seed: int, salt: int, epoch: int, shuffle: bool = True,
+                 window_rng: str = WINDOW_RNGS[0]):
+        if window_rng not in WINDOW_RNGS:
+            raise ValueError(f"window_rng must be one of {WINDOW_RNGS}, got {window_rng!r}")
         self.layout, self.seed, self.salt, self.epoch, self.shuffle = layout, seed, salt, epoch, shuffle
+        self.window_rng = window_rng
         rng = np.random.default_rng([seed, salt, epoch])
         self.order = rng.permutation(len(layout.shard_ids))  # -> index into layout arrays
         samples, members = layout.samples[self.order], layout.members[self.order]
@@ -219,7 +230,9 @@ class EpochOrder:
         """Order of window w's n samples (identity without shuffling)."""
         if not self.shuffle:
             return np.arange(n)
-        return np.random.default_rng([self.seed, self.salt, self.epoch, w]).permutation(n)
+        if self.window_rng == "seed_sequence":
+            return np.random.default_rng([self.seed, self.salt, self.epoch, w]).permutation(n)
+        return window_permutation((self.seed, self.salt, self.epoch, w), n)
 
     def shard_members(self, first: int, end: int) -> Iterable[tuple[int, int, int]]:
         """(manifest shard, first member in shard, end member in shard) covering members
@@ -242,6 +255,24 @@ class EpochOrder:
             i1 = int(np.searchsorted(self.shard_mem, b - 1, side="right")) - 1
             out.extend(self.shard_at(i) for i in range(i0, i1 + 1))
         return list(dict.fromkeys(out))
+
+
+_PHILOX = np.random.Philox(0)
+_PHILOX_DRAWS = np.random.Generator(_PHILOX)
+
+
+def window_permutation(key: tuple[int, int, int, int], n: int) -> np.ndarray:
+    """A permutation of range(n), a pure function of `key` = (seed, salt, epoch, window), all
+    in [0, 2**64): numpy's Philox with key (seed, salt) and counter (0, 0, epoch, window) (each
+    window's draws are a stream of their own: 2**128 draws before it would reach the next),
+    set on one process-wide generator instead of building a SeedSequence per window."""
+    seed, salt, epoch, window = key
+    _PHILOX.state = {
+        "bit_generator": "Philox",
+        "state": {"counter": np.array([0, 0, epoch, window], np.uint64), "key": np.array([seed, salt], np.uint64)},
+        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
+    }
+    return _PHILOX_DRAWS.permutation(n)
 
 
 def position_in(part: Intervals, index: int) -> tuple[int, int]:

@@ -163,6 +163,7 @@ def read_shard(
     skip_corrupt: bool = False,
     manifest: str = "",
     shard: ShardInfo | None = None,
+    check_size: bool = True,
 ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
     """Yield `(member index, key, data)` for the shard's tar keys `start` to `stop` - 1 (default:
     to the end), in tar order; the rest of the tar is not read.
@@ -178,12 +179,14 @@ def read_shard(
     shard:   the manifest entry; its recorded size is checked at open and each key read against
              its `member_xxh3` (data_pipeline/integrity.py). A mismatch is a ShardError naming
              the shard and key; with skip_corrupt the rest of the shard is skipped with a warning.
+    check_size: False skips the size check at open (a caller reading the same shard again,
+             window after window, checks it on the first read only).
     """
     where = f"shard {url}" + (f" (manifest {manifest})" if manifest else "")
     expected = len(members)
     end = expected if stop is None else min(stop, expected)
     verify = MemberVerifier(shard) if shard is not None else None
-    if shard is not None:
+    if shard is not None and check_size:
         problem = size_problem(url, shard)
         if problem:
             if skip_corrupt:

@@ -33,9 +33,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from manytask.data_pipeline.integrity import nonfinite_message, nonfinite_rows
+from manytask.data_pipeline.integrity import nonfinite_message, nonfinite_rows, size_problem
 from manytask.data_pipeline.manifest import FieldInfo, Manifest
 from manytask.data_pipeline.partition import (
+    WINDOW_RNGS,
     EpochOrder,
     Intervals,
     SourceLayout,
@@ -130,7 +131,8 @@ class ShardStream:
     fresh split among world_size x splits_per_rank readers). check_finite: float input fields
     checked for NaN/inf as they are read (labels may hold NaN: "no label"); on_nonfinite:
     "error" (ShardError naming source, shard, sample key and field) or "skip" (such samples are
-    skipped and counted).
+    skipped and counted). window_rng: the generator that shuffles each window (see partition.py;
+    "seed_sequence" reproduces the order of streams recorded before "philox").
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class ShardStream:
         partition: Partition | None = None,
         check_finite: list[str] | None = None,
         on_nonfinite: str = "error",
+        window_rng: str = WINDOW_RNGS[0],
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -184,6 +187,9 @@ class ShardStream:
                 f"data.num_workers or the number of processes."
             )
         self.partition = partition or Partition(self.n_readers)
+        if window_rng not in WINDOW_RNGS:
+            raise ValueError(f"source '{self.name}': window_rng must be one of {WINDOW_RNGS}, got {window_rng!r}")
+        self.window_rng = window_rng
         # (field, shape, dtype) -> array to write a block's field into (worker_pool's slots).
         self.out_buffer: Callable[[str, tuple, np.dtype], np.ndarray] | None = None
         self.indexed = all(
@@ -191,6 +197,26 @@ class ShardStream:
             for s in (manifest.shards[int(i)] for i in self.layout.shard_ids)
         )
         self._orders: dict[int, EpochOrder] = {}
+        self._urls: dict[int, str] = {}  # shard -> url, resolved once
+        self._size_ok: dict[int, bool] = {}  # shard -> its file size matched the manifest
+
+    def url(self, shard: int) -> str:
+        """The openable url of manifest shard `shard`."""
+        got = self._urls.get(shard)
+        if got is None:
+            got = self._urls[shard] = self.manifest.shard_url(shard)
+        return got
+
+    def _check_size(self, shard: int) -> bool:
+        """Whether a read of `shard` should check its file size. A shard is read again window
+        after window: once its size matched the manifest, later reads skip the check (each key
+        is still checked against its digest); a shard that failed it is checked (and reported)
+        at every read, as before."""
+        ok = self._size_ok.get(shard)
+        if ok is None:
+            info = self.manifest.shards[shard]
+            ok = self._size_ok[shard] = size_problem(self.url(shard), info) is None
+        return not ok
 
     def reader(self, worker: int) -> int:
         """The job-wide reader id of this rank's worker `worker`."""
@@ -200,7 +226,7 @@ class ShardStream:
         """Epoch `epoch`'s global order (the last few are cached)."""
         got = self._orders.get(epoch)
         if got is None:
-            got = EpochOrder(self.layout, self.seed, self.salt, epoch, self.shuffle_buffer > 0)
+            got = EpochOrder(self.layout, self.seed, self.salt, epoch, self.shuffle_buffer > 0, self.window_rng)
             if len(self._orders) >= 4:
                 self._orders.pop(min(self._orders))
             self._orders[epoch] = got
@@ -305,12 +331,12 @@ class ShardStream:
         [first, end) of the epoch, in order."""
         m = self.manifest
         for shard, q0, q1 in order.shard_members(first, end):
-            info = m.shards[shard]
+            info, url = m.shards[shard], self.url(shard)
             for i, key, data in read_shard(
-                m.shard_url(shard), self.fields, m.layout, info.members, start=q0, stop=q1,
-                offsets=info.offsets, skip_corrupt=self.skip_corrupt, manifest=m.path, shard=info,
+                url, self.fields, m.layout, info.members, start=q0, stop=q1, offsets=info.offsets,
+                skip_corrupt=self.skip_corrupt, manifest=m.path, shard=info, check_size=self._check_size(shard),
             ):
-                yield info.members[i], *self._kept(data, m.shard_url(shard), key)
+                yield info.members[i], *self._kept(data, url, key)
 
     def _kept(self, data: dict | None, url: str, key: str | None) -> tuple[dict | None, np.ndarray | None]:
         """(data without the samples whose checked inputs are not finite, bool rows kept or
@@ -340,41 +366,41 @@ class ShardStream:
         positions the reader will take; with `members` None only the keys holding them are read."""
         m = self.manifest
         pieces = list(order.shard_members(*order.window_members(w)))
-        sizes = np.concatenate([np.asarray(m.shards[sh].members[q0:q1], dtype=np.int64) for sh, q0, q1 in pieces])
+        sizes = [n for sh, q0, q1 in pieces for n in m.shards[sh].members[q0:q1]]  # samples per member
         parts: list[dict] = []
-        valid = [np.zeros(int(n), dtype=bool) for n in sizes]  # per member: rows present
+        # Per member: True (every row present), or the bool rows present; None = not read.
+        present: list[bool | np.ndarray | None] = [None] * len(sizes)
 
         def add(j: int, data: dict | None, keep: np.ndarray | None) -> None:
-            if keep is not None:
-                valid[j] = keep
-            elif data is not None:
-                valid[j][:] = True
+            present[j] = keep if keep is not None else data is not None
             if data is not None and (keep is None or keep.any()):
                 parts.append(data)
 
         if members is None:
-            wanted = np.zeros(len(sizes), dtype=bool)
-            wanted[np.repeat(np.arange(len(sizes)), sizes)[need]] = True
+            whole = len(need) == sum(sizes)  # the usual case: every key of the window
+            if not whole:
+                wanted = np.zeros(len(sizes), dtype=bool)
+                wanted[np.repeat(np.arange(len(sizes)), sizes)[need]] = True
             k = 0
             for shard, q0, q1 in pieces:
-                select = {q0 + int(i) for i in np.flatnonzero(wanted[k : k + q1 - q0])}
-                info = m.shards[shard]
-                if select:
+                select = None if whole else {q0 + int(i) for i in np.flatnonzero(wanted[k : k + q1 - q0])}
+                info, url = m.shards[shard], self.url(shard)
+                if select is None or select:
                     for i, key, data in read_shard(
-                        m.shard_url(shard), self.fields, m.layout, info.members, start=q0, stop=q1,
+                        url, self.fields, m.layout, info.members, start=q0, stop=q1,
                         offsets=info.offsets, select=select, skip_corrupt=self.skip_corrupt,
-                        manifest=m.path, shard=info,
+                        manifest=m.path, shard=info, check_size=self._check_size(shard),
                     ):
-                        add(k + i - q0, *self._kept(data, m.shard_url(shard), key))
+                        add(k + i - q0, *self._kept(data, url, key))
                 k += q1 - q0
         else:
             for j in range(len(sizes)):
                 _size, data, keep = next(members)
                 add(j, data, keep)
         arrays = stack_members(parts, self.fields, m.layout)
-        ok = np.concatenate(valid)
-        if ok.all():
+        if all(p is True for p in present):
             return arrays, None
+        ok = np.concatenate([p if isinstance(p, np.ndarray) else np.full(n, bool(p)) for p, n in zip(present, sizes)])
         rows = np.cumsum(ok) - 1
         rows[~ok] = -1
         return arrays, rows
