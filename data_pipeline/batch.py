@@ -100,6 +100,13 @@ class BatchBuilder:
                    for m, f in zip(sources.manifests, self.field_of[name]))
         ]
         self.all_gatherable = len(self.gatherable) == len(self.specs)
+        # Per source, per gatherable output: (its field, dtype, shape, row bytes), for block_rows.
+        self._row_layout = [
+            [(self.field_of[name][i], np.dtype(self.specs[name].dtype), tuple(self.specs[name].shape),
+              np.dtype(self.specs[name].dtype).itemsize * int(np.prod(self.specs[name].shape, dtype=np.int64)))
+             for name in self.gatherable]
+            for i in range(len(sources.manifests))
+        ]
         self._views: tuple[Any, dict] = (None, {})
 
     def fields(self, i: int) -> list[str]:
@@ -154,7 +161,7 @@ class BatchBuilder:
             pieces: list[list[Piece]] = [[] for _ in counts]
             for i, lo, k, block in zip(spans.source.tolist(), spans.lo.tolist(), n.tolist(), spans.blocks):
                 pieces[i].append((block, lo, lo + k))
-            return self.gather(pieces, counts)
+            return self.gather(pieces, [int(k) for k in counts])
         start = np.cumsum(n) - n  # each span's first row in the batch
         first = spans.lo - start
         total = int(start[-1] + n[-1])
@@ -191,12 +198,9 @@ class BatchBuilder:
         rows = block.rows
         if rows is None:
             rows = []
-            for name in self.gatherable:
-                spec = self.specs[name]
-                f = self.field_of[name][source]
+            for f, dtype, shape, row in self._row_layout[source]:
                 at, arr = block.at.get(f), block.data.get(f)
-                row = np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape, dtype=np.int64))
-                if at is None or arr is None or arr.dtype != np.dtype(spec.dtype) or arr.shape[1:] != tuple(spec.shape) or at % row:
+                if at is None or arr is None or at % row or arr.dtype != dtype or arr.shape[1:] != shape:
                     rows = [-1] * len(self.gatherable)
                     break
                 rows.append(at // row)

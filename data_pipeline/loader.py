@@ -223,7 +223,7 @@ class HeadRows:
         self.used = np.zeros(sources, np.int64)
         self.size = np.zeros(sources, np.int64)
         self.rows = np.full((sources, outputs), -1, np.int64)
-        self.blocks: list[Block | None] = [None] * sources
+        self.blocks = np.full(sources, None, dtype=object)  # Block or None, indexed like the arrays
 
     def hold(self, i: int, cursor: SourceCursor, build: BatchBuilder) -> None:
         """Take source i's block in hand from its cursor (after the cursor moved)."""
@@ -303,15 +303,16 @@ class MultiSourceLoader:
         inputs: field -> [B, ...]; labels: task -> [B, ...]; masks: task -> bool [B];
         source_id: long [B]. Every recipe task is present in labels and masks.
         """
-        if len(counts) != len(self._cursors) or any(int(c) < 0 for c in counts):
+        c = np.asarray(counts)
+        if c.shape != (len(self._cursors),) or c.dtype.kind not in "iu" or (c < 0).any():
             raise ValueError(f"counts must be {len(self._cursors)} non-negative ints, got {counts}")
         if self._blocks is None:
             self._start()
-        counts = [int(n) for n in counts]
         blocks = self._blocks
         if blocks.shared and self._build.all_gatherable:
-            batch = self._gather_from_pool(counts)
+            batch = self._gather_from_pool(c.astype(np.int64, copy=False))
         else:
+            counts = c.tolist()
             cursors = self._cursors
             pieces = [cursors[i].pieces(n, blocks, i) if n else [] for i, n in enumerate(counts)]
             batch = self._build.gather(pieces, counts)
@@ -321,36 +322,39 @@ class MultiSourceLoader:
         blocks.flush()
         return batch
 
-    def _gather_from_pool(self, counts: list[int]) -> Batch:
-        """next_batch with a worker pool: the sources whose rows all lie inside their block in
-        hand (almost all, almost always) are taken with a few array operations over every
-        source at once; only a source that runs out of its block goes through its cursor."""
+    def _gather_from_pool(self, c: np.ndarray) -> Batch:
+        """next_batch with a worker pool (c: int64 [sources], rows per source): the sources
+        whose rows all lie inside their block in hand (almost all, almost always) are taken
+        with a few array operations over every source at once; only a source that runs out of
+        its block goes through its cursor."""
         heads, blocks, build = self._heads, self._blocks, self._build
-        c = np.asarray(counts, np.int64)
+        wanted = c > 0
         inside = heads.size - heads.used > c
-        fast = np.flatnonzero((c > 0) & inside)
-        slow = np.flatnonzero((c > 0) & ~inside)
-        source, lo, n, rows = [fast], [heads.used[fast]], [c[fast]], [heads.rows[fast]]
-        held = [heads.blocks[i] for i in fast]
-        for i in slow.tolist():
-            cursor = self._cursors[i]
-            if cursor.head is not None:
-                cursor.used = int(heads.used[i])
-            for block, a, b in cursor.pieces(counts[i], blocks, i):
-                source.append(np.array([i]))
-                lo.append(np.array([a]))
-                n.append(np.array([b - a]))
-                rows.append(np.array([build.block_rows(i, block)], np.int64).reshape(1, -1))
-                held.append(block)
-            heads.hold(i, cursor, build)
+        fast = np.flatnonzero(wanted & inside)
+        slow = np.flatnonzero(wanted & ~inside).tolist()
+        if not slow:
+            spans = Spans(fast, heads.used[fast], c[fast], heads.rows[fast], heads.blocks[fast])
+        else:
+            source, lo, n, rows, held = [fast], [heads.used[fast]], [c[fast]], [heads.rows[fast]], list(heads.blocks[fast])
+            for i in slow:
+                cursor = self._cursors[i]
+                if cursor.head is not None:
+                    cursor.used = int(heads.used[i])
+                for block, a, b in cursor.pieces(int(c[i]), blocks, i):
+                    source.append(np.array([i]))
+                    lo.append(np.array([a]))
+                    n.append(np.array([b - a]))
+                    rows.append(np.array([build.block_rows(i, block)], np.int64).reshape(1, -1))
+                    held.append(block)
+                heads.hold(i, cursor, build)
+            # The cursors' pieces came after the fast ones: back to recipe order.
+            source_all = np.concatenate(source)
+            order = np.argsort(source_all, kind="stable")
+            spans = Spans(source_all[order], np.concatenate(lo)[order], np.concatenate(n)[order],
+                          np.concatenate(rows)[order], [held[k] for k in order.tolist()])
         heads.used[fast] += c[fast]
-        spans = Spans(*(np.concatenate(x) for x in (source, lo, n, rows)), held)
-        if len(slow):  # the cursors' pieces came after the fast ones: back to recipe order
-            order = np.argsort(spans.source, kind="stable")
-            spans = Spans(spans.source[order], spans.lo[order], spans.n[order], spans.rows[order],
-                          [held[k] for k in order.tolist()])
-        batch = build.gather_spans(spans, counts, blocks)
-        for i in slow.tolist():  # the batch holds copies: the used-up slots go back now
+        batch = build.gather_spans(spans, c, blocks)
+        for i in slow:  # the batch holds copies: the used-up slots go back now
             self._cursors[i].release(blocks, i)
         return batch
 

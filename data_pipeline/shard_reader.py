@@ -72,7 +72,7 @@ class NpyDecoder:
             start = 10 + int.from_bytes(buf[8:10], "little")
         else:
             start = 12 + int.from_bytes(buf[8:12], "little")
-        header = buf[:start]
+        header = bytes(buf[:start])  # buf may be a view of a whole key: keep only the header
         spec = self._cache.get(header)
         if spec is None:
             spec = _parse_npy_header(header)
@@ -104,6 +104,7 @@ def decode_field(buf: bytes, ext: str, npy: NpyDecoder) -> Any:
     """Decode one member payload: npy -> ndarray, cls -> int, json -> ndarray."""
     if ext == "npy":
         return npy(buf)
+    buf = bytes(buf)  # a view of a key's bytes (see _read_keys)
     if ext == "cls":
         return int(buf)
     if ext == "json":
@@ -371,7 +372,12 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
         if hashing:
             verify.start()
         try:
-            for name, size, at in _tar_members(f, offsets[j], offsets[j + 1] if j + 1 < expected else None):
+            # The key's bytes in one read (its headers and payloads; to the end of the file for
+            # the shard's last key), parsed in memory: payloads are views of them, not copies.
+            start = offsets[j]
+            f.seek(start)
+            blob = memoryview(f.read(offsets[j + 1] - start) if j + 1 < expected else f.read())
+            for name, size, at in _tar_members(blob, start):
                 parts = split_member_name(name)
                 if parts is None:
                     continue
@@ -384,8 +390,7 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
                     )
                 field = wanted.get(parts[1])
                 if field is not None or hashing:
-                    f.seek(at)
-                    data = f.read(size)
+                    data = blob[at : at + size]
                     if len(data) != size:
                         raise tarfile.ReadError(f"unexpected end of data in {name}")
                     if hashing:
@@ -420,15 +425,15 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
 _ZERO_BLOCK = bytes(512)
 
 
-def _tar_members(f: Any, start: int, stop: int | None) -> Iterator[tuple[str, int, int]]:
-    """(name, size, payload offset) of the regular-file members whose headers lie in bytes
-    [start, stop) of a tar (stop None: to the end of the archive). ustar, GNU long names and
-    pax path records are understood; a bad header raises tarfile.ReadError."""
-    pos, long_name = start, None
-    while stop is None or pos < stop:
-        f.seek(pos)
-        hdr = f.read(512)
-        if not hdr or hdr == _ZERO_BLOCK:
+def _tar_members(buf: memoryview, base: int) -> Iterator[tuple[str, int, int]]:
+    """(name, size, payload offset in `buf`) of the regular-file members whose headers lie in
+    `buf`, the bytes of a tar from byte `base` on (to the archive's end or the next key). ustar,
+    GNU long names and pax path records are understood; a bad header raises tarfile.ReadError
+    naming its byte in the tar."""
+    pos, long_name, end = 0, None, len(buf)
+    while pos < end:
+        hdr = bytes(buf[pos : pos + 512])
+        if hdr == _ZERO_BLOCK:
             return
         if len(hdr) < 512:
             raise tarfile.ReadError("unexpected end of data in a header")
@@ -437,15 +442,14 @@ def _tar_members(f: Any, start: int, stop: int | None) -> Iterator[tuple[str, in
         except ValueError:
             stored = -1
         if stored != 256 + sum(hdr[:148]) + sum(hdr[156:]):
-            raise tarfile.ReadError(f"not a tar header (bad checksum) at byte {pos}")
+            raise tarfile.ReadError(f"not a tar header (bad checksum) at byte {base + pos}")
         raw_size = hdr[124:136]
         size = tarfile.nti(raw_size) if raw_size[0] & 0x80 else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
         kind = hdr[156:157]
         at = pos + 512
         pos = at + -(-size // 512) * 512
         if kind in (b"x", b"L"):  # the next member's long name (pax record or GNU)
-            f.seek(at)
-            data = f.read(size)
+            data = bytes(buf[at : at + size])
             long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             continue
         if long_name is not None:

@@ -30,6 +30,7 @@ import math
 import mmap
 import multiprocessing as mp
 import pickle
+import select
 import signal
 import sys
 import weakref
@@ -204,11 +205,20 @@ def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tup
     todo = deque(range(len(pairs)))
     out: list[tuple] = []  # read, not yet sent
     rows = 0  # rows in `out`
+    # Whether credits are waiting, asked twice per block: one poll object kept for it
+    # (Connection.poll builds a selector per call). A pipe message is read whole by recv, so
+    # the descriptor is readable exactly when a message waits.
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+
+    def incoming() -> bool:
+        return bool(poller.poll(0))
+
     while True:
         # Take the credits sent back (each message a list of (source, reader, slot)); wait for
         # one when every slot is full, after handing over what was read.
-        while conn.poll() or not todo:
-            if out and not conn.poll():
+        while incoming() or not todo:
+            if out and not incoming():
                 conn.send(out)
                 out, rows = [], 0
             msg = conn.recv()
@@ -239,7 +249,7 @@ def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tup
             rows += block.size
         # Hand over in batches, but do not sit on a batch's worth of rows the trainer may be
         # waiting for.
-        if rows >= BATCH_ROWS or len(out) >= BATCH_BLOCKS or not todo or conn.poll():
+        if rows >= BATCH_ROWS or len(out) >= BATCH_BLOCKS or not todo or incoming():
             conn.send(out)
             out, rows = [], 0
 
