@@ -309,6 +309,8 @@ class MultiSourceLoader:
         if self._blocks is None:
             self._start()
         blocks = self._blocks
+        if blocks.shared:
+            blocks.demand = c  # paces the credits (WorkerPool.release)
         if blocks.shared and self._build.all_gatherable:
             batch = self._gather_from_pool(c.astype(np.int64, copy=False))
         else:

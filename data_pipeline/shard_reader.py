@@ -28,7 +28,7 @@ import numpy.lib.format as npformat
 
 from manytask.data_pipeline.integrity import MemberVerifier, size_problem
 from manytask.data_pipeline.manifest import FieldInfo, ShardInfo
-from manytask.data_pipeline.remote import open_shard
+from manytask.data_pipeline.remote import OpenFiles, local_file, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def read_shard(
     manifest: str = "",
     shard: ShardInfo | None = None,
     check_size: bool = True,
+    files: OpenFiles | None = None,
 ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
     """Yield `(member index, key, data)` for the shard's tar keys `start` to `stop` - 1 (default:
     to the end), in tar order; the rest of the tar is not read.
@@ -182,6 +183,8 @@ def read_shard(
              the shard and key; with skip_corrupt the rest of the shard is skipped with a warning.
     check_size: False skips the size check at open (a caller reading the same shard again,
              window after window, checks it on the first read only).
+    files:   where a local indexed `.tar` is kept open between calls (instead of opened and
+             closed by each).
     """
     where = f"shard {url}" + (f" (manifest {manifest})" if manifest else "")
     expected = len(members)
@@ -215,8 +218,12 @@ def read_shard(
         return
     indexed = bool(offsets) and len(offsets or ()) == expected and url.endswith(".tar")
     seek = first > 0 and indexed
+    path = local_file(url) if files is not None and indexed else None
     try:
-        stream, at_offset = open_shard(url, offsets[first] if seek else 0)  # type: ignore[index]
+        if path is not None:  # read by key offsets below (_read_keys seeks before each read)
+            stream, at_offset = files.get(path), True  # type: ignore[union-attr]
+        else:
+            stream, at_offset = open_shard(url, offsets[first] if seek else 0)  # type: ignore[index]
     except Exception as err:  # noqa: BLE001 - any opener failure means "cannot open"
         yield from missing_from(0, f"cannot open shard ({type(err).__name__}: {err}); no sample key read")
         return
@@ -301,7 +308,8 @@ def read_shard(
         # A `pipe:` stream raises on close when its command failed; the short read above has
         # already been reported with a clearer message, so the close error adds nothing.
         try:
-            stream.close()
+            if path is None:  # a kept file stays open for the next call
+                stream.close()
         except Exception:  # noqa: BLE001
             pass
     if wanted_member(index):

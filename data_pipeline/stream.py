@@ -45,6 +45,7 @@ from manytask.data_pipeline.partition import (
     position_in,
     reader_part,
 )
+from manytask.data_pipeline.remote import OpenFiles
 from manytask.data_pipeline.shard_reader import ShardError, read_shard
 from manytask.schema import ConfigError
 
@@ -192,6 +193,8 @@ class ShardStream:
         self.window_rng = window_rng
         # (field, shape, dtype) -> array to write a block's field into (worker_pool's slots).
         self.out_buffer: Callable[[str, tuple, np.dtype], np.ndarray] | None = None
+        # Local shards kept open between windows (a worker process's, see worker_pool).
+        self.files: OpenFiles | None = None
         self.indexed = all(
             len(s.offsets) == len(s.members) and s.url.endswith(".tar") and not s.url.startswith("pipe:")
             for s in (manifest.shards[int(i)] for i in self.layout.shard_ids)
@@ -389,7 +392,7 @@ class ShardStream:
                     for i, key, data in read_shard(
                         url, self.fields, m.layout, info.members, start=q0, stop=q1,
                         offsets=info.offsets, select=select, skip_corrupt=self.skip_corrupt,
-                        manifest=m.path, shard=info, check_size=self._check_size(shard),
+                        manifest=m.path, shard=info, check_size=self._check_size(shard), files=self.files,
                     ):
                         add(k + i - q0, *self._kept(data, url, key))
                 k += q1 - q0

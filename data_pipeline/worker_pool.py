@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from manytask.data_pipeline.remote import OpenFiles
 from manytask.data_pipeline.stream import Block, Position, ShardStream
 
 ALIGN = 64
@@ -48,6 +49,9 @@ BATCH_BLOCKS = 16
 BATCH_ROWS = 4096
 # Bytes of freed memory a worker keeps for reuse (see _worker_setup).
 WORKER_HEAP_KEEP = 16 << 20
+# Freed slots go back to a worker in batches of a quarter of its slots, unless a source has
+# fewer than this many steps of rows ready: then at once (see WorkerPool.release).
+CREDIT_STEPS = 8
 
 
 def _align(n: int) -> int:
@@ -195,6 +199,9 @@ def process_of(source: int, reader: int, processes: int) -> int:
 def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tuple[Position, int]]],
                  conn: Any, buf: mmap.mmap, slots: _Slots, prefetch: int) -> None:
     _worker_setup()
+    files = OpenFiles()  # this process's open shards, shared by its streams
+    for stream in streams:
+        stream.files = files
     readers = len(starts[0]) if starts else 0
     # The (source, reader) pairs this process reads, each with its own blocks and slots.
     pairs = [(i, w) for i in range(len(streams)) for w in range(readers) if process_of(i, w, readers) == process]
@@ -223,6 +230,7 @@ def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tup
                 out, rows = [], 0
             msg = conn.recv()
             if msg is None:
+                files.close()
                 return
             for i, w, slot in msg:
                 k = index[i, w]
@@ -285,6 +293,15 @@ class WorkerPool:
         self._ready: list[list[deque]] = [[deque() for _ in streams] for _ in range(num_workers)]
         self._credits: list[list[tuple[int, int, int]]] = [[] for _ in range(num_workers)]
         self._views: dict[tuple[str, tuple], np.ndarray] = {}
+        # Credits are sent in batches: one freed slot per message woke the worker for one
+        # block each step (with many sources a step frees about one), and every wake-up on a
+        # loaded machine costs more than the block. A quarter of a worker's slots per batch
+        # leaves it three quarters read ahead; a source about to run dry is served at once.
+        slots_of = [prefetch * sum(process_of(i, w, num_workers) == p for i in range(len(streams)) for w in range(num_workers))
+                    for p in range(num_workers)]
+        self._credit_batch = [max(1, n // 4) for n in slots_of]
+        self._urgent = [False] * num_workers
+        self.demand: np.ndarray | None = None  # rows per step of each source (set by the loader)
         for w in range(num_workers):
             here, there = ctx.Pipe()
             proc = ctx.Process(
@@ -303,7 +320,7 @@ class WorkerPool:
         ready = self._ready[worker][source]
         process = process_of(source, worker, len(self._procs))
         while not ready:
-            self.flush()  # the credits the worker may be waiting for
+            self.flush(force=True)  # the credits the worker may be waiting for
             try:
                 batch = self._conns[process].recv()
             except EOFError:
@@ -321,19 +338,39 @@ class WorkerPool:
 
     def release(self, source: int, block: Block) -> None:
         """Give the block's slot back to its worker (its data must no longer be used); the
-        credit is sent with the others by `flush` (or before waiting for a block)."""
+        credit is sent by `flush`: with the worker's next batch of credits, or at once if
+        `source` has fewer than CREDIT_STEPS steps of rows (`demand`) ready."""
         block.data = {}
-        self._credits[process_of(source, block.worker, len(self._procs))].append((source, block.worker, block.slot))
+        process = process_of(source, block.worker, len(self._procs))
+        self._credits[process].append((source, block.worker, block.slot))
+        if not self._urgent[process] and self._running_dry(source):
+            self._urgent[process] = True
 
-    def flush(self) -> None:
-        """Send the released slots back to their workers, one message per worker."""
-        for conn, credits in zip(self._conns, self._credits):
-            if credits:
+    def _running_dry(self, source: int) -> bool:
+        """Whether the blocks of `source` received and not yet taken hold fewer rows than
+        CREDIT_STEPS steps of its demand (unknown demand: yes)."""
+        if self.demand is None:
+            return True
+        need = CREDIT_STEPS * int(self.demand[source])
+        ready = 0
+        for per_source in self._ready:
+            for _slot, block, _meta in per_source[source]:
+                if block is None:  # an error to raise: let the worker go on with the others
+                    return True
+                ready += block.size
+        return ready < need
+
+    def flush(self, force: bool = False) -> None:
+        """Send released slots back, one message per worker: a worker's full batch, an urgent
+        one (see `release`), or, with `force`, all of them."""
+        for p, (conn, credits) in enumerate(zip(self._conns, self._credits)):
+            if credits and (force or self._urgent[p] or len(credits) >= self._credit_batch[p]):
                 try:
                     conn.send(credits)
                 except (BrokenPipeError, OSError):
                     pass  # the worker is gone; next_block reports it
-        self._credits = [[] for _ in self._conns]
+                self._credits[p] = []
+                self._urgent[p] = False
 
     def rows(self, dtype: np.dtype, shape: tuple) -> np.ndarray:
         """The whole shared buffer as rows [n, *shape] of `dtype`: a block's field of that kind
