@@ -280,11 +280,10 @@ class ShardStream:
             # needs; others are streamed through the whole run of windows.
             members = None if self.indexed else self._members(order, first, end)
             try:
-                for w in range(w0, w1 + 1):
-                    p0, p1 = order.window_positions(w)
+                for w, (m0, m1), (p0, p1) in self._windows(order, w0, w1):
                     perm = order.window_permutation(w, p1 - p0)
                     lo, hi = max(pos, p0), min(e, p1)
-                    arrays, rows_of_slot = self._read_window(order, w, members, perm[lo - p0 : hi - p0])
+                    arrays, rows_of_slot = self._read_window(order, m0, m1, members, perm[lo - p0 : hi - p0])
                     while lo < hi:
                         stop = min(p0 + ((lo - p0) // bs + 1) * bs, hi)
                         slots = perm[lo - p0 : stop - p0]
@@ -319,12 +318,23 @@ class ShardStream:
                 if members is not None:
                     members.close()
 
+    @staticmethod
+    def _windows(order: EpochOrder, w0: int, w1: int, batch: int = 256) -> Iterator[tuple[int, tuple[int, int], tuple[int, int]]]:
+        """(window, (first, end) member, (start, end) position) of windows w0..w1, their bounds
+        computed `batch` windows at a time (a reader's slice may hold very many)."""
+        for a in range(w0, w1 + 1, batch):
+            b = min(a + batch - 1, w1)
+            members, positions = order.window_starts(a, b)
+            m, p = members.tolist(), positions.tolist()
+            for k in range(b - a + 1):
+                yield a + k, (m[k], m[k + 1]), (p[k], p[k + 1])
+
     def _gather(self, name: str, window: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """window[rows], written where `out_buffer` says (a worker's shared slot) if set."""
         if self.out_buffer is None:
             return window[rows]
         out = self.out_buffer(name, (len(rows), *window.shape[1:]), window.dtype)
-        return np.take(window, rows, axis=0, out=out, mode="clip")  # "raise" would buffer `out`
+        return window.take(rows, axis=0, out=out, mode="clip")  # "raise" would buffer `out`
 
     def _empty(self) -> dict[str, np.ndarray]:
         return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.fields.items()}
@@ -362,13 +372,14 @@ class ShardStream:
             return None, keep
         return {f: v[keep] for f, v in data.items()}, keep
 
-    def _read_window(self, order: EpochOrder, w: int, members: Iterator | None,
+    def _read_window(self, order: EpochOrder, first: int, end: int, members: Iterator | None,
                      need: np.ndarray) -> tuple[dict, np.ndarray | None]:
-        """Window w's samples as arrays [rows, ...] and, unless every position has its row,
-        position -> row (-1 for a corrupt, skipped or unread one). need: the window-local
-        positions the reader will take; with `members` None only the keys holding them are read."""
+        """The samples of the window of members [first, end) as arrays [rows, ...] and, unless
+        every position has its row, position -> row (-1 for a corrupt, skipped or unread one).
+        need: the window-local positions the reader will take; with `members` None only the
+        keys holding them are read."""
         m = self.manifest
-        pieces = list(order.shard_members(*order.window_members(w)))
+        pieces = list(order.shard_members(first, end))
         sizes = [n for sh, q0, q1 in pieces for n in m.shards[sh].members[q0:q1]]  # samples per member
         parts: list[dict] = []
         # Per member: True (every row present), or the bool rows present; None = not read.
