@@ -238,7 +238,7 @@ def read_shard(
         if direct and indexed:
             # Each wanted key straight from its manifest offset, headers parsed here.
             yield from _read_keys(stream, offsets, range(first, end), select, wanted, members, check, where,  # type: ignore[arg-type]
-                                  skip_corrupt, verify)
+                                  skip_corrupt, verify, reopen=None if path is None else lambda: files.get(path))
             return
         jump = direct and indexed  # skip unwanted keys by seeking to the next wanted one
         tar = tarfile.open(fileobj=stream, mode="r:" if direct else "r|*")
@@ -365,12 +365,14 @@ def _finish(index, key, raw, members, check, where, skip_corrupt):
 
 def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] | None, wanted: dict[str, str],
                members: list[int], check: _MemberChecker, where: str, skip_corrupt: bool,
-               verify: MemberVerifier | None = None,
+               verify: MemberVerifier | None = None, reopen: Any = None,
                ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
     """The keys of a seekable plain tar read by their byte offsets; a bad key does not stop
     the others (with skip_corrupt it yields data None, else ShardError naming key and byte).
     A key whose payloads do not match the manifest's checksum is a ShardError; with
-    skip_corrupt the rest of the keys asked for are skipped with a warning (as in stream mode)."""
+    skip_corrupt the rest of the keys asked for are skipped with a warning (as in stream mode).
+    reopen: returns the file again before each key (a kept file, see OpenFiles: while this
+    generator is suspended, reads of other shards may have closed it to make room)."""
     expected = len(offsets)
     hashing = verify is not None and verify.enabled
     for j in keys:
@@ -383,6 +385,8 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
             # The key's bytes in one read (its headers and payloads; to the end of the file for
             # the shard's last key), parsed in memory: payloads are views of them, not copies.
             start = offsets[j]
+            if reopen is not None:
+                f = reopen()
             f.seek(start)
             blob = memoryview(f.read(offsets[j + 1] - start) if j + 1 < expected else f.read())
             for name, size, at in _tar_members(blob, start):

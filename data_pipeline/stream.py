@@ -275,15 +275,25 @@ class ShardStream:
         for nth, (s, e) in enumerate(part[j:]):
             pos = pos if nth == 0 else s  # a later interval may start inside the last window
             w0, w1 = order.window_of_position(pos), order.window_of_position(e - 1)
-            first, end = order.window_members(w0)[0], order.window_members(w1)[1]
-            # Shards with key offsets are read window by window, only the keys this reader
-            # needs; others are streamed through the whole run of windows.
-            members = None if self.indexed else self._members(order, first, end)
+            # Shards without key offsets are streamed through the whole run of windows. Shards
+            # with them are read window by window, only the keys this reader needs; in a worker
+            # (which keeps its shards open) the windows read whole are streamed too, sparing a
+            # shard read's setup per window.
+            whole_from, whole_to = w1 + 1, w1  # windows streamed: none
+            if not self.indexed:
+                whole_from, whole_to = w0, w1
+            elif self.files is not None:
+                whole_from = w0 if pos == order.window_positions(w0)[0] else w0 + 1
+                whole_to = w1 if e == order.window_positions(w1)[1] else w1 - 1
+            members = None
+            if whole_from <= whole_to:
+                members = self._members(order, order.window_members(whole_from)[0], order.window_members(whole_to)[1])
             try:
                 for w, (m0, m1), (p0, p1) in self._windows(order, w0, w1):
                     perm = order.window_permutation(w, p1 - p0)
                     lo, hi = max(pos, p0), min(e, p1)
-                    arrays, rows_of_slot = self._read_window(order, m0, m1, members, perm[lo - p0 : hi - p0])
+                    streamed = members if whole_from <= w <= whole_to else None
+                    arrays, rows_of_slot = self._read_window(order, m0, m1, streamed, perm[lo - p0 : hi - p0])
                     while lo < hi:
                         stop = min(p0 + ((lo - p0) // bs + 1) * bs, hi)
                         slots = perm[lo - p0 : stop - p0]
@@ -348,6 +358,7 @@ class ShardStream:
             for i, key, data in read_shard(
                 url, self.fields, m.layout, info.members, start=q0, stop=q1, offsets=info.offsets,
                 skip_corrupt=self.skip_corrupt, manifest=m.path, shard=info, check_size=self._check_size(shard),
+                files=self.files,
             ):
                 yield info.members[i], *self._kept(data, url, key)
 

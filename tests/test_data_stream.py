@@ -318,3 +318,35 @@ def test_pool_gather_matches_piece_by_piece_and_resumes_exactly(tmp_path):
     resumed = run(cfg, schedule, stops=(17, 41), tmp=str(tmp_path))
     for g, r in zip(gathered, resumed):
         assert torch.equal(g.inputs["x"], r.inputs["x"]) and torch.equal(g.inputs["id"], r.inputs["id"])
+
+
+def test_a_state_recorded_before_philox_resumes_in_its_order(root, tmp_path):
+    """A checkpoint of state version 2 was taken with SeedSequence window shuffles: it resumes
+    with them (the same samples an uninterrupted old run reads), not with today's Philox."""
+    cfg = make_cfg(root)
+    schedule = counts_schedule(30, seed=3)
+
+    def as_version_2(state):
+        for st in state["sources"].values():
+            assert st.pop("window_rng") in ("seed_sequence", "philox")
+        return {**state, "version": 2}
+
+    def loader_at(state):
+        loader = MultiSourceLoader(cfg, block_size=16)
+        loader.load_state_dict(torch.load(state, weights_only=True))
+        return loader
+
+    fresh = MultiSourceLoader(cfg, block_size=16)
+    torch.save(as_version_2(fresh.state_dict()), tmp_path / "start.pt")
+    new_order = ids(fresh.next_batch(c) for c in schedule)
+    fresh.close()
+    old = loader_at(tmp_path / "start.pt")  # an old run from its first step
+    assert all(c.stream.window_rng == "seed_sequence" for c in old.cursors)
+    before = [old.next_batch(c) for c in schedule[:12]]
+    torch.save(as_version_2(old.state_dict()), tmp_path / "mid.pt")
+    after = [old.next_batch(c) for c in schedule[12:]]
+    old.close()
+    assert ids(before + after) != new_order  # the two generators disagree: the test can tell
+    with loader_at(tmp_path / "mid.pt") as resumed:
+        assert ids(resumed.next_batch(c) for c in schedule[12:]) == ids(after)
+        assert resumed.state_dict()["sources"]["a"]["window_rng"] == "seed_sequence"  # and keeps it
