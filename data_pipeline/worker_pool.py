@@ -251,9 +251,9 @@ def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tup
                 todo.remove(k)
             out.append((i, w, slot, None, _portable(err)))
         else:
-            meta = writer.meta(block.data)
-            block.data = {}
-            out.append((i, w, slot, block, meta))
+            # The block's header as a plain tuple (a dataclass pickles several times slower).
+            out.append((i, w, slot, (block.worker, block.before, block.after, block.offset, block.size, block.slot_ends),
+                        writer.meta(block.data)))
             rows += block.size
         # Hand over in batches, but do not sit on a batch's worth of rows the trainer may be
         # waiting for.
@@ -326,15 +326,14 @@ class WorkerPool:
             except EOFError:
                 code = self._procs[process].exitcode
                 raise RuntimeError(f"data worker {process} died (exit code {code})") from None
-            for i, w, slot, block, meta in batch:
-                self._ready[w][i].append((slot, block, meta))
-        slot, block, meta = ready.popleft()
-        if block is None:
+            for i, w, slot, header, meta in batch:
+                self._ready[w][i].append((slot, header, meta))
+        slot, header, meta = ready.popleft()
+        if header is None:
             raise meta
-        block.data = self.slots.read(self.buffer, meta)
-        block.at = {name: at for name, _, _, at in meta}
-        block.slot = slot
-        return block
+        worker, before, after, offset, size, slot_ends = header
+        return Block(worker, before, after, offset, size, self.slots.read(self.buffer, meta), slot_ends,
+                     slot, {name: at for name, _, _, at in meta})
 
     def release(self, source: int, block: Block) -> None:
         """Give the block's slot back to its worker (its data must no longer be used); the
@@ -354,10 +353,10 @@ class WorkerPool:
         need = CREDIT_STEPS * int(self.demand[source])
         ready = 0
         for per_source in self._ready:
-            for _slot, block, _meta in per_source[source]:
-                if block is None:  # an error to raise: let the worker go on with the others
+            for _slot, header, _meta in per_source[source]:
+                if header is None:  # an error to raise: let the worker go on with the others
                     return True
-                ready += block.size
+                ready += header[4]  # its size
         return ready < need
 
     def flush(self, force: bool = False) -> None:
