@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manytask.data_pipeline.loader import MIN_BLOCK, SourceCursor
+from manytask.data_pipeline.cursor import SourceCursor
+from manytask.data_pipeline.loader import MIN_BLOCK
 from manytask.data_pipeline.manifest import Manifest
 from manytask.data_pipeline.shard_reader import NpyDecoder, split_member_name
 from manytask.data_pipeline.shard_writer import write_shards
