@@ -2,18 +2,17 @@
 
 The order is a pure function of (manifest, seed, source salt, epoch, shuffle window) and never
 of the number of processes:
-- the non-empty shards in a seeded order (the permutation of the epoch's generator, below,
-  keyed by (seed, salt, epoch));
+- the non-empty shards in the order `default_rng([seed, salt, epoch]).permutation(shards)`;
 - their tar keys ("members": one sample, or a chunk of samples) in tar order, shard after
   shard. Consecutive shards whose members start in the same block of `window_members`
   members form a *group*; a group is cut into *windows* of `window_members` members (the last
   one shorter). A window never mixes groups, so locating it needs only shard-level sums;
-- the samples of window w are permuted by the generator keyed by (seed, salt, epoch, w).
-The generator (`window_rng`) is `"philox"` (the default; `philox_permutation`: numpy's
-counter-based Philox set directly to the key, ~10 us) or `"seed_sequence"` (`default_rng(key)`,
-~30 us: one SeedSequence per window was a fixed cost per window that made many small sources
-read slower than one big one). The two give different orders; a stream position records
-which one it was taken with (loader state) and resumes with it.
+- the samples of window w are permuted by the window generator keyed by (seed, salt, epoch,
+  w): `"philox"` (the default; `philox_permutation`: numpy's counter-based Philox set
+  directly to the key, ~10 us) or `"seed_sequence"` (`default_rng(key)`, ~30 us: a
+  SeedSequence per window was a fixed cost per window that made many small sources read
+  slower than one big one). The two give different orders; a stream position records which
+  one it was taken with (`window_rng` in the loader state) and resumes with it.
 Global position p (0 <= p < total) is the p-th sample of that order.
 
 Readers (rank x worker, all of them) share the positions not yet consumed: `reader_part`
@@ -161,10 +160,8 @@ class EpochOrder:
         self.layout, self.seed, self.salt, self.epoch, self.shuffle = layout, seed, salt, epoch, shuffle
         self.window_rng = window_rng
         n = len(layout.shard_ids)
-        if window_rng == "seed_sequence":
-            self.order = np.random.default_rng([seed, salt, epoch]).permutation(n)  # -> index into layout arrays
-        else:
-            self.order = philox_permutation((seed, salt, epoch, 0), n, stream=1)
+        # Once per source and epoch, so a SeedSequence costs nothing here (and keeps the order).
+        self.order = np.random.default_rng([seed, salt, epoch]).permutation(n)  # -> index into layout arrays
         samples, members = layout.samples[self.order], layout.members[self.order]
         self.shard_pos = np.concatenate([[0], np.cumsum(samples)])  # first position per shard
         self.shard_mem = np.concatenate([[0], np.cumsum(members)])  # first member per shard
@@ -293,8 +290,8 @@ def philox_permutation(key: tuple[int, int, int, int], n: int, stream: int = 0) 
     """A permutation of range(n), a pure function of `key` = (seed, salt, epoch, window), all
     in [0, 2**64), and `stream`: numpy's Philox with key (seed, salt) and counter (0, stream,
     epoch, window), set on one process-wide generator instead of building a SeedSequence per
-    call. Windows use stream 0, the epoch's shard order stream 1 (window 0): each is a stream
-    of its own (2**64 draws before it would reach another)."""
+    call. Each (stream, epoch, window) is a stream of draws of its own (2**64 draws before it
+    would reach the next); windows use stream 0."""
     seed, salt, epoch, window = key
     _PHILOX.state = {
         "bit_generator": "Philox",

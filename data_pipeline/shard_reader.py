@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 import zlib
 from collections.abc import Container, Iterator
@@ -382,13 +383,14 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
         if hashing:
             verify.start()
         try:
-            # The key's bytes in one read (its headers and payloads; to the end of the file for
-            # the shard's last key), parsed in memory: payloads are views of them, not copies.
+            # The key's bytes in one positioned read (its headers and payloads; to the end of
+            # the file for the shard's last key), parsed in memory: payloads are views of them.
             start = offsets[j]
             if reopen is not None:
                 f = reopen()
-            f.seek(start)
-            blob = memoryview(f.read(offsets[j + 1] - start) if j + 1 < expected else f.read())
+            fd = f.fileno()
+            stop = offsets[j + 1] if j + 1 < expected else os.fstat(fd).st_size
+            blob = memoryview(os.pread(fd, max(stop - start, 0), start))
             for name, size, at in _tar_members(blob, start):
                 parts = split_member_name(name)
                 if parts is None:
