@@ -286,16 +286,15 @@ _PHILOX = np.random.Philox(0)
 _PHILOX_DRAWS = np.random.Generator(_PHILOX)
 
 
-def philox_permutation(key: tuple[int, int, int, int], n: int, stream: int = 0) -> np.ndarray:
+def philox_permutation(key: tuple[int, int, int, int], n: int) -> np.ndarray:
     """A permutation of range(n), a pure function of `key` = (seed, salt, epoch, window), all
-    in [0, 2**64), and `stream`: numpy's Philox with key (seed, salt) and counter (0, stream,
-    epoch, window), set on one process-wide generator instead of building a SeedSequence per
-    call. Each (stream, epoch, window) is a stream of draws of its own (2**64 draws before it
-    would reach the next); windows use stream 0."""
+    in [0, 2**64): numpy's Philox with key (seed, salt) and counter (0, 0, epoch, window), set
+    on one process-wide generator instead of building a SeedSequence per call. Each (epoch,
+    window) is a stream of draws of its own (2**128 draws before it would reach the next)."""
     seed, salt, epoch, window = key
     _PHILOX.state = {
         "bit_generator": "Philox",
-        "state": {"counter": np.array([0, stream, epoch, window], np.uint64), "key": np.array([seed, salt], np.uint64)},
+        "state": {"counter": np.array([0, 0, epoch, window], np.uint64), "key": np.array([seed, salt], np.uint64)},
         "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
     }
     return _PHILOX_DRAWS.permutation(n)
