@@ -177,23 +177,25 @@ class MultiSourceLoader:
         if not slow:
             spans = Spans(fast, heads.used[fast], c[fast], heads.rows[fast], heads.blocks[fast])
         else:
-            source, lo, n, rows, held = [fast], [heads.used[fast]], [c[fast]], [heads.rows[fast]], list(heads.blocks[fast])
+            # The slow sources' pieces as lists, joined to the fast spans once.
+            source, lo, n, rows, held = [], [], [], [], list(heads.blocks[fast])
             for i in slow:
                 cursor = self._cursors[i]
                 if cursor.head is not None:
                     cursor.used = int(heads.used[i])
                 for block, a, b in cursor.pieces(int(c[i]), blocks, i):
-                    source.append(np.array([i]))
-                    lo.append(np.array([a]))
-                    n.append(np.array([b - a]))
-                    rows.append(np.array([build.block_rows(i, block)], np.int64).reshape(1, -1))
+                    source.append(i)
+                    lo.append(a)
+                    n.append(b - a)
+                    rows.append(build.block_rows(i, block))
                     held.append(block)
                 heads.hold(i, cursor, build)
-            # The cursors' pieces came after the fast ones: back to recipe order.
-            source_all = np.concatenate(source)
-            order = np.argsort(source_all, kind="stable")
-            spans = Spans(source_all[order], np.concatenate(lo)[order], np.concatenate(n)[order],
-                          np.concatenate(rows)[order], [held[k] for k in order.tolist()])
+            source_all = np.concatenate([fast, np.array(source, np.int64)])
+            order = np.argsort(source_all, kind="stable")  # the slow pieces came last: recipe order
+            spans = Spans(source_all[order], np.concatenate([heads.used[fast], np.array(lo, np.int64)])[order],
+                          np.concatenate([c[fast], np.array(n, np.int64)])[order],
+                          np.concatenate([heads.rows[fast], np.array(rows, np.int64).reshape(len(rows), heads.rows.shape[1])])[order],
+                          [held[k] for k in order.tolist()])
         heads.used[fast] += c[fast]
         batch = build.gather_spans(spans, c, blocks)
         for i in slow:  # the batch holds copies: the used-up slots go back now
