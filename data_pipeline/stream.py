@@ -45,7 +45,7 @@ from manytask.data_pipeline.partition import (
     position_in,
     reader_part,
 )
-from manytask.data_pipeline.remote import OpenFiles
+from manytask.data_pipeline.remote import OpenFiles, local_file
 from manytask.data_pipeline.shard_reader import ShardError, read_shard
 from manytask.schema import ConfigError
 
@@ -195,12 +195,15 @@ class ShardStream:
         self.out_buffer: Callable[[str, tuple, np.dtype], np.ndarray] | None = None
         # Local shards kept open between windows (a worker process's, see worker_pool).
         self.files: OpenFiles | None = None
+        self._urls: dict[int, str] = {}  # shard -> url, resolved once
         self.indexed = all(
             len(s.offsets) == len(s.members) and s.url.endswith(".tar") and not s.url.startswith("pipe:")
             for s in (manifest.shards[int(i)] for i in self.layout.shard_ids)
         )
+        # Local files only are kept open between windows (a remote stream held open by a
+        # suspended reader would idle until its server drops it).
+        self.local = all(local_file(self.url(int(i))) is not None for i in self.layout.shard_ids)
         self._orders: dict[int, EpochOrder] = {}
-        self._urls: dict[int, str] = {}  # shard -> url, resolved once
         self._size_ok: dict[int, bool] = {}  # shard -> its file size matched the manifest
 
     def url(self, shard: int) -> str:
@@ -277,12 +280,12 @@ class ShardStream:
             w0, w1 = order.window_of_position(pos), order.window_of_position(e - 1)
             # Shards without key offsets are streamed through the whole run of windows. Shards
             # with them are read window by window, only the keys this reader needs; in a worker
-            # (which keeps its shards open) the windows read whole are streamed too, sparing a
+            # (which keeps local shards open) the windows read whole are streamed too, sparing a
             # shard read's setup per window.
             whole_from, whole_to = w1 + 1, w1  # windows streamed: none
             if not self.indexed:
                 whole_from, whole_to = w0, w1
-            elif self.files is not None:
+            elif self.files is not None and self.local:
                 whole_from = w0 if pos == order.window_positions(w0)[0] else w0 + 1
                 whole_to = w1 if e == order.window_positions(w1)[1] else w1 - 1
             members = None
