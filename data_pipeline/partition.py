@@ -160,8 +160,9 @@ class EpochOrder:
         self.layout, self.seed, self.salt, self.epoch, self.shuffle = layout, seed, salt, epoch, shuffle
         self.window_rng = window_rng
         n = len(layout.shard_ids)
-        # Once per source and epoch, so a SeedSequence costs nothing here (and keeps the order).
-        self.order = np.random.default_rng([seed, salt, epoch]).permutation(n)  # -> index into layout arrays
+        # Once per source and epoch, so a SeedSequence costs little here (and keeps the order);
+        # a source written as one shard (the writer's default) skips it: one shard has one order.
+        self.order = np.random.default_rng([seed, salt, epoch]).permutation(n) if n > 1 else np.arange(n)  # -> layout index
         samples, members = layout.samples[self.order], layout.members[self.order]
         self.shard_pos = np.concatenate([[0], np.cumsum(samples)])  # first position per shard
         self.shard_mem = np.concatenate([[0], np.cumsum(members)])  # first member per shard
