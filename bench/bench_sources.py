@@ -115,6 +115,7 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure), args.workers, args.seconds, args.launched)))
         return
+    load_before = os.getloadavg()  # printed with the figures: wall-clock ratios swing with it
     with tempfile.TemporaryDirectory() as tmp:
         layouts = {k: write(Path(tmp), args.samples, k) for k in (1, 64)}
         results: dict[int, list[dict]] = {1: [], 64: []}
@@ -125,7 +126,8 @@ def main() -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
                 results[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in results.items()}
-    print(f"{args.samples:,} samples, {args.workers} workers per rank, batch {BATCH} spread evenly; median of {args.repeats}")
+    print(f"{args.samples:,} samples, {args.workers} workers per rank, batch {BATCH} spread evenly; median of {args.repeats}; "
+          f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{'sources':>7} {'first step':>11} {'(loader)':>9} {'samples/s':>12} {'CPU ns/sample':>14} "
           f"{'PSS rank+workers':>17} {'processes':>9}")
     for k in (1, 64):

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manytask.data_pipeline.loader import MIN_BLOCK, SourceCursor
+from manytask.data_pipeline.cursor import SourceCursor
+from manytask.data_pipeline.loader import MIN_BLOCK
 from manytask.data_pipeline.manifest import Manifest
 from manytask.data_pipeline.shard_reader import NpyDecoder, split_member_name
 from manytask.data_pipeline.shard_writer import write_shards
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="best of N, readers interleaved")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]  # printed with the figures: wall-clock ratios swing with it
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for layout, n in (("chunk", args.samples_chunk), ("sample", args.samples_sample)):
@@ -129,7 +131,8 @@ def main() -> None:
     print(f"{'layout':<8} {'reader':<13} {'workers':>7} {'samples/s':>12} {'vs plain':>9} {'CPU ns/sample':>14} {'vs plain':>9}")
     for layout, reader, workers, rate, ratio, ns, cpu_ratio, _ in rows:
         print(f"{layout:<8} {reader:<13} {workers!s:>7} {rate:>12,.0f} {ratio:>8.2f}x {ns:>14,.0f} {cpu_ratio:>8.2f}x")
-    print("(write time: " + ", ".join(f"{r[0]} {r[7]:.1f}s" for r in rows if r[7] is not None) + ")")
+    print("(write time: " + ", ".join(f"{r[0]} {r[7]:.1f}s" for r in rows if r[7] is not None)
+          + f"; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after)")
 
 
 if __name__ == "__main__":

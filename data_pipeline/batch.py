@@ -100,6 +100,13 @@ class BatchBuilder:
                    for m, f in zip(sources.manifests, self.field_of[name]))
         ]
         self.all_gatherable = len(self.gatherable) == len(self.specs)
+        # Per source, per gatherable output: (its field, dtype, shape, row bytes), for block_rows.
+        self._row_layout = [
+            [(self.field_of[name][i], np.dtype(self.specs[name].dtype), tuple(self.specs[name].shape),
+              np.dtype(self.specs[name].dtype).itemsize * int(np.prod(self.specs[name].shape, dtype=np.int64)))
+             for name in self.gatherable]
+            for i in range(len(sources.manifests))
+        ]
         self._views: tuple[Any, dict] = (None, {})
 
     def fields(self, i: int) -> list[str]:
@@ -154,27 +161,27 @@ class BatchBuilder:
             pieces: list[list[Piece]] = [[] for _ in counts]
             for i, lo, k, block in zip(spans.source.tolist(), spans.lo.tolist(), n.tolist(), spans.blocks):
                 pieces[i].append((block, lo, lo + k))
-            return self.gather(pieces, counts)
+            return self.gather(pieces, [int(k) for k in counts])
         start = np.cumsum(n) - n  # each span's first row in the batch
         first = spans.lo - start
         total = int(start[-1] + n[-1])
-        ramp = np.arange(total, dtype=np.int64)
-        copied = np.flatnonzero(spans.rows[:, 0] < 0).tolist()
+        # Each output's row in its view, for every row of the batch: [outputs, total].
+        index = np.repeat(spans.rows.T + first, n, axis=1)
+        index += np.arange(total, dtype=np.int64)
+        copied = (spans.rows[:, 0] < 0).nonzero()[0].tolist()
         views = self._views_of(pool)
 
         def stack(name: str, spec: FieldSpec, field_of: list[str | None]) -> torch.Tensor:
             out = _empty(spec, total)
             j, view = views[name]
-            idx = np.repeat(spans.rows[:, j] + first, n)
-            idx += ramp
-            np.take(view, idx, axis=0, out=out.numpy(), mode="clip")
+            view.take(index[j], axis=0, out=out.numpy(), mode="clip")
             for k in copied:  # a piece copied out of the buffer, or a block not laid out for this
                 at, lo, rows = int(start[k]), int(spans.lo[k]), int(n[k])
                 out.numpy()[at : at + rows] = spans.blocks[k].data[field_of[int(spans.source[k])]][lo : lo + rows]
             return out
 
         c = np.asarray(counts, np.int64)
-        present = np.flatnonzero(c)
+        present = c.nonzero()[0]
         return self._assemble(present, c[present], stack)
 
     def _views_of(self, pool: Any) -> dict[str, tuple[int, np.ndarray]]:
@@ -191,12 +198,9 @@ class BatchBuilder:
         rows = block.rows
         if rows is None:
             rows = []
-            for name in self.gatherable:
-                spec = self.specs[name]
-                f = self.field_of[name][source]
+            for f, dtype, shape, row in self._row_layout[source]:
                 at, arr = block.at.get(f), block.data.get(f)
-                row = np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape, dtype=np.int64))
-                if at is None or arr is None or arr.dtype != np.dtype(spec.dtype) or arr.shape[1:] != tuple(spec.shape) or at % row:
+                if at is None or arr is None or at % row or arr.dtype != dtype or arr.shape[1:] != shape:
                     rows = [-1] * len(self.gatherable)
                     break
                 rows.append(at // row)
@@ -207,15 +211,16 @@ class BatchBuilder:
         """The Batch, given the present sources (recipe order), their row counts, and
         stack(name, spec, field_of) -> tensor [total, ...] of one input field or label."""
         total = int(np.sum(sizes))
+        ids = torch.empty(total, dtype=torch.long)
+        source_of_row = ids.numpy()
+        if len(present):
+            source_of_row[:] = np.repeat(np.asarray(present, np.int64), sizes)
         inputs = {name: stack(name, spec, self.input_of[name]) for name, spec in self.inputs.items()}
         labels, masks = {}, {}
         for task, spec in self.labels.items():
             y = stack(task, spec, self.label_of[task])
-            has = np.repeat(self.labelled[task][present], sizes) if len(present) else np.zeros(0, bool)
+            has = self.labelled[task][source_of_row]
             labels[task], masks[task] = y, torch.from_numpy(_clean_label(y.numpy(), has))
-        ids = torch.empty(total, dtype=torch.long)
-        if len(present):
-            ids.numpy()[:] = np.repeat(np.asarray(present, np.int64), sizes)
         batch = Batch(inputs, labels, masks, ids)
         return batch.pin_memory() if self.pin else batch
 
@@ -228,7 +233,13 @@ def _empty(spec: FieldSpec, total: int) -> torch.Tensor:
     """A fresh tensor [total, ...] for one field. Always a fresh torch allocation, never a view
     into a block: a view's offset (and so its alignment) depends on where a resumed stream's
     first block starts, which changes SIMD reduction order and the last bit of a loss."""
-    return torch.from_numpy(np.empty(0, spec.dtype)).new_empty((total, *spec.shape))
+    dtype = _TORCH_DTYPES.get(spec.dtype)
+    if dtype is None:
+        dtype = _TORCH_DTYPES[spec.dtype] = torch.from_numpy(np.empty(0, spec.dtype)).dtype
+    return torch.empty((total, *spec.shape), dtype=dtype)
+
+
+_TORCH_DTYPES: dict[Any, torch.dtype] = {}  # numpy dtype (as a FieldSpec holds it) -> torch dtype
 
 
 def _stack(spec: FieldSpec, present: list, total: int, field_of: list[str | None]) -> torch.Tensor:

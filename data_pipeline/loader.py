@@ -1,15 +1,16 @@
 """Batches for the trainer: every source mixed per step, resumable exactly, at any world size.
 
-- `SourceCursor`: how far the *trainer* has read one source on one rank — per local reader
-  the position of the blocks it consumed (prefetched blocks are not counted), which reader's
-  block comes next and how much of it was used; `pieces(n)` names the next n samples as rows
-  of blocks, `take(n)` returns them as arrays.
-- `MultiSourceLoader(cfg, rank, world_size)`: `next_batch(counts)` takes counts[i] samples from
-  source i and builds a `Batch`. Blocks come from `worker_pool`: in-process (data.num_workers
-  0) or from num_workers processes per rank shared by every source. With the pool, every
-  source's block in hand is also kept as arrays (`HeadRows`), so a step whose rows lie inside
-  those blocks costs a few array operations over all sources and one gather per field
-  (`BatchBuilder.gather_spans`), not Python work per source: 64 sources step about as fast as 1.
+`MultiSourceLoader(cfg, rank, world_size)`: `next_batch(counts)` takes counts[i] samples from
+source i and builds a `Batch`. Where the parts live:
+- sources.py: the recipe's sources checked against their manifests (once per run);
+- stream.py / partition.py: each source's global order per epoch and a reader's blocks of it;
+- worker_pool.py: where blocks are read (in-process with data.num_workers 0, or num_workers
+  processes per rank shared by every source);
+- cursor.py: how far the trainer has read each source (per rank, and job-wide);
+- batch.py: the Batch and how it is built; validation.py: the validation reader.
+With the pool, every source's block in hand is also kept as arrays (`HeadRows`), so a step
+whose rows lie inside those blocks costs a few array operations over all sources and one
+gather per field (`BatchBuilder.gather_spans`), not Python work per source.
 
 State: `state_dict()` holds, per source, this rank's cursor (exact resume with the same world
 size and workers) and the consumed part of each epoch's global order over *all* ranks
@@ -21,15 +22,15 @@ among the new readers, so the epoch continues with nothing repeated and nothing 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch.distributed as dist
 
 from manytask.config import Config
-from manytask.data_pipeline.batch import Batch, BatchBuilder, Piece, Spans
-from manytask.data_pipeline.partition import Intervals, length, merge, take_range
+from manytask.data_pipeline.batch import Batch, BatchBuilder, Spans
+from manytask.data_pipeline.cursor import Consumed, SourceCursor, consumed_of
+from manytask.data_pipeline.partition import WINDOW_RNGS
 from manytask.data_pipeline.sources import (  # noqa: F401 - re-exported for the trainer
     check_sources,
     label_specs,
@@ -37,178 +38,19 @@ from manytask.data_pipeline.sources import (  # noqa: F401 - re-exported for the
     source_sizes,
     task_out_dims,
 )
-from manytask.data_pipeline.stream import (
-    START,
-    Block,
-    Partition,
-    Position,
-    ShardStream,
-    source_salt,
-)
+from manytask.data_pipeline.stream import Partition, Position, ShardStream, source_salt
 from manytask.data_pipeline.validation import val_batches  # noqa: F401 - re-exported
 from manytask.data_pipeline.worker_pool import InProcessBlocks, WorkerPool
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 2
+# 3: each source records its window generator (`window_rng`); states of version 2 were
+# recorded with "seed_sequence" and resume with it.
+STATE_VERSION = 3
 # Samples per block a worker sends: each block costs a fixed amount of hand-over work, so
 # blocks are at least this big even when batches are small. With many sources the budget is
 # split among them (read-ahead memory is per rank), down to MIN_SOURCE_BLOCK each.
 MIN_BLOCK = 4096
 MIN_SOURCE_BLOCK = 1024
-
-
-@dataclass
-class Consumed:
-    """What the whole job has consumed of one source: every epoch before `epoch`, and of the
-    later ones the position `intervals`; `skipped` corrupt samples so far."""
-
-    epoch: int
-    intervals: dict[int, Intervals]
-    skipped: int = 0
-
-    def to_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "skipped": self.skipped,
-                "intervals": [[e, [list(p) for p in iv]] for e, iv in sorted(self.intervals.items())]}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Consumed:
-        return cls(int(state["epoch"]), {int(e): [tuple(p) for p in iv] for e, iv in state["intervals"]},
-                   int(state.get("skipped", 0)))
-
-
-class SourceCursor:
-    """One source on one rank: what the trainer consumed, reader by reader.
-
-    Blocks are taken from the rank's readers in turn (0, 1, ..., 0, ...); a half-consumed
-    block is re-read from its start position minus the samples already used.
-    """
-
-    def __init__(self, stream: ShardStream):
-        self.stream = stream
-        self.readers = stream.splits_per_rank
-        self.positions = [START] * self.readers  # per local reader, consumed by the trainer
-        self.next = 0  # local reader whose block comes next
-        self.drop = 0  # rows of that reader's next block already consumed
-        self.drop_positions = 0  # positions those rows cover (corrupt ones included)
-        self.skipped_base = 0  # skipped samples recorded under an older reader layout
-        self.head: Block | None = None
-        self.used = 0
-        self.finished: list[Block] = []  # consumed blocks whose data the last take may still show
-
-    def starts(self) -> list[tuple[Position, int]]:
-        """(position, drop) of every local reader, where its blocks should start."""
-        return [(p, self.drop if w == self.next else 0) for w, p in enumerate(self.positions)]
-
-    def take(self, n: int, blocks: Any, index: int) -> dict[str, np.ndarray]:
-        """The next n samples: field -> array [n, ...], valid until the next `take` (it may
-        be a view of a worker's shared memory, whose slot is handed back then)."""
-        self.release(blocks, index)
-        blocks.flush()
-        pieces = self.pieces(n, blocks, index)
-        if not pieces:
-            return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.stream.fields.items()}
-        if len(pieces) == 1:
-            block, lo, hi = pieces[0]
-            return {f: a[lo:hi] for f, a in block.data.items()}
-        return {f: np.concatenate([b.data[f][lo:hi] for b, lo, hi in pieces]) for f in pieces[0][0].data}
-
-    def pieces(self, n: int, blocks: Any, index: int) -> list[Piece]:
-        """The next n samples as pieces (block, lo, hi) — rows lo..hi-1 of a block's arrays —
-        valid until `release`. A block used up while more rows are needed is copied out and
-        its slot given back at once: its worker may need that slot for the rows still to come."""
-        head, used = self.head, self.used
-        if head is not None and used + n < head.size:  # the common case: inside the block in hand
-            self.used = used + n
-            return [(head, used, used + n)]
-        pieces: list[Piece] = []
-        while n > 0:
-            if self.head is None:
-                block = blocks.next_block(index, self.next)
-                if block.worker != self.next:  # the round-robin contract resume depends on
-                    raise RuntimeError(
-                        f"source '{self.stream.name}': got a block of reader {block.worker}, "
-                        f"expected reader {self.next}"
-                    )
-                self.head, self.used = block, 0
-            head = self.head
-            k = min(n, head.size - self.used)
-            if k:
-                pieces.append((head, self.used, self.used + k))
-            self.used += k
-            n -= k
-            if self.used == head.size:  # fully consumed: the reader's position moves on
-                self.positions[head.worker] = head.after
-                self.next = (head.worker + 1) % self.readers
-                self.drop = self.drop_positions = 0
-                self.head = None
-                if n == 0:
-                    self.finished.append(head)  # the pieces may show its rows
-                    continue
-                if k and blocks.shared:  # more to take: own the part, give the slot back now
-                    lo = pieces[-1][1]
-                    part = {f: a[lo : lo + k].copy() for f, a in head.data.items()}
-                    pieces[-1] = (Block(head.worker, head.before, head.after, 0, k, part), 0, k)
-                blocks.release(index, head)
-        return pieces
-
-    def release(self, blocks: Any, index: int) -> None:
-        """Give back the slots of the blocks the last pieces used up."""
-        if self.finished:
-            for done in self.finished:
-                blocks.release(index, done)
-            self.finished = []
-
-    def detach(self) -> None:
-        """Forget the block in hand, keeping how much of it was used (before the workers stop)."""
-        self.finished = []
-        if self.head is not None:
-            self.drop = self.head.offset + self.used
-            self.drop_positions = self.head.positions_consumed(self.drop)
-            self.head = None
-
-    @property
-    def skipped(self) -> int:
-        """Corrupt samples skipped so far (consumed blocks only)."""
-        return self.skipped_base + sum(p.skipped for p in self.positions)
-
-    @property
-    def epoch(self) -> int:
-        """The epoch of the slowest reader."""
-        return min(p.epoch for p in self.positions)
-
-    def progress(self) -> list[tuple[int, int, int, int]]:
-        """(job-wide reader id, epoch, positions consumed of its part, skipped) per local reader."""
-        out = []
-        for w, p in enumerate(self.positions):
-            epoch, index = p.epoch, p.index
-            if w == self.next:
-                if self.head is not None:
-                    epoch = self.head.before.epoch
-                    index = self.head.before.index + self.head.positions_consumed(self.head.offset + self.used)
-                else:
-                    index += self.drop_positions
-            out.append((self.stream.reader(w), epoch, index, p.skipped))
-        return out
-
-
-def consumed_of(stream: ShardStream, progress: list[tuple[int, int, int, int]], skipped_base: int) -> Consumed:
-    """The job-wide consumed positions of one source, from every reader's progress."""
-    total = stream.layout.total
-    lo = min(e for _, e, _, _ in progress)
-    hi = max(e for _, e, _, _ in progress)
-    intervals: dict[int, Intervals] = {}
-    for e in range(lo, hi + 1):
-        pieces = list(stream.partition.consumed.get(e, []))
-        for reader, epoch, index, _ in progress:
-            if epoch < e:
-                continue
-            part = stream.partition.part(e, total, reader)
-            pieces += part if epoch > e else take_range(part, 0, index)
-        intervals[e] = merge(pieces)
-    while lo in intervals and length(intervals[lo]) == total:  # epochs every reader finished
-        del intervals[lo]
-        lo += 1
-    return Consumed(lo, intervals, skipped_base + sum(s for _, _, _, s in progress))
 
 
 class HeadRows:
@@ -221,7 +63,7 @@ class HeadRows:
         self.used = np.zeros(sources, np.int64)
         self.size = np.zeros(sources, np.int64)
         self.rows = np.full((sources, outputs), -1, np.int64)
-        self.blocks: list[Block | None] = [None] * sources
+        self.blocks = np.full(sources, None, dtype=object)  # Block or None, indexed like the arrays
 
     def hold(self, i: int, cursor: SourceCursor, build: BatchBuilder) -> None:
         """Take source i's block in hand from its cursor (after the cursor moved)."""
@@ -264,7 +106,8 @@ class MultiSourceLoader:
         self._blocks: InProcessBlocks | WorkerPool | None = None
         self._heads: HeadRows | None = None
 
-    def _stream(self, i: int, partition: Partition | None = None, block_size: int | None = None) -> ShardStream:
+    def _stream(self, i: int, partition: Partition | None = None, block_size: int | None = None,
+                window_rng: str = WINDOW_RNGS[0]) -> ShardStream:
         d, src = self.cfg.data, self.cfg.data.sources[i]
         return ShardStream(
             self.sources.manifests[i], self.rank, self.world_size, self.seed, self.shuffle_window,
@@ -272,7 +115,7 @@ class MultiSourceLoader:
             block_size=block_size or self.block_size, salt=source_salt(src.name), name=src.name,
             partition=partition,
             check_finite=list(src.inputs) if d.on_nonfinite_input != "allow" else None,
-            on_nonfinite=d.on_nonfinite_input,
+            on_nonfinite=d.on_nonfinite_input, window_rng=window_rng,
         )
 
     @property
@@ -300,15 +143,18 @@ class MultiSourceLoader:
         inputs: field -> [B, ...]; labels: task -> [B, ...]; masks: task -> bool [B];
         source_id: long [B]. Every recipe task is present in labels and masks.
         """
-        if len(counts) != len(self._cursors) or any(int(c) < 0 for c in counts):
+        c = np.asarray(counts)
+        if c.shape != (len(self._cursors),) or c.dtype.kind not in "iu" or (c < 0).any():
             raise ValueError(f"counts must be {len(self._cursors)} non-negative ints, got {counts}")
         if self._blocks is None:
             self._start()
-        counts = [int(n) for n in counts]
         blocks = self._blocks
+        if blocks.shared:
+            blocks.demand = c  # paces the credits (WorkerPool.release)
         if blocks.shared and self._build.all_gatherable:
-            batch = self._gather_from_pool(counts)
+            batch = self._gather_from_pool(c.astype(np.int64, copy=False))
         else:
+            counts = c.tolist()
             cursors = self._cursors
             pieces = [cursors[i].pieces(n, blocks, i) if n else [] for i, n in enumerate(counts)]
             batch = self._build.gather(pieces, counts)
@@ -318,36 +164,41 @@ class MultiSourceLoader:
         blocks.flush()
         return batch
 
-    def _gather_from_pool(self, counts: list[int]) -> Batch:
-        """next_batch with a worker pool: the sources whose rows all lie inside their block in
-        hand (almost all, almost always) are taken with a few array operations over every
-        source at once; only a source that runs out of its block goes through its cursor."""
+    def _gather_from_pool(self, c: np.ndarray) -> Batch:
+        """next_batch with a worker pool (c: int64 [sources], rows per source): the sources
+        whose rows all lie inside their block in hand (almost all, almost always) are taken
+        with a few array operations over every source at once; only a source that runs out of
+        its block goes through its cursor."""
         heads, blocks, build = self._heads, self._blocks, self._build
-        c = np.asarray(counts, np.int64)
+        wanted = c > 0
         inside = heads.size - heads.used > c
-        fast = np.flatnonzero((c > 0) & inside)
-        slow = np.flatnonzero((c > 0) & ~inside)
-        source, lo, n, rows = [fast], [heads.used[fast]], [c[fast]], [heads.rows[fast]]
-        held = [heads.blocks[i] for i in fast]
-        for i in slow.tolist():
-            cursor = self._cursors[i]
-            if cursor.head is not None:
-                cursor.used = int(heads.used[i])
-            for block, a, b in cursor.pieces(counts[i], blocks, i):
-                source.append(np.array([i]))
-                lo.append(np.array([a]))
-                n.append(np.array([b - a]))
-                rows.append(np.array([build.block_rows(i, block)], np.int64).reshape(1, -1))
-                held.append(block)
-            heads.hold(i, cursor, build)
-        heads.used[fast] += c[fast]
-        spans = Spans(*(np.concatenate(x) for x in (source, lo, n, rows)), held)
-        if len(slow):  # the cursors' pieces came after the fast ones: back to recipe order
-            order = np.argsort(spans.source, kind="stable")
-            spans = Spans(spans.source[order], spans.lo[order], spans.n[order], spans.rows[order],
+        fast = np.flatnonzero(wanted & inside)
+        slow = np.flatnonzero(wanted & ~inside).tolist()
+        if not slow:
+            spans = Spans(fast, heads.used[fast], c[fast], heads.rows[fast], heads.blocks[fast])
+        else:
+            # The slow sources' pieces as lists, joined to the fast spans once.
+            source, lo, n, rows, held = [], [], [], [], list(heads.blocks[fast])
+            for i in slow:
+                cursor = self._cursors[i]
+                if cursor.head is not None:
+                    cursor.used = int(heads.used[i])
+                for block, a, b in cursor.pieces(int(c[i]), blocks, i):
+                    source.append(i)
+                    lo.append(a)
+                    n.append(b - a)
+                    rows.append(build.block_rows(i, block))
+                    held.append(block)
+                heads.hold(i, cursor, build)
+            source_all = np.concatenate([fast, np.array(source, np.int64)])
+            order = np.argsort(source_all, kind="stable")  # the slow pieces came last: recipe order
+            spans = Spans(source_all[order], np.concatenate([heads.used[fast], np.array(lo, np.int64)])[order],
+                          np.concatenate([c[fast], np.array(n, np.int64)])[order],
+                          np.concatenate([heads.rows[fast], np.array(rows, np.int64).reshape(len(rows), heads.rows.shape[1])])[order],
                           [held[k] for k in order.tolist()])
-        batch = build.gather_spans(spans, counts, blocks)
-        for i in slow.tolist():  # the batch holds copies: the used-up slots go back now
+        heads.used[fast] += c[fast]
+        batch = build.gather_spans(spans, c, blocks)
+        for i in slow:  # the batch holds copies: the used-up slots go back now
             self._cursors[i].release(blocks, i)
         return batch
 
@@ -396,7 +247,7 @@ class MultiSourceLoader:
             out[name] = {
                 "world_size": s.world_size, "readers_per_rank": s.splits_per_rank,
                 "shards": len(m.shards), "samples": m.total_samples,
-                "shuffle_buffer": s.shuffle_buffer, "block_size": s.block_size,
+                "shuffle_buffer": s.shuffle_buffer, "block_size": s.block_size, "window_rng": s.window_rng,
                 "partition": Consumed(0, s.partition.consumed).to_state()["intervals"],
                 "positions": [list(p) for p in c.positions], "next_worker": c.next,
                 "drop": drop, "drop_positions": drop_positions, "skipped_base": c.skipped_base,
@@ -434,11 +285,16 @@ class MultiSourceLoader:
             c.positions = [Position(epoch, 0, 0)] * c.readers
             c.skipped_base = int(st["skipped_base"]) + sum(int(p[2]) for p in st["positions"])
             return
+        # The order the position counts in: a state without it was written before "philox".
+        window_rng = st.get("window_rng", "seed_sequence")
+        if window_rng not in WINDOW_RNGS:
+            raise ValueError(f"source '{self.names[i]}': the saved data position has window_rng {window_rng!r}; "
+                             f"this version knows {', '.join(WINDOW_RNGS)} (a checkpoint of a newer manytask?)")
         same_layout = st["world_size"] == self.world_size and st["readers_per_rank"] == c.readers
         if same_layout:
             # Block boundaries decide how readers interleave: keep the saved ones.
             partition = Partition(c.stream.n_readers, Consumed.from_state({"epoch": 0, "intervals": st["partition"]}).intervals)
-            new = SourceCursor(self._stream(i, partition, int(st["block_size"])))
+            new = SourceCursor(self._stream(i, partition, int(st["block_size"]), window_rng))
             new.positions = [Position(*p) for p in st["positions"]]
             new.next, new.drop = int(st["next_worker"]), int(st["drop"])
             new.drop_positions = int(st.get("drop_positions", new.drop))
@@ -451,7 +307,7 @@ class MultiSourceLoader:
             "the positions not yet consumed are split among the new readers",
             self.names[i], done.epoch, st["world_size"], st["readers_per_rank"], self.world_size, c.readers,
         )
-        new = SourceCursor(self._stream(i, Partition(c.stream.n_readers, done.intervals)))
+        new = SourceCursor(self._stream(i, Partition(c.stream.n_readers, done.intervals), window_rng=window_rng))
         new.positions = [Position(done.epoch, 0, 0)] * new.readers
         # The job-wide count, kept by every rank alike (so it is not summed over ranks).
         new.skipped_base = done.skipped if self.rank == 0 else 0

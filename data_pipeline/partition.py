@@ -7,7 +7,12 @@ of the number of processes:
   shard. Consecutive shards whose members start in the same block of `window_members`
   members form a *group*; a group is cut into *windows* of `window_members` members (the last
   one shorter). A window never mixes groups, so locating it needs only shard-level sums;
-- the samples of window w are permuted by `default_rng([seed, salt, epoch, w])`.
+- the samples of window w are permuted by the window generator keyed by (seed, salt, epoch,
+  w): `"philox"` (the default; `philox_permutation`: numpy's counter-based Philox set
+  directly to the key, ~10 us) or `"seed_sequence"` (`default_rng(key)`, ~30 us: a
+  SeedSequence per window was a fixed cost per window that made many small sources read
+  slower than one big one). The two give different orders; a stream position records which
+  one it was taken with (`window_rng` in the loader state) and resumes with it.
 Global position p (0 <= p < total) is the p-th sample of that order.
 
 Readers (rank x worker, all of them) share the positions not yet consumed: `reader_part`
@@ -32,6 +37,8 @@ import numpy as np
 from manytask.data_pipeline.manifest import Manifest
 
 Intervals = list[tuple[int, int]]  # sorted, disjoint, non-empty [start, end) position ranges
+# Window generators by name (see the module docstring); new streams use the first.
+WINDOW_RNGS = ("philox", "seed_sequence")
 
 
 # ---------------------------------------------------------------- interval sets
@@ -146,10 +153,16 @@ class EpochOrder:
     the touched shard's member sums.
     """
 
-    def __init__(self, layout: SourceLayout, seed: int, salt: int, epoch: int, shuffle: bool = True):
+    def __init__(self, layout: SourceLayout, seed: int, salt: int, epoch: int, shuffle: bool = True,
+                 window_rng: str = WINDOW_RNGS[0]):
+        if window_rng not in WINDOW_RNGS:
+            raise ValueError(f"window_rng must be one of {WINDOW_RNGS}, got {window_rng!r}")
         self.layout, self.seed, self.salt, self.epoch, self.shuffle = layout, seed, salt, epoch, shuffle
-        rng = np.random.default_rng([seed, salt, epoch])
-        self.order = rng.permutation(len(layout.shard_ids))  # -> index into layout arrays
+        self.window_rng = window_rng
+        n = len(layout.shard_ids)
+        # Once per source and epoch, so a SeedSequence costs little here (and keeps the order);
+        # a source written as one shard (the writer's default) skips it: one shard has one order.
+        self.order = np.random.default_rng([seed, salt, epoch]).permutation(n) if n > 1 else np.arange(n)  # -> layout index
         samples, members = layout.samples[self.order], layout.members[self.order]
         self.shard_pos = np.concatenate([[0], np.cumsum(samples)])  # first position per shard
         self.shard_mem = np.concatenate([[0], np.cumsum(members)])  # first member per shard
@@ -212,6 +225,30 @@ class EpochOrder:
         a, b = self.window_members(w)
         return self.position_of_member(a), self.position_of_member(b)
 
+    def window_starts(self, w0: int, w1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first member, first position) of windows w0..w1 and the end of w1, as arrays
+        [w1 - w0 + 2] (windows tile the members in order: a window ends where the next starts).
+        The same as `window_members` / `window_positions` window by window, in a few array
+        operations for a reader's run of windows."""
+        w = np.arange(w0, w1 + 1, dtype=np.int64)
+        g = self.group_win.searchsorted(w, side="right") - 1
+        first = self.group_mem[g] + (w - self.group_win[g]) * self.layout.window_members
+        members = np.append(first, self.window_members(w1)[1])
+        return members, self.positions_of_members(members)
+
+    def positions_of_members(self, m: np.ndarray) -> np.ndarray:
+        """`position_of_member` of each of the sorted members `m` (int64 array)."""
+        i = np.minimum(self.shard_mem.searchsorted(m, side="right") - 1, len(self.shard_mem) - 2)
+        q = m - self.shard_mem[i]
+        if self.layout.unit:
+            return self.shard_pos[i] + q
+        out = np.empty(len(m), np.int64)
+        for k in np.unique(i).tolist():  # the few shards the run touches
+            at = i == k
+            cum = self.layout.member_cum(int(self.order[k]))
+            out[at] = self.shard_pos[k] + cum[np.minimum(q[at], len(cum) - 1)]
+        return out
+
     def window_of_position(self, p: int) -> int:
         return self.window_of_member(self.member_of_position(p))
 
@@ -219,7 +256,9 @@ class EpochOrder:
         """Order of window w's n samples (identity without shuffling)."""
         if not self.shuffle:
             return np.arange(n)
-        return np.random.default_rng([self.seed, self.salt, self.epoch, w]).permutation(n)
+        if self.window_rng == "seed_sequence":
+            return np.random.default_rng([self.seed, self.salt, self.epoch, w]).permutation(n)
+        return philox_permutation((self.seed, self.salt, self.epoch, w), n)
 
     def shard_members(self, first: int, end: int) -> Iterable[tuple[int, int, int]]:
         """(manifest shard, first member in shard, end member in shard) covering members
@@ -242,6 +281,24 @@ class EpochOrder:
             i1 = int(np.searchsorted(self.shard_mem, b - 1, side="right")) - 1
             out.extend(self.shard_at(i) for i in range(i0, i1 + 1))
         return list(dict.fromkeys(out))
+
+
+_PHILOX = np.random.Philox(0)
+_PHILOX_DRAWS = np.random.Generator(_PHILOX)
+
+
+def philox_permutation(key: tuple[int, int, int, int], n: int) -> np.ndarray:
+    """A permutation of range(n), a pure function of `key` = (seed, salt, epoch, window), all
+    in [0, 2**64): numpy's Philox with key (seed, salt) and counter (0, 0, epoch, window), set
+    on one process-wide generator instead of building a SeedSequence per call. Each (epoch,
+    window) is a stream of draws of its own (2**128 draws before it would reach the next)."""
+    seed, salt, epoch, window = key
+    _PHILOX.state = {
+        "bit_generator": "Philox",
+        "state": {"counter": np.array([0, 0, epoch, window], np.uint64), "key": np.array([seed, salt], np.uint64)},
+        "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
+    }
+    return _PHILOX_DRAWS.permutation(n)
 
 
 def position_in(part: Intervals, index: int) -> tuple[int, int]:

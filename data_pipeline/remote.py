@@ -14,10 +14,12 @@ from __future__ import annotations
 import http.client
 import io
 import logging
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from typing import IO
 
 from webdataset import gopen
@@ -39,6 +41,44 @@ def is_http(url: str) -> bool:
     return url.startswith(("http://", "https://"))
 
 
+def local_file(url: str) -> str | None:
+    """The path of a local shard url (plain or `file:`), None for pipes and remote urls."""
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return url[5:] if url.startswith("file:") else url
+
+
+class OpenFiles:
+    """Local shard files kept open between reads, at most `limit` (least recently used ones
+    closed first), for readers that open the same shard window after window. Only for callers
+    that seek before every read (`shard_reader._read_keys`). Entries opened in another process
+    (before a fork: a shared descriptor shares its offset) are never used."""
+
+    def __init__(self, limit: int = 128):
+        self.limit = limit
+        self._files: OrderedDict[str, IO[bytes]] = OrderedDict()
+        self._pid = os.getpid()
+
+    def get(self, path: str) -> IO[bytes]:
+        if self._pid != os.getpid():  # inherited through fork: start afresh, leave the parent's alone
+            self._files, self._pid = OrderedDict(), os.getpid()
+        f = self._files.get(path)
+        if f is not None:
+            self._files.move_to_end(path)
+            return f
+        f = open(path, "rb")  # noqa: SIM115 - closed when evicted or by close()
+        self._files[path] = f
+        if len(self._files) > self.limit:
+            self._files.popitem(last=False)[1].close()
+        return f
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for f in self._files.values():
+                f.close()
+        self._files.clear()
+
+
 def open_shard(url: str, offset: int = 0) -> tuple[IO[bytes], bool]:
     """(readable binary stream, whether it starts at byte `offset`).
 
@@ -47,8 +87,8 @@ def open_shard(url: str, offset: int = 0) -> tuple[IO[bytes], bool]:
     """
     if is_http(url):
         return io.BufferedReader(HttpReader(url, offset), buffer_size=1 << 20), True
-    if "://" not in url and not url.startswith("pipe:"):
-        path = url[5:] if url.startswith("file:") else url
+    path = local_file(url)
+    if path is not None:
         f = open(path, "rb")  # noqa: SIM115 - the caller closes it
         if offset:
             f.seek(offset)

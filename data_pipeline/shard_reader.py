@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 import zlib
 from collections.abc import Container, Iterator
@@ -28,7 +29,7 @@ import numpy.lib.format as npformat
 
 from manytask.data_pipeline.integrity import MemberVerifier, size_problem
 from manytask.data_pipeline.manifest import FieldInfo, ShardInfo
-from manytask.data_pipeline.remote import open_shard
+from manytask.data_pipeline.remote import OpenFiles, local_file, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class NpyDecoder:
             start = 10 + int.from_bytes(buf[8:10], "little")
         else:
             start = 12 + int.from_bytes(buf[8:12], "little")
-        header = buf[:start]
+        header = bytes(buf[:start])  # buf may be a view of a whole key: keep only the header
         spec = self._cache.get(header)
         if spec is None:
             spec = _parse_npy_header(header)
@@ -104,6 +105,7 @@ def decode_field(buf: bytes, ext: str, npy: NpyDecoder) -> Any:
     """Decode one member payload: npy -> ndarray, cls -> int, json -> ndarray."""
     if ext == "npy":
         return npy(buf)
+    buf = bytes(buf)  # a view of a key's bytes (see _read_keys)
     if ext == "cls":
         return int(buf)
     if ext == "json":
@@ -163,6 +165,8 @@ def read_shard(
     skip_corrupt: bool = False,
     manifest: str = "",
     shard: ShardInfo | None = None,
+    check_size: bool = True,
+    files: OpenFiles | None = None,
 ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
     """Yield `(member index, key, data)` for the shard's tar keys `start` to `stop` - 1 (default:
     to the end), in tar order; the rest of the tar is not read.
@@ -178,12 +182,16 @@ def read_shard(
     shard:   the manifest entry; its recorded size is checked at open and each key read against
              its `member_xxh3` (data_pipeline/integrity.py). A mismatch is a ShardError naming
              the shard and key; with skip_corrupt the rest of the shard is skipped with a warning.
+    check_size: False skips the size check at open (a caller reading the same shard again,
+             window after window, checks it on the first read only).
+    files:   where a local indexed `.tar` is kept open between calls (instead of opened and
+             closed by each).
     """
     where = f"shard {url}" + (f" (manifest {manifest})" if manifest else "")
     expected = len(members)
     end = expected if stop is None else min(stop, expected)
     verify = MemberVerifier(shard) if shard is not None else None
-    if shard is not None:
+    if shard is not None and check_size:
         problem = size_problem(url, shard)
         if problem:
             if skip_corrupt:
@@ -211,8 +219,12 @@ def read_shard(
         return
     indexed = bool(offsets) and len(offsets or ()) == expected and url.endswith(".tar")
     seek = first > 0 and indexed
+    path = local_file(url) if files is not None and indexed else None
     try:
-        stream, at_offset = open_shard(url, offsets[first] if seek else 0)  # type: ignore[index]
+        if path is not None:  # read by key offsets below (_read_keys seeks before each read)
+            stream, at_offset = files.get(path), True  # type: ignore[union-attr]
+        else:
+            stream, at_offset = open_shard(url, offsets[first] if seek else 0)  # type: ignore[index]
     except Exception as err:  # noqa: BLE001 - any opener failure means "cannot open"
         yield from missing_from(0, f"cannot open shard ({type(err).__name__}: {err}); no sample key read")
         return
@@ -227,7 +239,7 @@ def read_shard(
         if direct and indexed:
             # Each wanted key straight from its manifest offset, headers parsed here.
             yield from _read_keys(stream, offsets, range(first, end), select, wanted, members, check, where,  # type: ignore[arg-type]
-                                  skip_corrupt, verify)
+                                  skip_corrupt, verify, reopen=None if path is None else lambda: files.get(path))
             return
         jump = direct and indexed  # skip unwanted keys by seeking to the next wanted one
         tar = tarfile.open(fileobj=stream, mode="r:" if direct else "r|*")
@@ -297,7 +309,8 @@ def read_shard(
         # A `pipe:` stream raises on close when its command failed; the short read above has
         # already been reported with a clearer message, so the close error adds nothing.
         try:
-            stream.close()
+            if path is None:  # a kept file stays open for the next call
+                stream.close()
         except Exception:  # noqa: BLE001
             pass
     if wanted_member(index):
@@ -353,12 +366,14 @@ def _finish(index, key, raw, members, check, where, skip_corrupt):
 
 def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] | None, wanted: dict[str, str],
                members: list[int], check: _MemberChecker, where: str, skip_corrupt: bool,
-               verify: MemberVerifier | None = None,
+               verify: MemberVerifier | None = None, reopen: Any = None,
                ) -> Iterator[tuple[int, str | None, dict[str, Any] | None]]:
     """The keys of a seekable plain tar read by their byte offsets; a bad key does not stop
     the others (with skip_corrupt it yields data None, else ShardError naming key and byte).
     A key whose payloads do not match the manifest's checksum is a ShardError; with
-    skip_corrupt the rest of the keys asked for are skipped with a warning (as in stream mode)."""
+    skip_corrupt the rest of the keys asked for are skipped with a warning (as in stream mode).
+    reopen: returns the file again before each key (a kept file, see OpenFiles: while this
+    generator is suspended, reads of other shards may have closed it to make room)."""
     expected = len(offsets)
     hashing = verify is not None and verify.enabled
     for j in keys:
@@ -368,7 +383,15 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
         if hashing:
             verify.start()
         try:
-            for name, size, at in _tar_members(f, offsets[j], offsets[j + 1] if j + 1 < expected else None):
+            # The key's bytes in one positioned read (its headers and payloads; to the end of
+            # the file for the shard's last key), parsed in memory: payloads are views of them.
+            start = offsets[j]
+            if reopen is not None:
+                f = reopen()
+            fd = f.fileno()
+            stop = offsets[j + 1] if j + 1 < expected else os.fstat(fd).st_size
+            blob = memoryview(os.pread(fd, max(stop - start, 0), start))
+            for name, size, at in _tar_members(blob, start):
                 parts = split_member_name(name)
                 if parts is None:
                     continue
@@ -381,8 +404,7 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
                     )
                 field = wanted.get(parts[1])
                 if field is not None or hashing:
-                    f.seek(at)
-                    data = f.read(size)
+                    data = blob[at : at + size]
                     if len(data) != size:
                         raise tarfile.ReadError(f"unexpected end of data in {name}")
                     if hashing:
@@ -417,15 +439,15 @@ def _read_keys(f: Any, offsets: list[int], keys: range, select: Container[int] |
 _ZERO_BLOCK = bytes(512)
 
 
-def _tar_members(f: Any, start: int, stop: int | None) -> Iterator[tuple[str, int, int]]:
-    """(name, size, payload offset) of the regular-file members whose headers lie in bytes
-    [start, stop) of a tar (stop None: to the end of the archive). ustar, GNU long names and
-    pax path records are understood; a bad header raises tarfile.ReadError."""
-    pos, long_name = start, None
-    while stop is None or pos < stop:
-        f.seek(pos)
-        hdr = f.read(512)
-        if not hdr or hdr == _ZERO_BLOCK:
+def _tar_members(buf: memoryview, base: int) -> Iterator[tuple[str, int, int]]:
+    """(name, size, payload offset in `buf`) of the regular-file members whose headers lie in
+    `buf`, the bytes of a tar from byte `base` on (to the archive's end or the next key). ustar,
+    GNU long names and pax path records are understood; a bad header raises tarfile.ReadError
+    naming its byte in the tar."""
+    pos, long_name, end = 0, None, len(buf)
+    while pos < end:
+        hdr = bytes(buf[pos : pos + 512])
+        if hdr == _ZERO_BLOCK:
             return
         if len(hdr) < 512:
             raise tarfile.ReadError("unexpected end of data in a header")
@@ -434,15 +456,14 @@ def _tar_members(f: Any, start: int, stop: int | None) -> Iterator[tuple[str, in
         except ValueError:
             stored = -1
         if stored != 256 + sum(hdr[:148]) + sum(hdr[156:]):
-            raise tarfile.ReadError(f"not a tar header (bad checksum) at byte {pos}")
+            raise tarfile.ReadError(f"not a tar header (bad checksum) at byte {base + pos}")
         raw_size = hdr[124:136]
         size = tarfile.nti(raw_size) if raw_size[0] & 0x80 else int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
         kind = hdr[156:157]
         at = pos + 512
         pos = at + -(-size // 512) * 512
         if kind in (b"x", b"L"):  # the next member's long name (pax record or GNU)
-            f.seek(at)
-            data = f.read(size)
+            data = bytes(buf[at : at + size])
             long_name = _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             continue
         if long_name is not None:

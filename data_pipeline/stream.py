@@ -33,9 +33,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from manytask.data_pipeline.integrity import nonfinite_message, nonfinite_rows
+from manytask.data_pipeline.integrity import nonfinite_message, nonfinite_rows, size_problem
 from manytask.data_pipeline.manifest import FieldInfo, Manifest
 from manytask.data_pipeline.partition import (
+    WINDOW_RNGS,
     EpochOrder,
     Intervals,
     SourceLayout,
@@ -44,6 +45,7 @@ from manytask.data_pipeline.partition import (
     position_in,
     reader_part,
 )
+from manytask.data_pipeline.remote import OpenFiles, local_file
 from manytask.data_pipeline.shard_reader import ShardError, read_shard
 from manytask.schema import ConfigError
 
@@ -130,7 +132,8 @@ class ShardStream:
     fresh split among world_size x splits_per_rank readers). check_finite: float input fields
     checked for NaN/inf as they are read (labels may hold NaN: "no label"); on_nonfinite:
     "error" (ShardError naming source, shard, sample key and field) or "skip" (such samples are
-    skipped and counted).
+    skipped and counted). window_rng: the generator that shuffles each window (see partition.py;
+    "seed_sequence" reproduces the order of streams recorded before "philox").
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class ShardStream:
         partition: Partition | None = None,
         check_finite: list[str] | None = None,
         on_nonfinite: str = "error",
+        window_rng: str = WINDOW_RNGS[0],
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -184,13 +188,41 @@ class ShardStream:
                 f"data.num_workers or the number of processes."
             )
         self.partition = partition or Partition(self.n_readers)
+        if window_rng not in WINDOW_RNGS:
+            raise ValueError(f"source '{self.name}': window_rng must be one of {WINDOW_RNGS}, got {window_rng!r}")
+        self.window_rng = window_rng
         # (field, shape, dtype) -> array to write a block's field into (worker_pool's slots).
         self.out_buffer: Callable[[str, tuple, np.dtype], np.ndarray] | None = None
+        # Local shards kept open between windows (a worker process's, see worker_pool).
+        self.files: OpenFiles | None = None
+        self._urls: dict[int, str] = {}  # shard -> url, resolved once
         self.indexed = all(
             len(s.offsets) == len(s.members) and s.url.endswith(".tar") and not s.url.startswith("pipe:")
             for s in (manifest.shards[int(i)] for i in self.layout.shard_ids)
         )
+        # Local files only are kept open between windows (a remote stream held open by a
+        # suspended reader would idle until its server drops it).
+        self.local = all(local_file(self.url(int(i))) is not None for i in self.layout.shard_ids)
         self._orders: dict[int, EpochOrder] = {}
+        self._size_ok: dict[int, bool] = {}  # shard -> its file size matched the manifest
+
+    def url(self, shard: int) -> str:
+        """The openable url of manifest shard `shard`."""
+        got = self._urls.get(shard)
+        if got is None:
+            got = self._urls[shard] = self.manifest.shard_url(shard)
+        return got
+
+    def _check_size(self, shard: int) -> bool:
+        """Whether a read of `shard` should check its file size. A shard is read again window
+        after window: once its size matched the manifest, later reads skip the check (each key
+        is still checked against its digest); a shard that failed it is checked (and reported)
+        at every read, as before."""
+        ok = self._size_ok.get(shard)
+        if ok is None:
+            info = self.manifest.shards[shard]
+            ok = self._size_ok[shard] = size_problem(self.url(shard), info) is None
+        return not ok
 
     def reader(self, worker: int) -> int:
         """The job-wide reader id of this rank's worker `worker`."""
@@ -200,7 +232,7 @@ class ShardStream:
         """Epoch `epoch`'s global order (the last few are cached)."""
         got = self._orders.get(epoch)
         if got is None:
-            got = EpochOrder(self.layout, self.seed, self.salt, epoch, self.shuffle_buffer > 0)
+            got = EpochOrder(self.layout, self.seed, self.salt, epoch, self.shuffle_buffer > 0, self.window_rng)
             if len(self._orders) >= 4:
                 self._orders.pop(min(self._orders))
             self._orders[epoch] = got
@@ -246,16 +278,25 @@ class ShardStream:
         for nth, (s, e) in enumerate(part[j:]):
             pos = pos if nth == 0 else s  # a later interval may start inside the last window
             w0, w1 = order.window_of_position(pos), order.window_of_position(e - 1)
-            first, end = order.window_members(w0)[0], order.window_members(w1)[1]
-            # Shards with key offsets are read window by window, only the keys this reader
-            # needs; others are streamed through the whole run of windows.
-            members = None if self.indexed else self._members(order, first, end)
+            # Shards without key offsets are streamed through the whole run of windows. Shards
+            # with them are read window by window, only the keys this reader needs; in a worker
+            # (which keeps local shards open) the windows read whole are streamed too, sparing a
+            # shard read's setup per window.
+            whole_from, whole_to = w1 + 1, w1  # windows streamed: none
+            if not self.indexed:
+                whole_from, whole_to = w0, w1
+            elif self.files is not None and self.local:
+                whole_from = w0 if pos == order.window_positions(w0)[0] else w0 + 1
+                whole_to = w1 if e == order.window_positions(w1)[1] else w1 - 1
+            members = None
+            if whole_from <= whole_to:
+                members = self._members(order, order.window_members(whole_from)[0], order.window_members(whole_to)[1])
             try:
-                for w in range(w0, w1 + 1):
-                    p0, p1 = order.window_positions(w)
+                for w, (m0, m1), (p0, p1) in self._windows(order, w0, w1):
                     perm = order.window_permutation(w, p1 - p0)
                     lo, hi = max(pos, p0), min(e, p1)
-                    arrays, rows_of_slot = self._read_window(order, w, members, perm[lo - p0 : hi - p0])
+                    streamed = members if whole_from <= w <= whole_to else None
+                    arrays, rows_of_slot = self._read_window(order, m0, m1, streamed, perm[lo - p0 : hi - p0])
                     while lo < hi:
                         stop = min(p0 + ((lo - p0) // bs + 1) * bs, hi)
                         slots = perm[lo - p0 : stop - p0]
@@ -290,12 +331,23 @@ class ShardStream:
                 if members is not None:
                     members.close()
 
+    @staticmethod
+    def _windows(order: EpochOrder, w0: int, w1: int, batch: int = 256) -> Iterator[tuple[int, tuple[int, int], tuple[int, int]]]:
+        """(window, (first, end) member, (start, end) position) of windows w0..w1, their bounds
+        computed `batch` windows at a time (a reader's slice may hold very many)."""
+        for a in range(w0, w1 + 1, batch):
+            b = min(a + batch - 1, w1)
+            members, positions = order.window_starts(a, b)
+            m, p = members.tolist(), positions.tolist()
+            for k in range(b - a + 1):
+                yield a + k, (m[k], m[k + 1]), (p[k], p[k + 1])
+
     def _gather(self, name: str, window: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """window[rows], written where `out_buffer` says (a worker's shared slot) if set."""
         if self.out_buffer is None:
             return window[rows]
         out = self.out_buffer(name, (len(rows), *window.shape[1:]), window.dtype)
-        return np.take(window, rows, axis=0, out=out, mode="clip")  # "raise" would buffer `out`
+        return window.take(rows, axis=0, out=out, mode="clip")  # "raise" would buffer `out`
 
     def _empty(self) -> dict[str, np.ndarray]:
         return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.fields.items()}
@@ -305,12 +357,13 @@ class ShardStream:
         [first, end) of the epoch, in order."""
         m = self.manifest
         for shard, q0, q1 in order.shard_members(first, end):
-            info = m.shards[shard]
+            info, url = m.shards[shard], self.url(shard)
             for i, key, data in read_shard(
-                m.shard_url(shard), self.fields, m.layout, info.members, start=q0, stop=q1,
-                offsets=info.offsets, skip_corrupt=self.skip_corrupt, manifest=m.path, shard=info,
+                url, self.fields, m.layout, info.members, start=q0, stop=q1, offsets=info.offsets,
+                skip_corrupt=self.skip_corrupt, manifest=m.path, shard=info, check_size=self._check_size(shard),
+                files=self.files,
             ):
-                yield info.members[i], *self._kept(data, m.shard_url(shard), key)
+                yield info.members[i], *self._kept(data, url, key)
 
     def _kept(self, data: dict | None, url: str, key: str | None) -> tuple[dict | None, np.ndarray | None]:
         """(data without the samples whose checked inputs are not finite, bool rows kept or
@@ -333,48 +386,49 @@ class ShardStream:
             return None, keep
         return {f: v[keep] for f, v in data.items()}, keep
 
-    def _read_window(self, order: EpochOrder, w: int, members: Iterator | None,
+    def _read_window(self, order: EpochOrder, first: int, end: int, members: Iterator | None,
                      need: np.ndarray) -> tuple[dict, np.ndarray | None]:
-        """Window w's samples as arrays [rows, ...] and, unless every position has its row,
-        position -> row (-1 for a corrupt, skipped or unread one). need: the window-local
-        positions the reader will take; with `members` None only the keys holding them are read."""
+        """The samples of the window of members [first, end) as arrays [rows, ...] and, unless
+        every position has its row, position -> row (-1 for a corrupt, skipped or unread one).
+        need: the window-local positions the reader will take; with `members` None only the
+        keys holding them are read."""
         m = self.manifest
-        pieces = list(order.shard_members(*order.window_members(w)))
-        sizes = np.concatenate([np.asarray(m.shards[sh].members[q0:q1], dtype=np.int64) for sh, q0, q1 in pieces])
+        pieces = list(order.shard_members(first, end))
+        sizes = [n for sh, q0, q1 in pieces for n in m.shards[sh].members[q0:q1]]  # samples per member
         parts: list[dict] = []
-        valid = [np.zeros(int(n), dtype=bool) for n in sizes]  # per member: rows present
+        # Per member: True (every row present), or the bool rows present; None = not read.
+        present: list[bool | np.ndarray | None] = [None] * len(sizes)
 
         def add(j: int, data: dict | None, keep: np.ndarray | None) -> None:
-            if keep is not None:
-                valid[j] = keep
-            elif data is not None:
-                valid[j][:] = True
+            present[j] = keep if keep is not None else data is not None
             if data is not None and (keep is None or keep.any()):
                 parts.append(data)
 
         if members is None:
-            wanted = np.zeros(len(sizes), dtype=bool)
-            wanted[np.repeat(np.arange(len(sizes)), sizes)[need]] = True
+            whole = len(need) == sum(sizes)  # the usual case: every key of the window
+            if not whole:
+                wanted = np.zeros(len(sizes), dtype=bool)
+                wanted[np.repeat(np.arange(len(sizes)), sizes)[need]] = True
             k = 0
             for shard, q0, q1 in pieces:
-                select = {q0 + int(i) for i in np.flatnonzero(wanted[k : k + q1 - q0])}
-                info = m.shards[shard]
-                if select:
+                select = None if whole else {q0 + int(i) for i in np.flatnonzero(wanted[k : k + q1 - q0])}
+                info, url = m.shards[shard], self.url(shard)
+                if select is None or select:
                     for i, key, data in read_shard(
-                        m.shard_url(shard), self.fields, m.layout, info.members, start=q0, stop=q1,
+                        url, self.fields, m.layout, info.members, start=q0, stop=q1,
                         offsets=info.offsets, select=select, skip_corrupt=self.skip_corrupt,
-                        manifest=m.path, shard=info,
+                        manifest=m.path, shard=info, check_size=self._check_size(shard), files=self.files,
                     ):
-                        add(k + i - q0, *self._kept(data, m.shard_url(shard), key))
+                        add(k + i - q0, *self._kept(data, url, key))
                 k += q1 - q0
         else:
             for j in range(len(sizes)):
                 _size, data, keep = next(members)
                 add(j, data, keep)
         arrays = stack_members(parts, self.fields, m.layout)
-        ok = np.concatenate(valid)
-        if ok.all():
+        if all(p is True for p in present):
             return arrays, None
+        ok = np.concatenate([p if isinstance(p, np.ndarray) else np.full(n, bool(p)) for p, n in zip(present, sizes)])
         rows = np.cumsum(ok) - 1
         rows[~ok] = -1
         return arrays, rows

@@ -30,6 +30,7 @@ import math
 import mmap
 import multiprocessing as mp
 import pickle
+import select
 import signal
 import sys
 import weakref
@@ -39,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from manytask.data_pipeline.remote import OpenFiles
 from manytask.data_pipeline.stream import Block, Position, ShardStream
 
 ALIGN = 64
@@ -47,6 +49,9 @@ BATCH_BLOCKS = 16
 BATCH_ROWS = 4096
 # Bytes of freed memory a worker keeps for reuse (see _worker_setup).
 WORKER_HEAP_KEEP = 16 << 20
+# Freed slots go back to a worker in batches of a quarter of its slots, unless a source has
+# fewer than this many steps of rows ready: then at once (see WorkerPool.release).
+CREDIT_STEPS = 8
 
 
 def _align(n: int) -> int:
@@ -194,6 +199,9 @@ def process_of(source: int, reader: int, processes: int) -> int:
 def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tuple[Position, int]]],
                  conn: Any, buf: mmap.mmap, slots: _Slots, prefetch: int) -> None:
     _worker_setup()
+    files = OpenFiles()  # this process's open shards, shared by its streams
+    for stream in streams:
+        stream.files = files
     readers = len(starts[0]) if starts else 0
     # The (source, reader) pairs this process reads, each with its own blocks and slots.
     pairs = [(i, w) for i in range(len(streams)) for w in range(readers) if process_of(i, w, readers) == process]
@@ -204,15 +212,25 @@ def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tup
     todo = deque(range(len(pairs)))
     out: list[tuple] = []  # read, not yet sent
     rows = 0  # rows in `out`
+    # Whether credits are waiting, asked twice per block: one poll object kept for it
+    # (Connection.poll builds a selector per call). A pipe message is read whole by recv, so
+    # the descriptor is readable exactly when a message waits.
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+
+    def incoming() -> bool:
+        return bool(poller.poll(0))
+
     while True:
         # Take the credits sent back (each message a list of (source, reader, slot)); wait for
         # one when every slot is full, after handing over what was read.
-        while conn.poll() or not todo:
-            if out and not conn.poll():
+        while incoming() or not todo:
+            if out and not incoming():
                 conn.send(out)
                 out, rows = [], 0
             msg = conn.recv()
             if msg is None:
+                files.close()
                 return
             for i, w, slot in msg:
                 k = index[i, w]
@@ -233,13 +251,13 @@ def _worker_main(process: int, streams: list[ShardStream], starts: list[list[tup
                 todo.remove(k)
             out.append((i, w, slot, None, _portable(err)))
         else:
-            meta = writer.meta(block.data)
-            block.data = {}
-            out.append((i, w, slot, block, meta))
+            # The block's header as a plain tuple (a dataclass pickles several times slower).
+            out.append((i, w, slot, (block.worker, block.before, block.after, block.offset, block.size, block.slot_ends),
+                        writer.meta(block.data)))
             rows += block.size
         # Hand over in batches, but do not sit on a batch's worth of rows the trainer may be
         # waiting for.
-        if rows >= BATCH_ROWS or len(out) >= BATCH_BLOCKS or not todo or conn.poll():
+        if rows >= BATCH_ROWS or len(out) >= BATCH_BLOCKS or not todo or incoming():
             conn.send(out)
             out, rows = [], 0
 
@@ -275,6 +293,15 @@ class WorkerPool:
         self._ready: list[list[deque]] = [[deque() for _ in streams] for _ in range(num_workers)]
         self._credits: list[list[tuple[int, int, int]]] = [[] for _ in range(num_workers)]
         self._views: dict[tuple[str, tuple], np.ndarray] = {}
+        # Credits are sent in batches: one freed slot per message woke the worker for one
+        # block each step (with many sources a step frees about one), and every wake-up on a
+        # loaded machine costs more than the block. A quarter of a worker's slots per batch
+        # leaves it three quarters read ahead; a source about to run dry is served at once.
+        slots_of = [prefetch * sum(process_of(i, w, num_workers) == p for i in range(len(streams)) for w in range(num_workers))
+                    for p in range(num_workers)]
+        self._credit_batch = [max(1, n // 4) for n in slots_of]
+        self._urgent = [False] * num_workers
+        self.demand: np.ndarray | None = None  # rows per step of each source (set by the loader)
         for w in range(num_workers):
             here, there = ctx.Pipe()
             proc = ctx.Process(
@@ -293,37 +320,56 @@ class WorkerPool:
         ready = self._ready[worker][source]
         process = process_of(source, worker, len(self._procs))
         while not ready:
-            self.flush()  # the credits the worker may be waiting for
+            self.flush(force=True)  # the credits the worker may be waiting for
             try:
                 batch = self._conns[process].recv()
             except EOFError:
                 code = self._procs[process].exitcode
                 raise RuntimeError(f"data worker {process} died (exit code {code})") from None
-            for i, w, slot, block, meta in batch:
-                self._ready[w][i].append((slot, block, meta))
-        slot, block, meta = ready.popleft()
-        if block is None:
+            for i, w, slot, header, meta in batch:
+                self._ready[w][i].append((slot, header, meta))
+        slot, header, meta = ready.popleft()
+        if header is None:
             raise meta
-        block.data = self.slots.read(self.buffer, meta)
-        block.at = {name: at for name, _, _, at in meta}
-        block.slot = slot
-        return block
+        worker, before, after, offset, size, slot_ends = header
+        return Block(worker, before, after, offset, size, self.slots.read(self.buffer, meta), slot_ends,
+                     slot, {name: at for name, _, _, at in meta})
 
     def release(self, source: int, block: Block) -> None:
         """Give the block's slot back to its worker (its data must no longer be used); the
-        credit is sent with the others by `flush` (or before waiting for a block)."""
+        credit is sent by `flush`: with the worker's next batch of credits, or at once if
+        `source` has fewer than CREDIT_STEPS steps of rows (`demand`) ready."""
         block.data = {}
-        self._credits[process_of(source, block.worker, len(self._procs))].append((source, block.worker, block.slot))
+        process = process_of(source, block.worker, len(self._procs))
+        self._credits[process].append((source, block.worker, block.slot))
+        if not self._urgent[process] and self._running_dry(source):
+            self._urgent[process] = True
 
-    def flush(self) -> None:
-        """Send the released slots back to their workers, one message per worker."""
-        for conn, credits in zip(self._conns, self._credits):
-            if credits:
+    def _running_dry(self, source: int) -> bool:
+        """Whether the blocks of `source` received and not yet taken hold fewer rows than
+        CREDIT_STEPS steps of its demand (unknown demand: yes)."""
+        if self.demand is None:
+            return True
+        need = CREDIT_STEPS * int(self.demand[source])
+        ready = 0
+        for per_source in self._ready:
+            for _slot, header, _meta in per_source[source]:
+                if header is None:  # an error to raise: let the worker go on with the others
+                    return True
+                ready += header[4]  # its size
+        return ready < need
+
+    def flush(self, force: bool = False) -> None:
+        """Send released slots back, one message per worker: a worker's full batch, an urgent
+        one (see `release`), or, with `force`, all of them."""
+        for p, (conn, credits) in enumerate(zip(self._conns, self._credits)):
+            if credits and (force or self._urgent[p] or len(credits) >= self._credit_batch[p]):
                 try:
                     conn.send(credits)
                 except (BrokenPipeError, OSError):
                     pass  # the worker is gone; next_block reports it
-        self._credits = [[] for _ in self._conns]
+                self._credits[p] = []
+                self._urgent[p] = False
 
     def rows(self, dtype: np.dtype, shape: tuple) -> np.ndarray:
         """The whole shared buffer as rows [n, *shape] of `dtype`: a block's field of that kind

@@ -318,3 +318,63 @@ def test_pool_gather_matches_piece_by_piece_and_resumes_exactly(tmp_path):
     resumed = run(cfg, schedule, stops=(17, 41), tmp=str(tmp_path))
     for g, r in zip(gathered, resumed):
         assert torch.equal(g.inputs["x"], r.inputs["x"]) and torch.equal(g.inputs["id"], r.inputs["id"])
+
+
+def test_a_state_recorded_before_philox_resumes_in_its_order(root, tmp_path):
+    """A checkpoint of state version 2 was taken with SeedSequence window shuffles: it resumes
+    with them (the same samples an uninterrupted old run reads), not with today's Philox."""
+    cfg = make_cfg(root)
+    schedule = counts_schedule(30, seed=3)
+
+    def as_version_2(state):
+        for st in state["sources"].values():
+            assert st.pop("window_rng") in ("seed_sequence", "philox")
+        return {**state, "version": 2}
+
+    def loader_at(state):
+        loader = MultiSourceLoader(cfg, block_size=16)
+        loader.load_state_dict(torch.load(state, weights_only=True))
+        return loader
+
+    fresh = MultiSourceLoader(cfg, block_size=16)
+    torch.save(as_version_2(fresh.state_dict()), tmp_path / "start.pt")
+    new_order = ids(fresh.next_batch(c) for c in schedule)
+    fresh.close()
+    old = loader_at(tmp_path / "start.pt")  # an old run from its first step
+    assert all(c.stream.window_rng == "seed_sequence" for c in old.cursors)
+    before = [old.next_batch(c) for c in schedule[:12]]
+    torch.save(as_version_2(old.state_dict()), tmp_path / "mid.pt")
+    after = [old.next_batch(c) for c in schedule[12:]]
+    old.close()
+    assert ids(before + after) != new_order  # the two generators disagree: the test can tell
+    with loader_at(tmp_path / "mid.pt") as resumed:
+        assert ids(resumed.next_batch(c) for c in schedule[12:]) == ids(after)
+        assert resumed.state_dict()["sources"]["a"]["window_rng"] == "seed_sequence"  # and keeps it
+
+
+def test_many_sources_with_one_hot_source_read_their_order(tmp_path):
+    """12 sources share 2 workers, one slot per source and reader, freed slots going back in
+    batches (at once for a source about to run dry, as the one the sampler takes almost every
+    row from here). Whatever the timing, over its many epochs that source reads exactly its
+    readers' blocks in turn, as its stream gives them in this process, and the pool's gather
+    equals the piece-by-piece join."""
+    dirs = make_alike_sources(tmp_path, k=12)
+    cfg = alike_cfg(dirs)
+    rng = np.random.default_rng(11)
+    schedule = [[37] + [int(c) for c in rng.integers(0, 3, 11)] for _ in range(40)]
+    with MultiSourceLoader(cfg, block_size=16) as loader:
+        gathered = [loader.next_batch(c) for c in schedule]
+        assert loader._blocks._credit_batch == [3, 3]  # 12 slots per worker: credits go back 3 at a time
+        stream = loader.cursors[0].stream
+    with MultiSourceLoader(cfg, block_size=16) as loader:
+        loader._build.all_gatherable = False
+        joined = [loader.next_batch(c) for c in schedule]
+    assert ids(gathered) == ids(joined)
+    hot = [i for i in ids(gathered) if i < 1000]
+    assert len(hot) == 37 * 40 > 9 * 150  # source 0 (150 samples): nine epochs and more
+    readers = [stream.blocks(w) for w in range(2)]
+    expected: list[int] = []
+    while len(expected) < len(hot):
+        for blocks in readers:
+            expected += next(blocks).data["id"].tolist()
+    assert hot == expected[: len(hot)]

@@ -47,7 +47,10 @@ def test_load_gives_the_trained_model_and_predicts_any_table_form(trained_run, d
             np.testing.assert_array_equal(other[task], out[task])
     # the same checkpoint loaded by path, and per-sample gate weights that are distributions
     by_ckpt = manytask.load(m.checkpoint).predict({"x": x[:5]}, gates=True)
-    np.testing.assert_array_equal(by_ckpt["click"], out["click"][:5])
+    # Same batch size on both sides: a batch of 5 and one of 300 may round differently (BLAS
+    # kernels), so comparing against out[:5] bit for bit held only for some trained weights.
+    np.testing.assert_array_equal(by_ckpt["click"], m.predict({"x": x[:5]})["click"])
+    np.testing.assert_allclose(by_ckpt["click"], out["click"][:5], rtol=1e-6)
     assert by_ckpt["gate.click"].shape == (5, 4)
     np.testing.assert_allclose(by_ckpt["gate.click"].sum(1), 1.0, atol=1e-6)
 

@@ -155,3 +155,55 @@ def test_manifests_without_offsets_read_the_same_order(source):
     for world, workers in ((1, 1), (3, 2)):
         got = [read_epoch(bare, r, world, workers) for r in range(world)]
         assert got == [read_epoch(m, r, world, workers) for r in range(world)]
+
+
+def test_window_permutation_is_a_pure_function_of_its_key():
+    from manytask.data_pipeline.partition import philox_permutation as window_permutation
+
+    key = (5, 2**40 + 3, 7, 11)
+    first = window_permutation(key, 1000)
+    assert sorted(first.tolist()) == list(range(1000)) and first.tolist() != list(range(1000))
+    window_permutation((1, 2, 3, 4), 77)  # other draws in between change nothing
+    assert np.array_equal(window_permutation(key, 1000), first)
+    for changed in ((6, *key[1:]), (key[0], key[1] + 1, *key[2:]), (*key[:2], 8, key[3]), (*key[:3], 12)):
+        assert not np.array_equal(window_permutation(changed, 1000), first), changed
+
+
+def test_both_window_generators_give_an_order_of_every_sample(source):
+    m, n = source
+    layout = SourceLayout.of(m, 24)
+    orders = {rng: EpochOrder(layout, seed=5, salt=1, epoch=2, window_rng=rng) for rng in ("philox", "seed_sequence")}
+    perms = {rng: [o.window_permutation(w, b - a).tolist() for w in range(o.n_windows) for a, b in [o.window_positions(w)]]
+             for rng, o in orders.items()}
+    for rng, windows in perms.items():
+        assert all(sorted(p) == list(range(len(p))) for p in windows), rng
+    assert perms["philox"] != perms["seed_sequence"]  # a checkpoint must say which one it used
+    with pytest.raises(ValueError, match="window_rng"):
+        EpochOrder(layout, 5, 1, 2, window_rng="mt19937")
+
+
+def test_a_worker_keeping_shards_open_reads_the_same_order(source):
+    """In a worker, shards stay open between windows (OpenFiles) and whole windows are streamed:
+    each reader still reads exactly its part, also when readers interleave block by block and
+    only one file may stay open (every switch closes the other reader's shard under it)."""
+    from manytask.data_pipeline.remote import OpenFiles
+
+    m, n = source
+    world, workers = 2, 3
+    alone = [p for r in range(world) for p in read_epoch(m, r, world, workers)]
+    files = OpenFiles(limit=1)
+    streams = [ShardStream(m, r, world, seed=5, shuffle_buffer=24, fields=["id"], splits_per_rank=workers, block_size=7)
+               for r in range(world)]
+    for s in streams:
+        s.files = files
+    gens = [s.blocks(w) for s in streams for w in range(workers)]
+    got: list[list[int]] = [[] for _ in gens]
+    live = set(range(len(gens)))
+    while live:
+        for k in sorted(live):
+            block = next(gens[k])
+            if block.before.epoch != 0:
+                live.discard(k)
+                continue
+            got[k] += block.data["id"].tolist()
+    assert got == alone
