@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -283,22 +284,25 @@ class EpochOrder:
         return list(dict.fromkeys(out))
 
 
-_PHILOX = np.random.Philox(0)
-_PHILOX_DRAWS = np.random.Generator(_PHILOX)
+_PHILOX = threading.local()  # a generator per thread: its state is set, then drawn from
 
 
 def philox_permutation(key: tuple[int, int, int, int], n: int) -> np.ndarray:
     """A permutation of range(n), a pure function of `key` = (seed, salt, epoch, window), all
     in [0, 2**64): numpy's Philox with key (seed, salt) and counter (0, 0, epoch, window), set
-    on one process-wide generator instead of building a SeedSequence per call. Each (epoch,
-    window) is a stream of draws of its own (2**128 draws before it would reach the next)."""
+    on this thread's generator (~5 us less than building one per call, ~20 us less than a
+    SeedSequence). Each (epoch, window) is a stream of draws of its own (2**128 draws before it
+    would reach the next)."""
     seed, salt, epoch, window = key
-    _PHILOX.state = {
+    if not hasattr(_PHILOX, "draws"):
+        _PHILOX.bits = np.random.Philox(0)
+        _PHILOX.draws = np.random.Generator(_PHILOX.bits)
+    _PHILOX.bits.state = {
         "bit_generator": "Philox",
         "state": {"counter": np.array([0, 0, epoch, window], np.uint64), "key": np.array([seed, salt], np.uint64)},
         "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
     }
-    return _PHILOX_DRAWS.permutation(n)
+    return _PHILOX.draws.permutation(n)
 
 
 def position_in(part: Intervals, index: int) -> tuple[int, int]:

@@ -112,9 +112,8 @@ def _merge(table: dict, key: str, spec: FieldSpec, where: str, what: str) -> Non
         table[key] = (spec, where)
         return
     old, old_where = table[key]
-    wider = np.promote_types(old.dtype, spec.dtype)
-    if old.vocab and spec.vocab and old.shape == spec.shape and wider.kind in "iu" \
-            and np.dtype(old.dtype).kind in "iu" and np.dtype(spec.dtype).kind in "iu":
+    wider = np.promote_types(old.dtype, spec.dtype)  # (ints promote to float only with uint64)
+    if old.vocab and spec.vocab and old.shape == spec.shape and wider.kind in "iu":
         # Id fields are written in the narrowest type of their id space (`shards write`), so
         # sources whose vocabularies differ in size may hold int8 and int16 ids: the batch
         # carries the wider type (the batch builder casts the narrower source's rows).

@@ -148,7 +148,7 @@ class Weighting(torch.nn.Module):
             setattr(self, k, copy.deepcopy(state[k]))
 
 
-def present_here(task: str, losses: dict[str, torch.Tensor], ctx: WeightingContext) -> bool:
+def present_here(task: str, losses: dict[str, torch.Tensor]) -> bool:
     """Whether `task` is trained this step, decided without a collective: it has a loss here.
     (The trainer passes every task, an absent one as an in-graph 0, so every rank agrees.)"""
     return task in losses

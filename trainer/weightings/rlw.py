@@ -37,7 +37,7 @@ class RLWWeighting(Weighting):
     def combine(
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        here = [t for t in self.task_names if present_here(t, losses, ctx)]
+        here = [t for t in self.task_names if present_here(t, losses)]
         drawn = dict(zip(here, rlw_draw(ctx.seed, ctx.step, len(here)))) if here else {}
         weights = {t: drawn.get(t, 0.0) for t in self.task_names}
         return weighted_sum(losses, weights, device_of(losses, ctx, self)), weights

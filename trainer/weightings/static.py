@@ -43,5 +43,5 @@ class StaticWeighting(Weighting):
     def combine(
         self, losses: dict[str, torch.Tensor], ctx: WeightingContext
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        weights = {t: self.fixed[t] if present_here(t, losses, ctx) else 0.0 for t in self.task_names}
+        weights = {t: self.fixed[t] if present_here(t, losses) else 0.0 for t in self.task_names}
         return weighted_sum(losses, weights, device_of(losses, ctx, self)), weights
