@@ -4,6 +4,8 @@ need — also for a source written as a single shard, and for 8,192 readers on p
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -167,6 +169,11 @@ def test_window_permutation_is_a_pure_function_of_its_key():
     assert np.array_equal(window_permutation(key, 1000), first)
     for changed in ((6, *key[1:]), (key[0], key[1] + 1, *key[2:]), (*key[:2], 8, key[3]), (*key[:3], 12)):
         assert not np.array_equal(window_permutation(changed, 1000), first), changed
+    # the same draws as a Philox generator built for the key, and from any thread
+    bits = np.random.Philox(counter=np.array([0, 0, key[2], key[3]], np.uint64), key=np.array(key[:2], np.uint64))
+    assert np.array_equal(np.random.Generator(bits).permutation(1000), first)
+    with ThreadPoolExecutor(2) as pool:
+        assert all(np.array_equal(p, first) for p in pool.map(lambda _: window_permutation(key, 1000), range(8)))
 
 
 def test_both_window_generators_give_an_order_of_every_sample(source):
