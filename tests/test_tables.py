@@ -489,6 +489,9 @@ def test_raw_columns_named_like_their_fields_go_through_the_preprocessing(tmp_pa
     passed = model_inputs_from(spec, fields, prep)  # already fields: used as they are
     for name in ("city", "age"):
         np.testing.assert_array_equal(passed[name].numpy(), fields[name])
+    # ids in numpy's default int64 for the narrow id field are still ids, not raw values
+    wide = model_inputs_from(spec, {**fields, "city": fields["city"].astype(np.int64)}, prep)
+    np.testing.assert_array_equal(wide["city"].numpy(), fields["city"])
 
 
 def test_sources_whose_id_fields_differ_in_width_train_together(tmp_path):

@@ -58,26 +58,38 @@ def _stack(column: np.ndarray) -> np.ndarray:
     return column
 
 
+def _raw_column(a: np.ndarray, field_dtype: str) -> bool:
+    """Whether `a`, named like a field of `field_dtype`, is the raw column that field is made
+    from: text (or anything not numeric) for any field, or float64 (a table's numbers) for a
+    float field. Integers for an id field are taken as its ids (cast to the field's width)."""
+    want = np.dtype(field_dtype)
+    if a.dtype.kind not in "iufb":
+        return True
+    return want.kind == "f" and a.dtype != want and a.dtype == np.float64
+
+
 def model_inputs_from(
     spec: ModelSpec, arrays: dict[str, np.ndarray], preprocessing: Any = None, where: str = "batch",
-    raw: Any = None, provided: list[str] | None = None,
+    raw: Any = None, provided: list[str] | None = None, raw_table: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The model's input fields as tensors `[n, *shape]` in the model's dtypes.
 
     arrays: model-ready fields, or raw columns when `preprocessing` (the run's stored
     `Preprocessor`) is given and some field is missing; it encodes `raw` (the table as the
     caller gave it) or else `arrays`. provided: the fields the rows' source has (default all);
-    the others are zero-filled as in training. Raises ValueError naming `where`, the field and
-    what the model expects.
+    the others are zero-filled as in training. raw_table: `arrays` are a raw table's columns
+    (every field the preprocessing makes is made from them, whatever a column's name); else a
+    column named like a field is taken as the raw column it is made from only when it cannot be
+    the field (`_raw_column`). Raises ValueError naming `where`, the field and what the model
+    expects.
     """
     needed = [f for f in spec.inputs if provided is None or f in provided]
     missing = [f for f in needed if f not in arrays]
     # A raw column often has the name of the field made from it (`color:cat` makes field color
-    # from column color; `age:num` standardises column age into field age): such a column is
-    # raw, not the field, while it is not in the field's dtype (strings, float64 from a table).
+    # from column color; `age:num` standardises column age into field age).
     raw_named = [] if preprocessing is None else [
         f for f in needed if f in arrays and f in preprocessing.fields
-        and np.asarray(arrays[f]).dtype != np.dtype(spec.inputs[f].dtype)]
+        and (raw_table or _raw_column(np.asarray(arrays[f]), spec.inputs[f].dtype))]
     if (missing or raw_named) and preprocessing is not None:
         arrays = {**arrays, **preprocessing.encode(raw if raw is not None else arrays)}
         missing = [f for f in needed if f not in arrays]

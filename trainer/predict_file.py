@@ -152,7 +152,8 @@ def predict_to_file(
             raw = None if isinstance(batch, dict) else batch  # a raw table for the preprocessing
             arrays = batch if raw is None else as_arrays(raw)
             n = len(keys)
-            inputs = model_inputs_from(spec, arrays, preprocessing, where=where, raw=raw, provided=own_inputs)
+            inputs = model_inputs_from(spec, arrays, preprocessing, where=where, raw=raw, provided=own_inputs,
+                                       raw_table=raw is not None)
             source_id = torch.full((n,), src_i, dtype=torch.long)
             preds, gate_w = predict_tensors(loaded.model, spec, inputs, source_id, gates)
             columns: dict[str, np.ndarray] = {"key": np.asarray(keys).astype(str)}
