@@ -17,7 +17,6 @@ import contextlib
 import inspect
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +91,13 @@ def _task_slices(by_task: dict, tasks: list[str]) -> list[tuple[nn.Parameter, in
     return [ps for task in tasks for ps in by_task.get(task, [])]
 
 
-@dataclass
 class AbsentTaskSnapshot:
-    """Snapshot of parameters/slices (and their optimizer state) to put back after a step."""
+    """Absent tasks' parameters (whole, or their slice of a stacked tensor) and their optimizer
+    state before the step, put back after it (module docstring: absent tasks must not drift)."""
 
-    items: list[tuple[nn.Parameter, int | None, torch.Tensor, dict[str, torch.Tensor]]] = field(
-        default_factory=list
-    )
-
-    @classmethod
-    def take(cls, optimizer: torch.optim.Optimizer, slices) -> AbsentTaskSnapshot:
-        frozen = cls()
+    def __init__(self, optimizer: torch.optim.Optimizer, slices: list[tuple[nn.Parameter, int | None]]):
+        self.optimizer = optimizer
+        self.items: list[tuple[nn.Parameter, int, torch.Tensor, dict[str, torch.Tensor]]] = []
         for param, idx in slices:
             if idx is None:
                 param.grad = None  # the optimizer skips it entirely: no decay, no momentum
@@ -113,15 +108,29 @@ class AbsentTaskSnapshot:
                 for k, v in state.items()
                 if torch.is_tensor(v) and v.dim() > 0 and v.shape == param.shape
             }
-            frozen.items.append((param, idx, param.data[idx].clone(), saved))
-        return frozen
+            self.items.append((param, idx, param.data[idx].clone(), saved))
 
-    def restore(self, optimizer: torch.optim.Optimizer) -> None:
-        with torch.no_grad():
-            for param, idx, value, saved in self.items:
-                param.data[idx] = value
-                for k, v in saved.items():
-                    optimizer.state[param][k][idx] = v
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, idx, value, saved in self.items:
+            param.data[idx] = value
+            for k, v in saved.items():
+                self.optimizer.state[param][k][idx] = v
+
+
+def optimizer_step(engine: Any, absent_tasks: list[str], snapshot: type) -> torch.Tensor:
+    """Clip, step the optimizer and LR schedule, zero grads, with the absent tasks' parameters
+    put back by `snapshot(optimizer, slices)`; returns the pre-clip grad norm. The step shared by
+    the torch engines (`engine`: params, optimizer, scheduler, task_slices, cfg)."""
+    clip = engine.cfg.trainer.grad_clip
+    norm = torch.nn.utils.clip_grad_norm_(engine.params, clip if clip > 0 else float("inf"))
+    frozen = snapshot(engine.optimizer, _task_slices(engine.task_slices, absent_tasks)) if absent_tasks else None
+    engine.optimizer.step()
+    if frozen is not None:
+        frozen.restore()
+    engine.scheduler.step()
+    engine.optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 class TorchEngine:
@@ -173,15 +182,7 @@ class TorchEngine:
 
     def step(self, absent_tasks: list[str]) -> float:
         """Clip, step optimizer and LR schedule, zero grads; returns the pre-clip grad norm."""
-        clip = self.cfg.trainer.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        frozen = AbsentTaskSnapshot.take(self.optimizer, _task_slices(self.task_slices, absent_tasks)) if absent_tasks else None
-        self.optimizer.step()
-        if frozen is not None:
-            frozen.restore(self.optimizer)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float(optimizer_step(self, absent_tasks, AbsentTaskSnapshot))
 
     def skip_step(self) -> None:
         """Drop this step's gradients (non-finite loss) without touching weights or schedule."""

@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - an older torch: FSDP's own collectives
 from manytask.config import Config
 from manytask.trainer import distributed as D
 from manytask.trainer.distributed import DistInfo
-from manytask.trainer.engines import _task_slices, lr_lambda, make_optimizer, task_slices_of
+from manytask.trainer.engines import lr_lambda, make_optimizer, optimizer_step, task_slices_of
 
 # The checkpoint part's own directory (under `<step>/engine/`) and the DCP key of its state.
 DCP_DIR, DCP_KEY = "fsdp", "fsdp"
@@ -319,14 +319,7 @@ class FSDPEngine:
 
     def step(self, absent_tasks: list[str]) -> float:
         """Clip, step optimizer and LR schedule, zero grads; returns the pre-clip grad norm."""
-        clip = self.cfg.trainer.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        frozen = ShardedAbsentSnapshot(self.optimizer, _task_slices(self.task_slices, absent_tasks)) if absent_tasks else None
-        self.optimizer.step()
-        if frozen is not None:
-            frozen.restore()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = optimizer_step(self, absent_tasks, ShardedAbsentSnapshot)
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     def skip_step(self) -> None:
