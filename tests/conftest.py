@@ -30,6 +30,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+def read_epoch(manifest, skip: bool = False, fields: list[str] | None = None) -> tuple[list[int], int]:
+    """(ids delivered, samples skipped) over epoch 0 of one unshuffled split, read by ShardStream
+    (`skip`: skip_corrupt)."""
+    from manytask.data_pipeline.stream import ShardStream
+
+    stream = ShardStream(manifest, shuffle_buffer=0, skip_corrupt=skip, fields=fields)
+    got, skipped = [], 0
+    for block in stream.blocks():
+        if block.before.epoch:
+            break
+        got += block.data["id"].tolist()
+        skipped = block.after.skipped
+    return got, skipped
+
 def spawn_ranks(worker, nprocs: int = 2) -> dict:
     """Run `worker(rank, port, out)` in `nprocs` real processes (a free TCP port for their
     process group, a shared dict for results); returns what the ranks put into `out`."""

@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import read_epoch as read_epoch_of
 from webdataset import TarWriter
 
 from manytask.config import config_from_dict
@@ -20,7 +21,6 @@ from manytask.data_pipeline.manifest import (
 )
 from manytask.data_pipeline.shard_reader import ShardError
 from manytask.data_pipeline.shard_writer import TAR_MTIME, npy_bytes, write_shards
-from manytask.data_pipeline.stream import ShardStream
 from manytask.schema import ConfigError
 
 N = 192  # 3 shards x 64 samples, chunks of 16
@@ -41,15 +41,7 @@ def chunk_data(path, checksums=False):
 
 
 def read_epoch(m: Manifest, skip: bool = False) -> tuple[list[int], int]:
-    """(ids delivered, samples skipped) over epoch 0 of one unshuffled split."""
-    stream = ShardStream(m, shuffle_buffer=0, skip_corrupt=skip, fields=["id", "x"])
-    got, skipped = [], 0
-    for block in stream.blocks():
-        if block.before.epoch:
-            break
-        got += block.data["id"].tolist()
-        skipped = block.after.skipped
-    return got, skipped
+    return read_epoch_of(m, skip, fields=["id", "x"])
 
 
 def check_skip(m: Manifest) -> tuple[list[int], int]:

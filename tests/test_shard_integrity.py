@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import read_epoch
 
 from manytask.data_pipeline.manifest import load_manifest
 from manytask.data_pipeline.prepare import prepare_hint
@@ -27,15 +28,6 @@ def dataset(path):
     return load_manifest(path)
 
 
-def read_epoch(m, skip=False):
-    stream = ShardStream(m, shuffle_buffer=0, skip_corrupt=skip)
-    got, skipped = [], 0
-    for block in stream.blocks():
-        if block.before.epoch:
-            break
-        got += block.data["id"].tolist()
-        skipped = block.after.skipped
-    return got, skipped
 
 
 def test_manifest_records_size_and_checksums(tmp_path):
