@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import resource
@@ -44,6 +45,29 @@ def read_epoch(manifest, skip: bool = False, fields: list[str] | None = None) ->
         got += block.data["id"].tolist()
         skipped = block.after.skipped
     return got, skipped
+
+
+def all_reduce_mean(x):
+    """The mean of a tensor over the ranks of the default process group (a copy)."""
+    import torch.distributed as dist
+
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / dist.get_world_size()
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, store: str):
+    """A spawned test rank's gloo process group on a file store, destroyed on the way out."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 def spawn_ranks(worker, nprocs: int = 2) -> dict:
     """Run `worker(rank, port, out)` in `nprocs` real processes (a free TCP port for their

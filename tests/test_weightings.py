@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import all_reduce_mean, gloo_group
 from torch import nn
 
 from manytask.config import TaskConfig, WeightingConfig
@@ -403,15 +404,7 @@ LOCAL_PRESENCE = {"equal", "static", "rlw"}
 
 
 def _rank_weights(rank: int, world: int, store: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-
-    def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-        y = x.detach().clone()
-        dist.all_reduce(y)
-        return y / world
-
-    try:
+    with gloo_group(rank, world, store):
         for method, zero_absent in itertools.product(WEIGHTINGS, (False, True)):
             if method in LOCAL_PRESENCE and not zero_absent:
                 continue  # they see only this rank's losses; the trainer always passes every task
@@ -430,8 +423,6 @@ def _rank_weights(rank: int, world: int, store: str) -> None:
             if method not in LOCAL_PRESENCE:  # the all-reduced count says c is labelled nowhere
                 assert bool((mine[4, 2] == 0).all()), method
             assert state_is_finite(weighting)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

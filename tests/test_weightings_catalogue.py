@@ -11,8 +11,8 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import all_reduce_mean, gloo_group
 from torch import nn
 
 from manytask.config import TaskConfig, WeightingConfig
@@ -368,21 +368,11 @@ def train(method: str, rank: int, world: int, all_reduce_mean) -> torch.Tensor:
 
 
 def _rank_train(rank: int, world: int, store: str, out) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-
-    def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-        y = x.detach().clone()
-        dist.all_reduce(y)
-        return y / world
-
-    try:
+    with gloo_group(rank, world, store):
         for method in WEIGHTINGS:
             result = train(method, rank, world, all_reduce_mean)
             if rank == 0:
                 out[method] = result.tolist()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

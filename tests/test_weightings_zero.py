@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, spawn_ranks
+from conftest import ROOT, all_reduce_mean, spawn_ranks
 from test_weightings_catalogue import (
     BATCH,
     NO_COLLECTIVE,
@@ -105,11 +105,6 @@ def _rank_train(rank: int, port: int, out) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     # ZeRO-3's initialize runs gc.collect(): leave the imported modules' objects out of it
     gc.freeze()
-
-    def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-        y = x.detach().clone()
-        dist.all_reduce(y)
-        return y / WORLD
 
     try:
         for run in RUNS:
