@@ -9,7 +9,7 @@ from manytask.data_pipeline.arrow_columns import valid_mask
 
 _P = np.uint64(0x100000001B3)  # odd multiplier of the polynomial string hash (FNV-1's prime)
 _P_INV = np.uint64(pow(int(_P), -1, 1 << 64))  # odd, so invertible modulo 2^64
-_HASH_BLOCK = 1 << 20  # bytes hashed per numpy pass: the power tables stay at 8 MiB each
+_HASH_BLOCK = 1 << 17  # bytes hashed per numpy pass: its uint64 temporaries (1 MiB) stay in cache
 _POWERS: dict[str, np.ndarray] = {}
 
 
