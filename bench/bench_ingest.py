@@ -2,7 +2,7 @@
 numeric columns, against pyarrow reading the same file, in the same run; peak memory of the
 conversion for that table and one `--scale` times as large.
 
-    .venv/bin/python -m bench.bench_ingest [--rows 5000000] [--scale 4] [--pairs 3] [--smoke]
+    .venv/bin/python -m bench.bench_ingest [--rows 5000000] [--scale 4] [--pairs 5] [--smoke]
 
 The table: city (string, Zipf over 2,000 values), device (string, 5 values), genres
 (list<string>, 0-4 of 8), user_id (string, 1M values), age (float, 5 % missing), income (float),
@@ -105,7 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=5_000_000)
     ap.add_argument("--scale", type=int, default=4, help="the large table has rows x scale rows")
-    ap.add_argument("--pairs", type=int, default=3, help="interleaved read/convert pairs (median ratio)")
+    ap.add_argument("--pairs", type=int, default=5, help="interleaved read/convert pairs (median ratio)")
     ap.add_argument("--smoke", action="store_true", help="tiny tables (tests)")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "PATH", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
