@@ -38,14 +38,22 @@ from manytask.data_pipeline.sources import (  # noqa: F401 - re-exported for the
     source_sizes,
     task_out_dims,
 )
-from manytask.data_pipeline.stream import Partition, Position, ShardStream, source_salt
+from manytask.data_pipeline.stream import (
+    BLOCK_LAYOUTS,
+    Partition,
+    Position,
+    ShardStream,
+    source_salt,
+)
 from manytask.data_pipeline.validation import val_batches  # noqa: F401 - re-exported
 from manytask.data_pipeline.worker_pool import InProcessBlocks, WorkerPool
 
 log = logging.getLogger(__name__)
 # 3: each source records its window generator (`window_rng`); states of version 2 were
 # recorded with "seed_sequence" and resume with it.
-STATE_VERSION = 3
+# 4: each source records where its blocks end (`block_layout`); states of version 3 and
+# before were recorded with "window" and resume with it.
+STATE_VERSION = 4
 # Samples per block a worker sends: each block costs a fixed amount of hand-over work, so
 # blocks are at least this big even when batches are small. With many sources the budget is
 # split among them (read-ahead memory is per rank), down to MIN_SOURCE_BLOCK each.
@@ -107,7 +115,7 @@ class MultiSourceLoader:
         self._heads: HeadRows | None = None
 
     def _stream(self, i: int, partition: Partition | None = None, block_size: int | None = None,
-                window_rng: str = WINDOW_RNGS[0]) -> ShardStream:
+                window_rng: str = WINDOW_RNGS[0], block_layout: str = BLOCK_LAYOUTS[0]) -> ShardStream:
         d, src = self.cfg.data, self.cfg.data.sources[i]
         return ShardStream(
             self.sources.manifests[i], self.rank, self.world_size, self.seed, self.shuffle_window,
@@ -115,7 +123,7 @@ class MultiSourceLoader:
             block_size=block_size or self.block_size, salt=source_salt(src.name), name=src.name,
             partition=partition,
             check_finite=list(src.inputs) if d.on_nonfinite_input != "allow" else None,
-            on_nonfinite=d.on_nonfinite_input, window_rng=window_rng,
+            on_nonfinite=d.on_nonfinite_input, window_rng=window_rng, block_layout=block_layout,
         )
 
     @property
@@ -248,6 +256,7 @@ class MultiSourceLoader:
                 "world_size": s.world_size, "readers_per_rank": s.splits_per_rank,
                 "shards": len(m.shards), "samples": m.total_samples,
                 "shuffle_buffer": s.shuffle_buffer, "block_size": s.block_size, "window_rng": s.window_rng,
+                "block_layout": s.block_layout,
                 "partition": Consumed(0, s.partition.consumed).to_state()["intervals"],
                 "positions": [list(p) for p in c.positions], "next_worker": c.next,
                 "drop": drop, "drop_positions": drop_positions, "skipped_base": c.skipped_base,
@@ -290,11 +299,16 @@ class MultiSourceLoader:
         if window_rng not in WINDOW_RNGS:
             raise ValueError(f"source '{self.names[i]}': the saved data position has window_rng {window_rng!r}; "
                              f"this version knows {', '.join(WINDOW_RNGS)} (a checkpoint of a newer manytask?)")
+        # Where blocks end: a state without it was written before "span".
+        block_layout = st.get("block_layout", "window")
+        if block_layout not in BLOCK_LAYOUTS:
+            raise ValueError(f"source '{self.names[i]}': the saved data position has block_layout {block_layout!r}; "
+                             f"this version knows {', '.join(BLOCK_LAYOUTS)} (a checkpoint of a newer manytask?)")
         same_layout = st["world_size"] == self.world_size and st["readers_per_rank"] == c.readers
         if same_layout:
             # Block boundaries decide how readers interleave: keep the saved ones.
             partition = Partition(c.stream.n_readers, Consumed.from_state({"epoch": 0, "intervals": st["partition"]}).intervals)
-            new = SourceCursor(self._stream(i, partition, int(st["block_size"]), window_rng))
+            new = SourceCursor(self._stream(i, partition, int(st["block_size"]), window_rng, block_layout))
             new.positions = [Position(*p) for p in st["positions"]]
             new.next, new.drop = int(st["next_worker"]), int(st["drop"])
             new.drop_positions = int(st.get("drop_positions", new.drop))
@@ -307,7 +321,8 @@ class MultiSourceLoader:
             "the positions not yet consumed are split among the new readers",
             self.names[i], done.epoch, st["world_size"], st["readers_per_rank"], self.world_size, c.readers,
         )
-        new = SourceCursor(self._stream(i, Partition(c.stream.n_readers, done.intervals), window_rng=window_rng))
+        new = SourceCursor(self._stream(i, Partition(c.stream.n_readers, done.intervals), window_rng=window_rng,
+                                        block_layout=block_layout))
         new.positions = [Position(done.epoch, 0, 0)] * new.readers
         # The job-wide count, kept by every rank alike (so it is not summed over ranks).
         new.skipped_base = done.skipped if self.rank == 0 else 0

@@ -151,12 +151,46 @@ def test_splits_cover_epoch_once_and_shuffle_by_epoch(root):
 
 def test_window_shuffle_stays_local(root):
     m = load_manifest(root / "a")
-    s = ShardStream(m, 0, 1, seed=0, shuffle_buffer=16, fields=["id"], block_size=16)
+    s = ShardStream(m, 0, 1, seed=0, shuffle_buffer=16, fields=["id"], block_size=16, block_layout="window")
     for block in s.blocks(0):  # window = one chunk: each block is one permuted chunk
         ids_ = np.sort(block.data["id"])
         assert ids_[-1] - ids_[0] == len(ids_) - 1
         if block.after.epoch:
             break
+
+
+@pytest.mark.parametrize("block", [16, 50])
+def test_span_blocks_hold_the_same_samples_as_window_blocks(root, block):
+    """Blocks spanning windows ("span", today's layout) cut each reader's samples differently
+    from blocks ending with their window ("window", recorded states before it), never reorder
+    them: per reader and epoch the same ids in the same order. Span blocks hold block_size
+    positions of the reader's part, the epoch's last one the rest, and each block's positions
+    follow on from the last one's."""
+    m = load_manifest(root / "a")
+
+    def blocks_of(layout, worker, epoch):
+        s = ShardStream(m, 1, 2, seed=3, shuffle_buffer=40, fields=["id"], splits_per_rank=2,
+                        block_size=block, block_layout=layout)
+        out = []
+        for b in s.blocks(worker, start=(epoch, 0, 0)):
+            if b.before.epoch != epoch:
+                return s, out
+            out.append(b)
+        raise AssertionError("unreachable")
+
+    for worker in range(2):
+        for epoch in range(2):
+            stream, span = blocks_of("span", worker, epoch)
+            _, window = blocks_of("window", worker, epoch)
+            ids_span = [i for b in span for i in b.data["id"].tolist()]
+            assert ids_span == [i for b in window for i in b.data["id"].tolist()]
+            n = stream.epoch_size(epoch, worker)
+            assert [b.size for b in span] == [block] * (n // block) + ([n % block] if n % block else [])
+            assert len(window) > len(span)  # windows of 48 samples cut the window layout's blocks more often
+            assert [b.before.index for b in span] == [k * block for k in range(len(span))]
+            assert all(a.after == b.before for a, b in zip(span, span[1:])) and span[-1].after == (epoch + 1, 0, 0)
+    with pytest.raises(ValueError, match="block_layout"):
+        ShardStream(m, block_layout="chunk")
 
 
 def global_order(root, source: int, epoch: int) -> list[int]:
@@ -329,6 +363,7 @@ def test_a_state_recorded_before_philox_resumes_in_its_order(root, tmp_path):
     def as_version_2(state):
         for st in state["sources"].values():
             assert st.pop("window_rng") in ("seed_sequence", "philox")
+            assert st.pop("block_layout") in ("span", "window")
         return {**state, "version": 2}
 
     def loader_at(state):
@@ -350,6 +385,43 @@ def test_a_state_recorded_before_philox_resumes_in_its_order(root, tmp_path):
     with loader_at(tmp_path / "mid.pt") as resumed:
         assert ids(resumed.next_batch(c) for c in schedule[12:]) == ids(after)
         assert resumed.state_dict()["sources"]["a"]["window_rng"] == "seed_sequence"  # and keeps it
+
+
+def test_a_state_recorded_before_span_blocks_resumes_in_its_order(root, tmp_path):
+    """A checkpoint of state version 3 was taken with blocks ending at window ends: with 2
+    workers (2 readers per source, taken in turn block by block) that interleaving differs
+    from today's; it resumes with it, exactly, and keeps it in the states it writes."""
+    cfg = make_cfg(root, num_workers=2)
+    schedule = counts_schedule(30, seed=4)
+
+    def as_version_3(state):
+        for st in state["sources"].values():
+            assert st.pop("block_layout") in ("span", "window")
+        return {**state, "version": 3}
+
+    def loader_at(state):
+        loader = MultiSourceLoader(cfg, block_size=16)
+        loader.load_state_dict(torch.load(state, weights_only=True))
+        return loader
+
+    fresh = MultiSourceLoader(cfg, block_size=16)
+    torch.save(as_version_3(fresh.state_dict()), tmp_path / "start.pt")
+    new_order = ids(fresh.next_batch(c) for c in schedule)
+    fresh.close()
+    old = loader_at(tmp_path / "start.pt")  # an old run from its first step
+    assert all(c.stream.block_layout == "window" for c in old.cursors)
+    before = [old.next_batch(c) for c in schedule[:12]]
+    torch.save(as_version_3(old.state_dict()), tmp_path / "mid.pt")
+    after = [old.next_batch(c) for c in schedule[12:]]
+    old.close()
+    assert ids(before + after) != new_order  # the two layouts interleave readers differently
+    with loader_at(tmp_path / "mid.pt") as resumed:
+        assert ids(resumed.next_batch(c) for c in schedule[12:]) == ids(after)
+        assert resumed.state_dict()["sources"]["a"]["block_layout"] == "window"  # and keeps it
+    bad = torch.load(tmp_path / "mid.pt", weights_only=True)
+    bad["sources"]["a"]["block_layout"] = "chunked"
+    with pytest.raises(ValueError, match="'a'.*block_layout 'chunked'"):
+        MultiSourceLoader(cfg, block_size=16).load_state_dict(bad)
 
 
 def test_many_sources_with_one_hot_source_read_their_order(tmp_path):
