@@ -54,11 +54,20 @@ log = logging.getLogger(__name__)
 # 4: each source records where its blocks end (`block_layout`); states of version 3 and
 # before were recorded with "window" and resume with it.
 STATE_VERSION = 4
-# Samples per block a worker sends: each block costs a fixed amount of hand-over work, so
-# blocks are at least this big even when batches are small. With many sources the budget is
-# split among them (read-ahead memory is per rank), down to MIN_SOURCE_BLOCK each.
+# Samples per block a worker sends: each block costs a fixed amount of hand-over work (in the
+# worker, the pipe and the trainer), so every source's blocks are MIN_BLOCK samples (more for
+# big batches) while the read-ahead budget allows: a worker holds up to READ_AHEAD_ROWS rows
+# of blocks per reader (read-ahead memory is per rank, whatever the number of sources); with
+# more sources than that holds, blocks shrink down to MIN_SOURCE_BLOCK each.
 MIN_BLOCK = 4096
+READ_AHEAD_ROWS = 1 << 18
 MIN_SOURCE_BLOCK = 1024
+
+
+def default_block_size(batch_size: int, sources: int) -> int:
+    """Samples per block of each source (see MIN_BLOCK): max(batch_size, MIN_BLOCK) while
+    `sources` such blocks fit READ_AHEAD_ROWS, else what fits, at least MIN_SOURCE_BLOCK."""
+    return max(MIN_SOURCE_BLOCK, min(max(batch_size, MIN_BLOCK), READ_AHEAD_ROWS // sources))
 
 
 class HeadRows:
@@ -89,9 +98,9 @@ class MultiSourceLoader:
     Construction checks every source's manifest against the recipe (ConfigError naming the
     source, manifest and field). Streams are seeded by (seed, source name, epoch, window);
     `seed` defaults to `cfg.run.seed`. `block_size`: samples per reader block (default
-    max(batch_size, MIN_BLOCK) split among the sources, at least MIN_SOURCE_BLOCK). Memory is
-    a per-rank budget: `data.shuffle_buffer` samples of shuffle window in all, split evenly
-    among the sources (each at least one chunk), so 64 sources hold what 1 source holds.
+    `default_block_size`). Memory is a per-rank budget: `data.shuffle_buffer` samples of
+    shuffle window in all, split evenly among the sources (each at least one chunk), so 64
+    sources hold what 1 source holds, and READ_AHEAD_ROWS of blocks per reader.
     Use as a context manager or call `close()`.
     """
 
@@ -107,7 +116,7 @@ class MultiSourceLoader:
         self.seed = cfg.run.seed if seed is None else seed
         self.num_workers = cfg.data.num_workers
         n = len(self.names)
-        self.block_size = block_size or max(MIN_SOURCE_BLOCK, max(cfg.data.batch_size, MIN_BLOCK) // n)
+        self.block_size = block_size or default_block_size(cfg.data.batch_size, n)
         buffer = cfg.data.shuffle_buffer
         self.shuffle_window = -(-buffer // n) if buffer > 0 else 0  # samples per source
         self._cursors = [SourceCursor(self._stream(i)) for i in range(len(self.names))]
@@ -321,8 +330,11 @@ class MultiSourceLoader:
             "the positions not yet consumed are split among the new readers",
             self.names[i], done.epoch, st["world_size"], st["readers_per_rank"], self.world_size, c.readers,
         )
-        new = SourceCursor(self._stream(i, Partition(c.stream.n_readers, done.intervals), window_rng=window_rng,
-                                        block_layout=block_layout))
+        # A state of the "window" layout was written when the block size was a different
+        # function of the recipe: keep its size too, so the old run's order is kept.
+        block_size = int(st["block_size"]) if block_layout == "window" else None
+        new = SourceCursor(self._stream(i, Partition(c.stream.n_readers, done.intervals), block_size, window_rng,
+                                        block_layout))
         new.positions = [Position(done.epoch, 0, 0)] * new.readers
         # The job-wide count, kept by every rank alike (so it is not summed over ranks).
         new.skipped_base = done.skipped if self.rank == 0 else 0

@@ -94,6 +94,17 @@ def balanced_bounds(total: int, n: int, i: int) -> tuple[int, int]:
     return lo, lo + q + (1 if i < r else 0)
 
 
+def block_end(index: int, total: int, block_size: int) -> int:
+    """End of the block holding position `index` of a reader's part of `total` positions, cut
+    into ceil(total / block_size) blocks of equal length (+-1; the first ones longer): never
+    a short tail block, whose reader would have to read its next block in the little time the
+    trainer takes to use it (with many sources alike, all of them at once)."""
+    n = -(-total // block_size)
+    q, r = divmod(total, n)
+    k = index // (q + 1) if index < r * (q + 1) else r + (index - r * (q + 1)) // q
+    return balanced_bounds(total, n, k)[1]
+
+
 def reader_part(remaining: Intervals, n_readers: int, reader: int) -> Intervals:
     """Reader `reader`'s share of the remaining positions (see the module docstring)."""
     lo, hi = balanced_bounds(length(remaining), n_readers, reader)

@@ -12,16 +12,16 @@ epoch boundary readers may briefly be in different epochs.
 A reader reads only the windows its slice covers: their shards, and within a shard only their
 tar keys (a seek to the key's byte offset when the manifest records `offsets`).
 
-Blocks: positions are emitted in blocks of `block_size` positions of the reader's part (the
-last one of an epoch shorter): block k holds the part's positions k*block_size onwards, across
-windows and intervals ("span" layout). A block is one hand-over from a worker to the trainer
-and one turn in the trainer's round robin over a source's readers, so with many sources, whose
-windows are small (the shuffle budget is split among them), a block per window made the fixed
-cost of a block be paid many times per sample. States recorded before "span" used the
-"window" layout: blocks end at multiples of `block_size` counted from the window start and at
-every window end; they resume with it (the samples of each reader are the same in both
-layouts; the rank's interleaving of its readers differs). A block carries the reader's
-`Position` before and after it, so a consumer knows exactly how far it has read.
+Blocks: a reader's part of an epoch is cut into ceil(part / block_size) blocks of equal
+length (+-1, `partition.block_end`), across windows and intervals ("span" layout). A block is
+one hand-over from a worker to the trainer and one turn in the trainer's round robin over a
+source's readers; with many sources, whose windows are small (the shuffle budget is split
+among them), ending a block with every window made that fixed cost be paid many times per
+sample. States recorded before "span" used the "window" layout: blocks end at multiples of
+`block_size` counted from the window start and at every window end; they resume with it
+(each reader's samples are the same in both layouts; the rank's interleaving of its readers
+differs). A block carries the reader's `Position` before and after it, so a consumer knows
+exactly how far it has read.
 
 A `Position` is (epoch, index, skipped): `index` counts the positions of the reader's part of
 `epoch` consumed so far (corrupt samples skipped with `skip_corrupt` still advance it) and
@@ -47,6 +47,7 @@ from manytask.data_pipeline.partition import (
     EpochOrder,
     Intervals,
     SourceLayout,
+    block_end,
     complement,
     length,
     position_in,
@@ -325,14 +326,16 @@ class ShardStream:
                     streamed = members if whole_from <= w <= whole_to else None
                     arrays, rows_of_slot = self._read_window(order, m0, m1, streamed, perm[lo - p0 : hi - p0])
                     while lo < hi:
-                        # The block ends at the next multiple of block_size: of the reader's
-                        # index ("span"), or counted from the window start ("window", which
-                        # also ends every block with its window).
-                        stop = min(lo + bs - index % bs if span else p0 + ((lo - p0) // bs + 1) * bs, hi)
+                        if span:  # the block's end in the part (see partition.block_end)
+                            if not pending:
+                                end = block_end(index, total, bs)
+                            stop = min(lo + end - index, hi)
+                        else:  # at the next multiple of block_size from the window start
+                            stop = min(p0 + ((lo - p0) // bs + 1) * bs, hi)
                         pending.append(Segment(arrays, rows_of_slot, perm[lo - p0 : stop - p0]))
                         index += stop - lo
                         lo = stop
-                        if span and index % bs and index < total:
+                        if span and index < end:
                             continue  # the block goes on in the next window
                         data, rows, slot_ends, missing = self._assemble(pending, drop_left)
                         pending = []
