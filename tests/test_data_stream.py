@@ -424,6 +424,80 @@ def test_a_state_recorded_before_span_blocks_resumes_in_its_order(root, tmp_path
         MultiSourceLoader(cfg, block_size=16).load_state_dict(bad)
 
 
+NAN_IDS = [3, 17, 18, 100, 101, 102, 150, 299]  # of 300: samples with a NaN input
+
+
+def nan_source_cfg(tmp_path, workers: int):
+    """One chunk-layout source (chunks of 8, windows of 16) whose NAN_IDS samples are skipped."""
+    if not (tmp_path / "nan").exists():
+        x = np.random.default_rng(5).standard_normal((300, 2)).astype(np.float32)
+        x[NAN_IDS, 1] = np.nan
+        write_shards(tmp_path / "nan", {"id": np.arange(300), "x": x, "y": np.ones(300, np.float32)},
+                     samples_per_shard=70, chunk_size=8, layout="chunk")
+    return config_from_dict({
+        "data": {"batch_size": 16, "shuffle_buffer": 16, "num_workers": workers, "on_nonfinite_input": "skip",
+                 "sources": [{"name": "nan", "train": str(tmp_path / "nan"), "inputs": ["id", "x"], "labels": {"t": "y"}}]},
+        "tasks": {"t": {"type": "regression"}},
+    })
+
+
+def read_with_stops(tmp_path, schedule, phases):
+    """Read `schedule`; phases: (first step, workers): at each, save the state and go on with a
+    new loader of that many workers. Blocks of ~37 positions span windows of 16. Returns the
+    ids read, the skipped count and the final state."""
+    loader, got = None, []
+    starts = dict(phases)
+    for step, counts in enumerate(schedule):
+        if step in starts:
+            state = loader.state_dict() if loader is not None else None
+            if loader is not None:
+                loader.close()
+            loader = MultiSourceLoader(nan_source_cfg(tmp_path, starts[step]), block_size=37)
+            if state is not None:
+                loader.load_state_dict(state)
+        got += ids([loader.next_batch(counts)])
+    out = got, loader.skipped()["nan"], loader.state_dict()
+    loader.close()
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_samples_inside_blocks_spanning_windows_resume_exactly(tmp_path, workers):
+    """Samples skipped for a non-finite input inside blocks that span several windows: stops
+    at many steps resume with the same samples and skipped count as the uninterrupted run."""
+    schedule = [[int(c)] for c in np.random.default_rng(2).integers(1, 30, 40)]
+    assert sum(c[0] for c in schedule) > 300  # into the second epoch
+    full, skipped, _ = read_with_stops(tmp_path, schedule, [(0, workers)])
+    assert not set(full) & set(NAN_IDS) and skipped >= len(NAN_IDS)
+    for stops in [(1, 2, 3), tuple(range(4, 40, 5))]:
+        got, again, _ = read_with_stops(tmp_path, schedule, [(0, workers)] + [(s, workers) for s in stops])
+        assert (got, again) == (full, skipped)
+
+
+def test_skipped_samples_resume_elastically(tmp_path):
+    """0 workers -> 2 -> 0, stopping inside blocks that span windows and hold skipped samples:
+    the run reads every good sample of each finished epoch once and exactly the good samples
+    of the positions the final state says were consumed (a skipped position counts as
+    consumed, so the next readers neither repeat nor lose the samples around it)."""
+    schedule = [[int(c)] for c in np.random.default_rng(4).integers(1, 30, 36)]
+    got, _, state = read_with_stops(tmp_path, schedule, [(0, 0), (11, 2), (23, 0)])
+    with MultiSourceLoader(nan_source_cfg(tmp_path, 0)) as loader:
+        ref = loader.cursors[0].stream
+    consumed = Consumed.from_state(state["sources"]["nan"]["consumed"])
+    assert consumed.epoch >= 1  # an epoch finished, another begun
+
+    def order(epoch):  # the epoch's global order, NaN samples included, read by one reader
+        one = ShardStream(ref.manifest, 0, 1, ref.seed, ref.shuffle_buffer, fields=["id"], block_size=1 << 20, salt=ref.salt)
+        return next(iter(one.blocks(0, start=(epoch, 0, 0)))).data["id"].tolist()
+
+    want = Counter(i for e in range(consumed.epoch) for i in order(e))
+    for e, intervals in consumed.intervals.items():
+        want.update(order(e)[p] for a, b in intervals for p in range(a, b))
+    for i in NAN_IDS:
+        del want[i]
+    assert Counter(got) == want
+
+
 def test_many_sources_with_one_hot_source_read_their_order(tmp_path):
     """12 sources share 2 workers, one slot per source and reader, freed slots going back in
     batches (at once for a source about to run dry, as the one the sampler takes almost every
