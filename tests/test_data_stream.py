@@ -418,6 +418,11 @@ def test_a_state_recorded_before_span_blocks_resumes_in_its_order(root, tmp_path
     with loader_at(tmp_path / "mid.pt") as resumed:
         assert ids(resumed.next_batch(c) for c in schedule[12:]) == ids(after)
         assert resumed.state_dict()["sources"]["a"]["block_layout"] == "window"  # and keeps it
+    # At another worker count the rest of the epoch is split anew, in the old layout and with
+    # the old run's block size (the block-size rule changed with the layout).
+    with MultiSourceLoader(make_cfg(root, num_workers=1), block_size=23) as elastic:
+        elastic.load_state_dict(torch.load(tmp_path / "mid.pt", weights_only=True))
+        assert all((c.stream.block_layout, c.stream.block_size) == ("window", 16) for c in elastic.cursors)
     bad = torch.load(tmp_path / "mid.pt", weights_only=True)
     bad["sources"]["a"]["block_layout"] = "chunked"
     with pytest.raises(ValueError, match="'a'.*block_layout 'chunked'"):
