@@ -153,8 +153,9 @@ class ShardStream:
     "error" (ShardError naming source, shard, sample key and field) or "skip" (such samples are
     skipped and counted). window_rng: the generator that shuffles each window (see partition.py;
     "seed_sequence" reproduces the order of streams recorded before "philox"). block_layout:
-    where blocks end ("span": every block_size positions of the reader's part, across windows;
-    "window": also at every window end, as streams recorded before "span" did).
+    where blocks end ("span": the reader's part of an epoch cut into equal blocks of at most
+    block_size, across windows; "window": at multiples of block_size from each window's start
+    and at its end, as streams recorded before "span" did).
     """
 
     def __init__(
