@@ -55,19 +55,19 @@ log = logging.getLogger(__name__)
 # before were recorded with "window" and resume with it.
 STATE_VERSION = 4
 # Samples per block a worker sends: each block costs a fixed amount of hand-over work (in the
-# worker, the pipe and the trainer), so every source's blocks are MIN_BLOCK samples (more for
-# big batches) while the read-ahead budget allows: a worker holds up to READ_AHEAD_ROWS rows
-# of blocks per reader (read-ahead memory is per rank, whatever the number of sources); with
-# more sources than that holds, blocks shrink down to MIN_SOURCE_BLOCK each.
+# worker, the pipe and the trainer), so every source's blocks are MIN_BLOCK samples (or its
+# share of a bigger batch) while the read-ahead budget allows: a worker holds up to
+# READ_AHEAD_ROWS rows of blocks per reader (read-ahead memory is per rank, whatever the
+# number of sources); with more sources than that holds, blocks shrink to MIN_SOURCE_BLOCK.
 MIN_BLOCK = 4096
 READ_AHEAD_ROWS = 1 << 18
 MIN_SOURCE_BLOCK = 1024
 
 
 def default_block_size(batch_size: int, sources: int) -> int:
-    """Samples per block of each source (see MIN_BLOCK): max(batch_size, MIN_BLOCK) while
-    `sources` such blocks fit READ_AHEAD_ROWS, else what fits, at least MIN_SOURCE_BLOCK."""
-    return max(MIN_SOURCE_BLOCK, min(max(batch_size, MIN_BLOCK), READ_AHEAD_ROWS // sources))
+    """Samples per block of each source (see MIN_BLOCK): max(MIN_BLOCK, its share of a batch)
+    while `sources` such blocks fit READ_AHEAD_ROWS, else what fits, at least MIN_SOURCE_BLOCK."""
+    return max(MIN_SOURCE_BLOCK, min(max(MIN_BLOCK, batch_size // sources), READ_AHEAD_ROWS // sources))
 
 
 class HeadRows:

@@ -11,9 +11,13 @@ import torch
 
 from manytask.config import config_from_dict
 from manytask.data_pipeline.loader import (
+    MIN_BLOCK,
+    MIN_SOURCE_BLOCK,
+    READ_AHEAD_ROWS,
     Consumed,
     MultiSourceLoader,
     consumed_of,
+    default_block_size,
     label_specs,
     model_inputs,
     source_sizes,
@@ -529,3 +533,17 @@ def test_many_sources_with_one_hot_source_read_their_order(tmp_path):
         for blocks in readers:
             expected += next(blocks).data["id"].tolist()
     assert hot == expected[: len(hot)]
+
+
+def test_default_block_size_keeps_read_ahead_within_its_budget():
+    """Blocks are MIN_BLOCK samples (or a source's share of a bigger batch) while every
+    source's block fits the per-reader read-ahead budget; beyond, they shrink to what fits,
+    never below MIN_SOURCE_BLOCK."""
+    assert default_block_size(1024, 1) == default_block_size(1024, 64) == MIN_BLOCK
+    assert default_block_size(65_536, 4) == 16_384  # a source's share of a big batch
+    for batch in (16, 1024, 65_536):
+        for sources in (1, 8, 64, 100, 1000, 5000):
+            block = default_block_size(batch, sources)
+            assert block >= MIN_SOURCE_BLOCK
+            assert block * sources <= READ_AHEAD_ROWS or block == MIN_SOURCE_BLOCK
+    assert default_block_size(1024, 1000) == MIN_SOURCE_BLOCK
