@@ -56,18 +56,21 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 4
 # Samples per block a worker sends: each block costs a fixed amount of hand-over work (in the
 # worker, the pipe and the trainer), so every source's blocks are MIN_BLOCK samples (or its
-# share of a bigger batch) while the read-ahead budget allows: a worker holds up to
-# READ_AHEAD_ROWS rows of blocks per reader (read-ahead memory is per rank, whatever the
-# number of sources); with more sources than that holds, blocks shrink to MIN_SOURCE_BLOCK.
+# share of a bigger batch) while the read-ahead budget allows: a block of every source per
+# reader within READ_AHEAD_BYTES (read-ahead memory is per rank, whatever the number of
+# sources); with more sources or wider samples than that holds, blocks shrink, to
+# MIN_SOURCE_BLOCK at least.
 MIN_BLOCK = 4096
-READ_AHEAD_ROWS = 1 << 18
+READ_AHEAD_BYTES = 64 << 20
 MIN_SOURCE_BLOCK = 1024
 
 
-def default_block_size(batch_size: int, sources: int) -> int:
+def default_block_size(batch_size: int, sources: int, row_bytes: int) -> int:
     """Samples per block of each source (see MIN_BLOCK): max(MIN_BLOCK, its share of a batch)
-    while `sources` such blocks fit READ_AHEAD_ROWS, else what fits, at least MIN_SOURCE_BLOCK."""
-    return max(MIN_SOURCE_BLOCK, min(max(MIN_BLOCK, batch_size // sources), READ_AHEAD_ROWS // sources))
+    while `sources` such blocks of samples of `row_bytes` (the widest source's) fit
+    READ_AHEAD_BYTES, else what fits, at least MIN_SOURCE_BLOCK."""
+    fits = READ_AHEAD_BYTES // (sources * max(1, row_bytes))
+    return max(MIN_SOURCE_BLOCK, min(max(MIN_BLOCK, batch_size // sources), fits))
 
 
 class HeadRows:
@@ -100,7 +103,7 @@ class MultiSourceLoader:
     `seed` defaults to `cfg.run.seed`. `block_size`: samples per reader block (default
     `default_block_size`). Memory is a per-rank budget: `data.shuffle_buffer` samples of
     shuffle window in all, split evenly among the sources (each at least one chunk), so 64
-    sources hold what 1 source holds, and READ_AHEAD_ROWS of blocks per reader.
+    sources hold what 1 source holds, and READ_AHEAD_BYTES of blocks per reader.
     Use as a context manager or call `close()`.
     """
 
@@ -116,12 +119,18 @@ class MultiSourceLoader:
         self.seed = cfg.run.seed if seed is None else seed
         self.num_workers = cfg.data.num_workers
         n = len(self.names)
-        self.block_size = block_size or default_block_size(cfg.data.batch_size, n)
+        self.block_size = block_size or default_block_size(cfg.data.batch_size, n, max(self._row_bytes(i) for i in range(n)))
         buffer = cfg.data.shuffle_buffer
         self.shuffle_window = -(-buffer // n) if buffer > 0 else 0  # samples per source
         self._cursors = [SourceCursor(self._stream(i)) for i in range(len(self.names))]
         self._blocks: InProcessBlocks | WorkerPool | None = None
         self._heads: HeadRows | None = None
+
+    def _row_bytes(self, i: int) -> int:
+        """Bytes of one sample of source i as its blocks hold it (the fields batches need)."""
+        fields = self.sources.manifests[i].fields
+        return sum(np.dtype(fields[f].dtype).itemsize * int(np.prod(fields[f].shape, dtype=np.int64))
+                   for f in self._build.fields(i))
 
     def _stream(self, i: int, partition: Partition | None = None, block_size: int | None = None,
                 window_rng: str = WINDOW_RNGS[0], block_layout: str = BLOCK_LAYOUTS[0]) -> ShardStream:

@@ -13,7 +13,7 @@ from manytask.config import config_from_dict
 from manytask.data_pipeline.loader import (
     MIN_BLOCK,
     MIN_SOURCE_BLOCK,
-    READ_AHEAD_ROWS,
+    READ_AHEAD_BYTES,
     Consumed,
     MultiSourceLoader,
     consumed_of,
@@ -535,15 +535,19 @@ def test_many_sources_with_one_hot_source_read_their_order(tmp_path):
     assert hot == expected[: len(hot)]
 
 
-def test_default_block_size_keeps_read_ahead_within_its_budget():
-    """Blocks are MIN_BLOCK samples (or a source's share of a bigger batch) while every
-    source's block fits the per-reader read-ahead budget; beyond, they shrink to what fits,
-    never below MIN_SOURCE_BLOCK."""
-    assert default_block_size(1024, 1) == default_block_size(1024, 64) == MIN_BLOCK
-    assert default_block_size(65_536, 4) == 16_384  # a source's share of a big batch
+def test_default_block_size_keeps_read_ahead_within_its_budget(tmp_path):
+    """Blocks are MIN_BLOCK samples (or a source's share of a bigger batch) while a block of
+    every source fits the per-reader read-ahead budget in bytes; beyond (many sources, wide
+    samples), they shrink to what fits, never below MIN_SOURCE_BLOCK."""
+    assert default_block_size(1024, 1, 140) == default_block_size(1024, 64, 140) == MIN_BLOCK
+    assert default_block_size(65_536, 4, 140) == 16_384  # a source's share of a big batch
+    assert default_block_size(1024, 64, 4096) == MIN_SOURCE_BLOCK  # 64 sources of 4 KiB samples
     for batch in (16, 1024, 65_536):
         for sources in (1, 8, 64, 100, 1000, 5000):
-            block = default_block_size(batch, sources)
-            assert block >= MIN_SOURCE_BLOCK
-            assert block * sources <= READ_AHEAD_ROWS or block == MIN_SOURCE_BLOCK
-    assert default_block_size(1024, 1000) == MIN_SOURCE_BLOCK
+            for row in (4, 140, 4096, 1 << 20):
+                block = default_block_size(batch, sources, row)
+                assert block >= MIN_SOURCE_BLOCK
+                assert block * sources * row <= READ_AHEAD_BYTES or block == MIN_SOURCE_BLOCK
+    with MultiSourceLoader(alike_cfg(make_alike_sources(tmp_path), num_workers=0)) as loader:
+        row = 8 + 12 + 4  # id int64, x float32 [3], y float32
+        assert loader.block_size == default_block_size(40, 4, row)
