@@ -11,6 +11,7 @@ layout in a fresh process (so memory is its own), builds a `MultiSourceLoader` w
   batch: 64 sources read 64 first windows where 1 source reads one);
 - memory per rank: proportional set size (PSS; shared pages split between the processes that
   map them) of the training process plus its workers, after the steady phase;
+- the samples per block of each source (loader.default_block_size);
 - steady samples/s over the following batches, and the CPU time per sample of the training
   process and its workers together over them (the steady rate where the rank has its cores to
   itself; on a shared machine the wall rate depends on the others' load more than on ours).
@@ -100,7 +101,7 @@ def measure(dirs: list[str], workers: int, seconds: float, launched: float) -> d
     memory = sum(pss_kib(p) for p in pids) / 1024
     loader.close()
     return {"first_step_s": since_launch, "loader_first_s": first, "samples_per_s": rate, "pss_mib": memory,
-            "processes": len(pids), "cpu_ns": cpu_ns}
+            "processes": len(pids), "cpu_ns": cpu_ns, "block": loader.block_size}
 
 
 def main() -> None:
@@ -129,11 +130,11 @@ def main() -> None:
     print(f"{args.samples:,} samples, {args.workers} workers per rank, batch {BATCH} spread evenly; median of {args.repeats}; "
           f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{'sources':>7} {'first step':>11} {'(loader)':>9} {'samples/s':>12} {'CPU ns/sample':>14} "
-          f"{'PSS rank+workers':>17} {'processes':>9}")
+          f"{'PSS rank+workers':>17} {'processes':>9} {'block':>6}")
     for k in (1, 64):
         m = med[k]
         print(f"{k:>7} {m['first_step_s']:>10.2f}s {m['loader_first_s']:>8.2f}s {m['samples_per_s']:>12,.0f} "
-              f"{m['cpu_ns']:>14,.0f} {m['pss_mib']:>13.0f} MiB {int(m['processes']):>9}")
+              f"{m['cpu_ns']:>14,.0f} {m['pss_mib']:>13.0f} MiB {int(m['processes']):>9} {int(m['block']):>6}")
     r = {m: med[64][m] / med[1][m] for m in med[1]}
     print(f"64 / 1 sources: first step {r['first_step_s']:.2f}x (goal <= 2x; loader alone {r['loader_first_s']:.1f}x), "
           f"memory {r['pss_mib']:.2f}x (goal <= 1.5x), samples/s {r['samples_per_s']:.2f}x (goal >= 0.8x); "

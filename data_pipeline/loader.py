@@ -38,19 +38,39 @@ from manytask.data_pipeline.sources import (  # noqa: F401 - re-exported for the
     source_sizes,
     task_out_dims,
 )
-from manytask.data_pipeline.stream import Partition, Position, ShardStream, source_salt
+from manytask.data_pipeline.stream import (
+    BLOCK_LAYOUTS,
+    Partition,
+    Position,
+    ShardStream,
+    source_salt,
+)
 from manytask.data_pipeline.validation import val_batches  # noqa: F401 - re-exported
 from manytask.data_pipeline.worker_pool import InProcessBlocks, WorkerPool
 
 log = logging.getLogger(__name__)
 # 3: each source records its window generator (`window_rng`); states of version 2 were
 # recorded with "seed_sequence" and resume with it.
-STATE_VERSION = 3
-# Samples per block a worker sends: each block costs a fixed amount of hand-over work, so
-# blocks are at least this big even when batches are small. With many sources the budget is
-# split among them (read-ahead memory is per rank), down to MIN_SOURCE_BLOCK each.
+# 4: each source records where its blocks end (`block_layout`); states of version 3 and
+# before were recorded with "window" and resume with it.
+STATE_VERSION = 4
+# Samples per block a worker sends: each block costs a fixed amount of hand-over work (in the
+# worker, the pipe and the trainer), so every source's blocks are MIN_BLOCK samples (or its
+# share of a bigger batch) while the read-ahead budget allows: a block of every source per
+# reader within READ_AHEAD_BYTES (read-ahead memory is per rank, whatever the number of
+# sources); with more sources or wider samples than that holds, blocks shrink, to
+# MIN_SOURCE_BLOCK at least.
 MIN_BLOCK = 4096
+READ_AHEAD_BYTES = 64 << 20
 MIN_SOURCE_BLOCK = 1024
+
+
+def default_block_size(batch_size: int, sources: int, row_bytes: int) -> int:
+    """Samples per block of each source (see MIN_BLOCK): max(MIN_BLOCK, its share of a batch)
+    while `sources` such blocks of samples of `row_bytes` (the widest source's) fit
+    READ_AHEAD_BYTES, else what fits, at least MIN_SOURCE_BLOCK."""
+    fits = READ_AHEAD_BYTES // (sources * max(1, row_bytes))
+    return max(MIN_SOURCE_BLOCK, min(max(MIN_BLOCK, batch_size // sources), fits))
 
 
 class HeadRows:
@@ -81,9 +101,9 @@ class MultiSourceLoader:
     Construction checks every source's manifest against the recipe (ConfigError naming the
     source, manifest and field). Streams are seeded by (seed, source name, epoch, window);
     `seed` defaults to `cfg.run.seed`. `block_size`: samples per reader block (default
-    max(batch_size, MIN_BLOCK) split among the sources, at least MIN_SOURCE_BLOCK). Memory is
-    a per-rank budget: `data.shuffle_buffer` samples of shuffle window in all, split evenly
-    among the sources (each at least one chunk), so 64 sources hold what 1 source holds.
+    `default_block_size`). Memory is a per-rank budget: `data.shuffle_buffer` samples of
+    shuffle window in all, split evenly among the sources (each at least one chunk), so 64
+    sources hold what 1 source holds, and READ_AHEAD_BYTES of blocks per reader.
     Use as a context manager or call `close()`.
     """
 
@@ -99,15 +119,21 @@ class MultiSourceLoader:
         self.seed = cfg.run.seed if seed is None else seed
         self.num_workers = cfg.data.num_workers
         n = len(self.names)
-        self.block_size = block_size or max(MIN_SOURCE_BLOCK, max(cfg.data.batch_size, MIN_BLOCK) // n)
+        self.block_size = block_size or default_block_size(cfg.data.batch_size, n, max(self._row_bytes(i) for i in range(n)))
         buffer = cfg.data.shuffle_buffer
         self.shuffle_window = -(-buffer // n) if buffer > 0 else 0  # samples per source
         self._cursors = [SourceCursor(self._stream(i)) for i in range(len(self.names))]
         self._blocks: InProcessBlocks | WorkerPool | None = None
         self._heads: HeadRows | None = None
 
+    def _row_bytes(self, i: int) -> int:
+        """Bytes of one sample of source i as its blocks hold it (the fields batches need)."""
+        fields = self.sources.manifests[i].fields
+        return sum(np.dtype(fields[f].dtype).itemsize * int(np.prod(fields[f].shape, dtype=np.int64))
+                   for f in self._build.fields(i))
+
     def _stream(self, i: int, partition: Partition | None = None, block_size: int | None = None,
-                window_rng: str = WINDOW_RNGS[0]) -> ShardStream:
+                window_rng: str = WINDOW_RNGS[0], block_layout: str = BLOCK_LAYOUTS[0]) -> ShardStream:
         d, src = self.cfg.data, self.cfg.data.sources[i]
         return ShardStream(
             self.sources.manifests[i], self.rank, self.world_size, self.seed, self.shuffle_window,
@@ -115,7 +141,7 @@ class MultiSourceLoader:
             block_size=block_size or self.block_size, salt=source_salt(src.name), name=src.name,
             partition=partition,
             check_finite=list(src.inputs) if d.on_nonfinite_input != "allow" else None,
-            on_nonfinite=d.on_nonfinite_input, window_rng=window_rng,
+            on_nonfinite=d.on_nonfinite_input, window_rng=window_rng, block_layout=block_layout,
         )
 
     @property
@@ -248,6 +274,7 @@ class MultiSourceLoader:
                 "world_size": s.world_size, "readers_per_rank": s.splits_per_rank,
                 "shards": len(m.shards), "samples": m.total_samples,
                 "shuffle_buffer": s.shuffle_buffer, "block_size": s.block_size, "window_rng": s.window_rng,
+                "block_layout": s.block_layout,
                 "partition": Consumed(0, s.partition.consumed).to_state()["intervals"],
                 "positions": [list(p) for p in c.positions], "next_worker": c.next,
                 "drop": drop, "drop_positions": drop_positions, "skipped_base": c.skipped_base,
@@ -290,11 +317,16 @@ class MultiSourceLoader:
         if window_rng not in WINDOW_RNGS:
             raise ValueError(f"source '{self.names[i]}': the saved data position has window_rng {window_rng!r}; "
                              f"this version knows {', '.join(WINDOW_RNGS)} (a checkpoint of a newer manytask?)")
+        # Where blocks end: a state without it was written before "span".
+        block_layout = st.get("block_layout", "window")
+        if block_layout not in BLOCK_LAYOUTS:
+            raise ValueError(f"source '{self.names[i]}': the saved data position has block_layout {block_layout!r}; "
+                             f"this version knows {', '.join(BLOCK_LAYOUTS)} (a checkpoint of a newer manytask?)")
         same_layout = st["world_size"] == self.world_size and st["readers_per_rank"] == c.readers
         if same_layout:
             # Block boundaries decide how readers interleave: keep the saved ones.
             partition = Partition(c.stream.n_readers, Consumed.from_state({"epoch": 0, "intervals": st["partition"]}).intervals)
-            new = SourceCursor(self._stream(i, partition, int(st["block_size"]), window_rng))
+            new = SourceCursor(self._stream(i, partition, int(st["block_size"]), window_rng, block_layout))
             new.positions = [Position(*p) for p in st["positions"]]
             new.next, new.drop = int(st["next_worker"]), int(st["drop"])
             new.drop_positions = int(st.get("drop_positions", new.drop))
@@ -307,7 +339,11 @@ class MultiSourceLoader:
             "the positions not yet consumed are split among the new readers",
             self.names[i], done.epoch, st["world_size"], st["readers_per_rank"], self.world_size, c.readers,
         )
-        new = SourceCursor(self._stream(i, Partition(c.stream.n_readers, done.intervals), window_rng=window_rng))
+        # A state of the "window" layout was written when the block size was a different
+        # function of the recipe: keep its size too, so the old run's order is kept.
+        block_size = int(st["block_size"]) if block_layout == "window" else None
+        new = SourceCursor(self._stream(i, Partition(c.stream.n_readers, done.intervals), block_size, window_rng,
+                                        block_layout))
         new.positions = [Position(done.epoch, 0, 0)] * new.readers
         # The job-wide count, kept by every rank alike (so it is not summed over ranks).
         new.skipped_base = done.skipped if self.rank == 0 else 0

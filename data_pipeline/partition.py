@@ -27,7 +27,6 @@ slice O(log shards); member-level sums are built only for the shards a reader to
 
 from __future__ import annotations
 
-import bisect
 import math
 import threading
 from collections.abc import Iterable
@@ -95,6 +94,17 @@ def balanced_bounds(total: int, n: int, i: int) -> tuple[int, int]:
     return lo, lo + q + (1 if i < r else 0)
 
 
+def block_end(index: int, total: int, block_size: int) -> int:
+    """End of the block holding position `index` of a reader's part of `total` positions, cut
+    into ceil(total / block_size) blocks of equal length (+-1; the first ones longer): never
+    a short tail block, whose reader would have to read its next block in the little time the
+    trainer takes to use it (with many sources alike, all of them at once)."""
+    n = -(-total // block_size)
+    q, r = divmod(total, n)
+    k = index // (q + 1) if index < r * (q + 1) else r + (index - r * (q + 1)) // q
+    return balanced_bounds(total, n, k)[1]
+
+
 def reader_part(remaining: Intervals, n_readers: int, reader: int) -> Intervals:
     """Reader `reader`'s share of the remaining positions (see the module docstring)."""
     lo, hi = balanced_bounds(length(remaining), n_readers, reader)
@@ -102,6 +112,18 @@ def reader_part(remaining: Intervals, n_readers: int, reader: int) -> Intervals:
 
 
 # ---------------------------------------------------------------- the epoch order
+
+
+@dataclass
+class ShardPlan:
+    """The shard-level sums of one epoch's shard order (see EpochOrder); read-only arrays."""
+
+    order: np.ndarray  # epoch's i-th shard -> layout index
+    shard_pos: np.ndarray  # first position per shard (+ the total)
+    shard_mem: np.ndarray  # first member per shard (+ the number of members)
+    group_shard: np.ndarray  # first shard per group (+ the number of shards)
+    group_mem: np.ndarray  # first member per group (+ the number of members)
+    group_win: np.ndarray  # first window per group (+ the number of windows)
 
 
 @dataclass
@@ -115,6 +137,7 @@ class SourceLayout:
     window_members: int
     manifest: Manifest = field(repr=False)
     _cums: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _single: ShardPlan | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, m: Manifest, shuffle_buffer: int) -> SourceLayout:
@@ -133,6 +156,29 @@ class SourceLayout:
     @property
     def total(self) -> int:
         return int(self.samples.sum())
+
+    def plan(self, order: np.ndarray) -> ShardPlan:
+        """The shard-level sums of the shards in `order` (layout indices), O(shards)."""
+        samples, members = self.samples[order], self.members[order]
+        shard_pos = np.concatenate([[0], np.cumsum(samples)]).astype(np.int64)
+        shard_mem = np.concatenate([[0], np.cumsum(members)]).astype(np.int64)
+        k = self.window_members
+        # Group of each shard: the block of k members its first member falls in; a group
+        # starts at the first shard of each new block.
+        block = shard_mem[:-1] // k
+        starts = np.flatnonzero(np.concatenate([[True], block[1:] != block[:-1]])) if len(block) else np.zeros(0, np.int64)
+        group_shard = np.concatenate([starts, [len(block)]]).astype(np.int64)
+        group_mem = np.concatenate([shard_mem[starts], shard_mem[-1:]])
+        n_windows = -(-(group_mem[1:] - group_mem[:-1]) // k)
+        group_win = np.concatenate([[0], np.cumsum(n_windows)]).astype(np.int64)
+        return ShardPlan(order, shard_pos, shard_mem, group_shard, group_mem, group_win)
+
+    def single_plan(self) -> ShardPlan:
+        """`plan` of the only order of a source with at most one shard, computed once."""
+        got = self._single
+        if got is None:
+            got = self._single = self.plan(np.arange(len(self.shard_ids)))
+        return got
 
     def member_cum(self, k: int) -> np.ndarray:
         """Sample offset of each member of non-empty shard k within its shard (+ its size)."""
@@ -161,21 +207,17 @@ class EpochOrder:
         self.layout, self.seed, self.salt, self.epoch, self.shuffle = layout, seed, salt, epoch, shuffle
         self.window_rng = window_rng
         n = len(layout.shard_ids)
-        # Once per source and epoch, so a SeedSequence costs little here (and keeps the order);
-        # a source written as one shard (the writer's default) skips it: one shard has one order.
-        self.order = np.random.default_rng([seed, salt, epoch]).permutation(n) if n > 1 else np.arange(n)  # -> layout index
-        samples, members = layout.samples[self.order], layout.members[self.order]
-        self.shard_pos = np.concatenate([[0], np.cumsum(samples)])  # first position per shard
-        self.shard_mem = np.concatenate([[0], np.cumsum(members)])  # first member per shard
-        k = layout.window_members
-        # Group of each shard: the block of k members its first member falls in; a group
-        # starts at the first shard of each new block.
-        block = self.shard_mem[:-1] // k
-        starts = np.flatnonzero(np.concatenate([[True], block[1:] != block[:-1]])) if len(block) else np.zeros(0, np.int64)
-        self.group_shard = np.concatenate([starts, [len(block)]]).astype(np.int64)  # first shard per group
-        self.group_mem = np.concatenate([self.shard_mem[starts], self.shard_mem[-1:]])
-        n_windows = -(-(self.group_mem[1:] - self.group_mem[:-1]) // k)
-        self.group_win = np.concatenate([[0], np.cumsum(n_windows)])  # first window per group
+        if n > 1:
+            # Once per source and epoch, so a SeedSequence costs little here (and keeps the order).
+            plan = layout.plan(np.random.default_rng([seed, salt, epoch]).permutation(n))
+        else:
+            # A source written as one shard (the writer's default) has one order, and so one
+            # plan, for every epoch: computed once (a reader of a small source starts an epoch
+            # every few windows).
+            plan = layout.single_plan()
+        self.order = plan.order  # -> layout index
+        self.shard_pos, self.shard_mem = plan.shard_pos, plan.shard_mem
+        self.group_shard, self.group_mem, self.group_win = plan.group_shard, plan.group_mem, plan.group_win
 
     @property
     def total(self) -> int:
@@ -190,7 +232,7 @@ class EpochOrder:
         return int(self.layout.shard_ids[self.order[i]])
 
     def shard_of_position(self, p: int) -> int:
-        return int(np.searchsorted(self.shard_pos, p, side="right")) - 1
+        return int(self.shard_pos.searchsorted(p, "right")) - 1
 
     def member_of_position(self, p: int) -> int:
         """The member holding position p."""
@@ -199,25 +241,25 @@ class EpochOrder:
         if self.layout.unit:
             return int(self.shard_mem[i]) + off
         cum = self.layout.member_cum(int(self.order[i]))
-        return int(self.shard_mem[i]) + int(np.searchsorted(cum, off, side="right")) - 1
+        return int(self.shard_mem[i]) + int(cum.searchsorted(off, "right")) - 1
 
     def position_of_member(self, m: int) -> int:
         """The first position of member m (m = number of members gives `total`)."""
         if m >= int(self.shard_mem[-1]):
             return self.total
-        i = int(np.searchsorted(self.shard_mem, m, side="right")) - 1
+        i = int(self.shard_mem.searchsorted(m, "right")) - 1
         q = m - int(self.shard_mem[i])
         if self.layout.unit:
             return int(self.shard_pos[i]) + q
         return int(self.shard_pos[i]) + int(self.layout.member_cum(int(self.order[i]))[q])
 
     def window_of_member(self, m: int) -> int:
-        g = int(np.searchsorted(self.group_mem, m, side="right")) - 1
+        g = int(self.group_mem.searchsorted(m, "right")) - 1
         return int(self.group_win[g]) + (m - int(self.group_mem[g])) // self.layout.window_members
 
     def window_members(self, w: int) -> tuple[int, int]:
         """[first, end) members of window w."""
-        g = int(np.searchsorted(self.group_win, w, side="right")) - 1
+        g = int(self.group_win.searchsorted(w, "right")) - 1
         first = int(self.group_mem[g]) + (w - int(self.group_win[g])) * self.layout.window_members
         return first, min(first + self.layout.window_members, int(self.group_mem[g + 1]))
 
@@ -244,10 +286,13 @@ class EpochOrder:
         if self.layout.unit:
             return self.shard_pos[i] + q
         out = np.empty(len(m), np.int64)
-        for k in np.unique(i).tolist():  # the few shards the run touches
-            at = i == k
+        lo = 0
+        while lo < len(m):  # m is sorted: each shard the run touches is one stretch of it
+            k = int(i[lo])
+            hi = int(i.searchsorted(k, "right"))
             cum = self.layout.member_cum(int(self.order[k]))
-            out[at] = self.shard_pos[k] + cum[np.minimum(q[at], len(cum) - 1)]
+            out[lo:hi] = self.shard_pos[k] + cum[np.minimum(q[lo:hi], len(cum) - 1)]
+            lo = hi
         return out
 
     def window_of_position(self, p: int) -> int:
@@ -264,7 +309,7 @@ class EpochOrder:
     def shard_members(self, first: int, end: int) -> Iterable[tuple[int, int, int]]:
         """(manifest shard, first member in shard, end member in shard) covering members
         [first, end) of the epoch, in order."""
-        i = int(np.searchsorted(self.shard_mem, first, side="right")) - 1
+        i = int(self.shard_mem.searchsorted(first, "right")) - 1
         while first < end:
             lo = int(self.shard_mem[i])
             hi = min(int(self.shard_mem[i + 1]), end)
@@ -278,8 +323,8 @@ class EpochOrder:
         for s, e in part:
             a = self.window_members(self.window_of_position(s))[0]
             b = self.window_members(self.window_of_position(e - 1))[1]
-            i0 = int(np.searchsorted(self.shard_mem, a, side="right")) - 1
-            i1 = int(np.searchsorted(self.shard_mem, b - 1, side="right")) - 1
+            i0 = int(self.shard_mem.searchsorted(a, "right")) - 1
+            i1 = int(self.shard_mem.searchsorted(b - 1, "right")) - 1
             out.extend(self.shard_at(i) for i in range(i0, i1 + 1))
         return list(dict.fromkeys(out))
 
@@ -307,10 +352,12 @@ def philox_permutation(key: tuple[int, int, int, int], n: int) -> np.ndarray:
 
 def position_in(part: Intervals, index: int) -> tuple[int, int]:
     """(interval number, global position) of the index-th position of `part`."""
-    ends = np.cumsum([e - s for s, e in part])
-    j = bisect.bisect_right(ends.tolist(), index)
-    before = int(ends[j - 1]) if j else 0
-    return j, part[j][0] + index - before if j < len(part) else 0
+    before = 0
+    for j, (s, e) in enumerate(part):
+        if index < before + e - s:
+            return j, s + index - before
+        before += e - s
+    return len(part), 0
 
 
 @dataclass

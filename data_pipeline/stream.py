@@ -12,9 +12,16 @@ epoch boundary readers may briefly be in different epochs.
 A reader reads only the windows its slice covers: their shards, and within a shard only their
 tar keys (a seek to the key's byte offset when the manifest records `offsets`).
 
-Blocks: positions are emitted in blocks that end at multiples of `block_size` counted from the
-window start, at window ends and at the ends of the reader's intervals. A block carries the
-reader's `Position` before and after it, so a consumer knows exactly how far it has read.
+Blocks: a reader's part of an epoch is cut into ceil(part / block_size) blocks of equal
+length (+-1, `partition.block_end`), across windows and intervals ("span" layout). A block is
+one hand-over from a worker to the trainer and one turn in the trainer's round robin over a
+source's readers; with many sources, whose windows are small (the shuffle budget is split
+among them), ending a block with every window made that fixed cost be paid many times per
+sample. States recorded before "span" used the "window" layout: blocks end at multiples of
+`block_size` counted from the window start and at every window end; they resume with it
+(each reader's samples are the same in both layouts; the rank's interleaving of its readers
+differs). A block carries the reader's `Position` before and after it, so a consumer knows
+exactly how far it has read.
 
 A `Position` is (epoch, index, skipped): `index` counts the positions of the reader's part of
 `epoch` consumed so far (corrupt samples skipped with `skip_corrupt` still advance it) and
@@ -40,6 +47,7 @@ from manytask.data_pipeline.partition import (
     EpochOrder,
     Intervals,
     SourceLayout,
+    block_end,
     complement,
     length,
     position_in,
@@ -61,6 +69,17 @@ class Position(NamedTuple):
 
 
 START = Position(0, 0, 0)
+# Where a reader's blocks end (see the module docstring); new streams use the first.
+BLOCK_LAYOUTS = ("span", "window")
+
+
+class Segment(NamedTuple):
+    """Part of a block from one window: positions `slots` (window-local, in order) of the
+    window's `arrays`; rows_of_slot maps a slot to its row (-1: none), None = the same."""
+
+    arrays: dict[str, np.ndarray]
+    rows_of_slot: np.ndarray | None
+    slots: np.ndarray
 
 
 @dataclass
@@ -133,7 +152,10 @@ class ShardStream:
     checked for NaN/inf as they are read (labels may hold NaN: "no label"); on_nonfinite:
     "error" (ShardError naming source, shard, sample key and field) or "skip" (such samples are
     skipped and counted). window_rng: the generator that shuffles each window (see partition.py;
-    "seed_sequence" reproduces the order of streams recorded before "philox").
+    "seed_sequence" reproduces the order of streams recorded before "philox"). block_layout:
+    where blocks end ("span": the reader's part of an epoch cut into equal blocks of at most
+    block_size, across windows; "window": at multiples of block_size from each window's start
+    and at its end, as streams recorded before "span" did).
     """
 
     def __init__(
@@ -154,6 +176,7 @@ class ShardStream:
         check_finite: list[str] | None = None,
         on_nonfinite: str = "error",
         window_rng: str = WINDOW_RNGS[0],
+        block_layout: str = BLOCK_LAYOUTS[0],
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -191,6 +214,9 @@ class ShardStream:
         if window_rng not in WINDOW_RNGS:
             raise ValueError(f"source '{self.name}': window_rng must be one of {WINDOW_RNGS}, got {window_rng!r}")
         self.window_rng = window_rng
+        if block_layout not in BLOCK_LAYOUTS:
+            raise ValueError(f"source '{self.name}': block_layout must be one of {BLOCK_LAYOUTS}, got {block_layout!r}")
+        self.block_layout = block_layout
         # (field, shape, dtype) -> array to write a block's field into (worker_pool's slots).
         self.out_buffer: Callable[[str, tuple, np.dtype], np.ndarray] | None = None
         # Local shards kept open between windows (a worker process's, see worker_pool).
@@ -275,6 +301,9 @@ class ShardStream:
         total = length(part)
         j, pos = position_in(part, index)
         bs = self.block_size
+        span = self.block_layout == "span"
+        pending: list[Segment] = []  # the pieces of the block being built, in order
+        before = Position(epoch, index, skipped)
         for nth, (s, e) in enumerate(part[j:]):
             pos = pos if nth == 0 else s  # a later interval may start inside the last window
             w0, w1 = order.window_of_position(pos), order.window_of_position(e - 1)
@@ -298,38 +327,64 @@ class ShardStream:
                     streamed = members if whole_from <= w <= whole_to else None
                     arrays, rows_of_slot = self._read_window(order, m0, m1, streamed, perm[lo - p0 : hi - p0])
                     while lo < hi:
-                        stop = min(p0 + ((lo - p0) // bs + 1) * bs, hi)
-                        slots = perm[lo - p0 : stop - p0]
-                        slot_ends = None
-                        if rows_of_slot is None:
-                            rows = slots
-                        else:
-                            mapped = rows_of_slot[slots]
-                            ok = mapped >= 0
-                            rows = mapped[ok]
-                            if not ok.all():
-                                slot_ends = np.flatnonzero(ok) + 1
-                                if len(slot_ends):
-                                    slot_ends[-1] = len(slots)  # trailing skips end with the last row
-                        before = Position(epoch, index, skipped)
-                        skipped += len(slots) - len(rows)
+                        if span:  # the block's end in the part (see partition.block_end)
+                            if not pending:
+                                end = block_end(index, total, bs)
+                            stop = min(lo + end - index, hi)
+                        else:  # at the next multiple of block_size from the window start
+                            stop = min(p0 + ((lo - p0) // bs + 1) * bs, hi)
+                        pending.append(Segment(arrays, rows_of_slot, perm[lo - p0 : stop - p0]))
                         index += stop - lo
-                        offset = min(drop_left[0], len(rows))  # normally the first block only
-                        if offset:
-                            rows = rows[offset:]
-                            drop_left[0] -= offset
-                        data = {k: self._gather(k, v, rows) for k, v in arrays.items()}
-                        if stop >= hi:  # the window's last block: free it while suspended at the yield
+                        lo = stop
+                        if span and index < end:
+                            continue  # the block goes on in the next window
+                        data, rows, slot_ends, missing = self._assemble(pending, drop_left)
+                        pending = []
+                        if lo >= hi:  # the window's last block: free it while suspended at the yield
                             arrays = rows_of_slot = None  # type: ignore[assignment]
+                        skipped += missing
                         # The end of the part is the start of the next epoch's part.
                         after = Position(epoch, index, skipped) if index < total else Position(epoch + 1, 0, skipped)
-                        yield Block(worker, before, after, offset, len(rows), data, slot_ends)
-                        lo = stop
+                        yield Block(worker, before, after, rows[0], rows[1], data, slot_ends)
+                        before = after
                     pos = p1
                     arrays = rows_of_slot = None  # type: ignore[assignment]  # freed before the next window is read
             finally:
                 if members is not None:
                     members.close()
+
+    def _assemble(self, pending: list[Segment], drop_left: list[int]) -> tuple[dict, tuple[int, int], np.ndarray | None, int]:
+        """A block's (data, (offset, size), slot_ends, positions skipped) from its segments:
+        their rows in order, less the first `drop_left[0]` (consumed before a resume)."""
+        rows_of = []
+        oks = []
+        for seg in pending:
+            if seg.rows_of_slot is None:
+                rows_of.append(seg.slots)
+                oks.append(None)
+            else:
+                mapped = seg.rows_of_slot[seg.slots]
+                ok = mapped >= 0
+                rows_of.append(mapped[ok])
+                oks.append(ok)
+        n_positions = sum(len(seg.slots) for seg in pending)
+        n_rows = sum(len(r) for r in rows_of)
+        slot_ends = None
+        if any(ok is not None and not ok.all() for ok in oks):
+            ok = np.concatenate([np.ones(len(seg.slots), bool) if k is None else k for seg, k in zip(pending, oks)])
+            slot_ends = np.flatnonzero(ok) + 1
+            if len(slot_ends):
+                slot_ends[-1] = n_positions  # trailing skips end with the last row
+        offset = min(drop_left[0], n_rows)  # normally the first block only
+        drop_left[0] -= offset
+        cut = offset
+        for k, r in enumerate(rows_of):
+            take = min(cut, len(r))
+            rows_of[k] = r[take:]
+            cut -= take
+        kept = [(seg.arrays, r) for seg, r in zip(pending, rows_of) if len(r)] or [(pending[0].arrays, rows_of[0])]
+        data = {name: self._gather(name, [(arrays[name], r) for arrays, r in kept]) for name in pending[0].arrays}
+        return data, (offset, n_rows - offset), slot_ends, n_positions - n_rows
 
     @staticmethod
     def _windows(order: EpochOrder, w0: int, w1: int, batch: int = 256) -> Iterator[tuple[int, tuple[int, int], tuple[int, int]]]:
@@ -342,12 +397,21 @@ class ShardStream:
             for k in range(b - a + 1):
                 yield a + k, (m[k], m[k + 1]), (p[k], p[k + 1])
 
-    def _gather(self, name: str, window: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """window[rows], written where `out_buffer` says (a worker's shared slot) if set."""
-        if self.out_buffer is None:
+    def _gather(self, name: str, pieces: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """The rows `rows` of each (window array, rows) piece, joined in order into one fresh
+        array, written where `out_buffer` says (a worker's shared slot) if set."""
+        if self.out_buffer is None and len(pieces) == 1:
+            window, rows = pieces[0]
             return window[rows]
-        out = self.out_buffer(name, (len(rows), *window.shape[1:]), window.dtype)
-        return window.take(rows, axis=0, out=out, mode="clip")  # "raise" would buffer `out`
+        window = pieces[0][0]
+        shape = (sum(len(r) for _, r in pieces), *window.shape[1:])
+        out = np.empty(shape, window.dtype) if self.out_buffer is None else self.out_buffer(name, shape, window.dtype)
+        at = 0
+        for window, rows in pieces:
+            # mode "clip": "raise" would buffer `out`
+            window.take(rows, axis=0, out=out[at : at + len(rows)], mode="clip")
+            at += len(rows)
+        return out
 
     def _empty(self) -> dict[str, np.ndarray]:
         return {f: np.zeros((0, *i.shape), i.dtype) for f, i in self.fields.items()}

@@ -11,9 +11,13 @@ import torch
 
 from manytask.config import config_from_dict
 from manytask.data_pipeline.loader import (
+    MIN_BLOCK,
+    MIN_SOURCE_BLOCK,
+    READ_AHEAD_BYTES,
     Consumed,
     MultiSourceLoader,
     consumed_of,
+    default_block_size,
     label_specs,
     model_inputs,
     source_sizes,
@@ -151,12 +155,46 @@ def test_splits_cover_epoch_once_and_shuffle_by_epoch(root):
 
 def test_window_shuffle_stays_local(root):
     m = load_manifest(root / "a")
-    s = ShardStream(m, 0, 1, seed=0, shuffle_buffer=16, fields=["id"], block_size=16)
+    s = ShardStream(m, 0, 1, seed=0, shuffle_buffer=16, fields=["id"], block_size=16, block_layout="window")
     for block in s.blocks(0):  # window = one chunk: each block is one permuted chunk
         ids_ = np.sort(block.data["id"])
         assert ids_[-1] - ids_[0] == len(ids_) - 1
         if block.after.epoch:
             break
+
+
+@pytest.mark.parametrize("block", [16, 50])
+def test_span_blocks_hold_the_same_samples_as_window_blocks(root, block):
+    """Blocks spanning windows ("span", today's layout) cut each reader's samples differently
+    from blocks ending with their window ("window", recorded states before it), never reorder
+    them: per reader and epoch the same ids in the same order. Span blocks cut the reader's
+    part of an epoch into equal blocks of at most block_size, each following on from the last."""
+    m = load_manifest(root / "a")
+
+    def blocks_of(layout, worker, epoch):
+        s = ShardStream(m, 1, 2, seed=3, shuffle_buffer=40, fields=["id"], splits_per_rank=2,
+                        block_size=block, block_layout=layout)
+        out = []
+        for b in s.blocks(worker, start=(epoch, 0, 0)):
+            if b.before.epoch != epoch:
+                return s, out
+            out.append(b)
+        raise AssertionError("unreachable")
+
+    for worker in range(2):
+        for epoch in range(2):
+            stream, span = blocks_of("span", worker, epoch)
+            _, window = blocks_of("window", worker, epoch)
+            ids_span = [i for b in span for i in b.data["id"].tolist()]
+            assert ids_span == [i for b in window for i in b.data["id"].tolist()]
+            n = stream.epoch_size(epoch, worker)
+            sizes = [b.size for b in span]  # ceil(n / block) blocks of equal size, no short tail
+            assert len(sizes) == -(-n // block) and max(sizes) <= block and max(sizes) - min(sizes) <= 1
+            assert len(window) > len(span)  # windows of 48 samples cut the window layout's blocks more often
+            assert [b.before.index for b in span] == np.cumsum([0] + sizes[:-1]).tolist()
+            assert all(a.after == b.before for a, b in zip(span, span[1:])) and span[-1].after == (epoch + 1, 0, 0)
+    with pytest.raises(ValueError, match="block_layout"):
+        ShardStream(m, block_layout="chunk")
 
 
 def global_order(root, source: int, epoch: int) -> list[int]:
@@ -329,6 +367,7 @@ def test_a_state_recorded_before_philox_resumes_in_its_order(root, tmp_path):
     def as_version_2(state):
         for st in state["sources"].values():
             assert st.pop("window_rng") in ("seed_sequence", "philox")
+            assert st.pop("block_layout") in ("span", "window")
         return {**state, "version": 2}
 
     def loader_at(state):
@@ -350,6 +389,122 @@ def test_a_state_recorded_before_philox_resumes_in_its_order(root, tmp_path):
     with loader_at(tmp_path / "mid.pt") as resumed:
         assert ids(resumed.next_batch(c) for c in schedule[12:]) == ids(after)
         assert resumed.state_dict()["sources"]["a"]["window_rng"] == "seed_sequence"  # and keeps it
+
+
+def test_a_state_recorded_before_span_blocks_resumes_in_its_order(root, tmp_path):
+    """A checkpoint of state version 3 was taken with blocks ending at window ends: with 2
+    workers (2 readers per source, taken in turn block by block) that interleaving differs
+    from today's; it resumes with it, exactly, and keeps it in the states it writes."""
+    cfg = make_cfg(root, num_workers=2)
+    schedule = counts_schedule(30, seed=4)
+
+    def as_version_3(state):
+        for st in state["sources"].values():
+            assert st.pop("block_layout") in ("span", "window")
+        return {**state, "version": 3}
+
+    def loader_at(state):
+        loader = MultiSourceLoader(cfg, block_size=16)
+        loader.load_state_dict(torch.load(state, weights_only=True))
+        return loader
+
+    fresh = MultiSourceLoader(cfg, block_size=16)
+    torch.save(as_version_3(fresh.state_dict()), tmp_path / "start.pt")
+    new_order = ids(fresh.next_batch(c) for c in schedule)
+    fresh.close()
+    old = loader_at(tmp_path / "start.pt")  # an old run from its first step
+    assert all(c.stream.block_layout == "window" for c in old.cursors)
+    before = [old.next_batch(c) for c in schedule[:12]]
+    torch.save(as_version_3(old.state_dict()), tmp_path / "mid.pt")
+    after = [old.next_batch(c) for c in schedule[12:]]
+    old.close()
+    assert ids(before + after) != new_order  # the two layouts interleave readers differently
+    with loader_at(tmp_path / "mid.pt") as resumed:
+        assert ids(resumed.next_batch(c) for c in schedule[12:]) == ids(after)
+        assert resumed.state_dict()["sources"]["a"]["block_layout"] == "window"  # and keeps it
+    # At another worker count the rest of the epoch is split anew, in the old layout and with
+    # the old run's block size (the block-size rule changed with the layout).
+    with MultiSourceLoader(make_cfg(root, num_workers=1), block_size=23) as elastic:
+        elastic.load_state_dict(torch.load(tmp_path / "mid.pt", weights_only=True))
+        assert all((c.stream.block_layout, c.stream.block_size) == ("window", 16) for c in elastic.cursors)
+    bad = torch.load(tmp_path / "mid.pt", weights_only=True)
+    bad["sources"]["a"]["block_layout"] = "chunked"
+    with pytest.raises(ValueError, match="'a'.*block_layout 'chunked'"):
+        MultiSourceLoader(cfg, block_size=16).load_state_dict(bad)
+
+
+NAN_IDS = [3, 17, 18, 100, 101, 102, 150, 299]  # of 300: samples with a NaN input
+
+
+def nan_source_cfg(tmp_path, workers: int):
+    """One chunk-layout source (chunks of 8, windows of 16) whose NAN_IDS samples are skipped."""
+    if not (tmp_path / "nan").exists():
+        x = np.random.default_rng(5).standard_normal((300, 2)).astype(np.float32)
+        x[NAN_IDS, 1] = np.nan
+        write_shards(tmp_path / "nan", {"id": np.arange(300), "x": x, "y": np.ones(300, np.float32)},
+                     samples_per_shard=70, chunk_size=8, layout="chunk")
+    return config_from_dict({
+        "data": {"batch_size": 16, "shuffle_buffer": 16, "num_workers": workers, "on_nonfinite_input": "skip",
+                 "sources": [{"name": "nan", "train": str(tmp_path / "nan"), "inputs": ["id", "x"], "labels": {"t": "y"}}]},
+        "tasks": {"t": {"type": "regression"}},
+    })
+
+
+def read_with_stops(tmp_path, schedule, phases):
+    """Read `schedule`; phases: (first step, workers): at each, save the state and go on with a
+    new loader of that many workers. Blocks of ~37 positions span windows of 16. Returns the
+    ids read, the skipped count and the final state."""
+    loader, got = None, []
+    starts = dict(phases)
+    for step, counts in enumerate(schedule):
+        if step in starts:
+            state = loader.state_dict() if loader is not None else None
+            if loader is not None:
+                loader.close()
+            loader = MultiSourceLoader(nan_source_cfg(tmp_path, starts[step]), block_size=37)
+            if state is not None:
+                loader.load_state_dict(state)
+        got += ids([loader.next_batch(counts)])
+    out = got, loader.skipped()["nan"], loader.state_dict()
+    loader.close()
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_samples_inside_blocks_spanning_windows_resume_exactly(tmp_path, workers):
+    """Samples skipped for a non-finite input inside blocks that span several windows: stops
+    at many steps resume with the same samples and skipped count as the uninterrupted run."""
+    schedule = [[int(c)] for c in np.random.default_rng(2).integers(1, 30, 40)]
+    assert sum(c[0] for c in schedule) > 300  # into the second epoch
+    full, skipped, _ = read_with_stops(tmp_path, schedule, [(0, workers)])
+    assert not set(full) & set(NAN_IDS) and skipped >= len(NAN_IDS)
+    for stops in [(1, 2, 3), tuple(range(4, 40, 5))]:
+        got, again, _ = read_with_stops(tmp_path, schedule, [(0, workers)] + [(s, workers) for s in stops])
+        assert (got, again) == (full, skipped)
+
+
+def test_skipped_samples_resume_elastically(tmp_path):
+    """0 workers -> 2 -> 0, stopping inside blocks that span windows and hold skipped samples:
+    the run reads every good sample of each finished epoch once and exactly the good samples
+    of the positions the final state says were consumed (a skipped position counts as
+    consumed, so the next readers neither repeat nor lose the samples around it)."""
+    schedule = [[int(c)] for c in np.random.default_rng(4).integers(1, 30, 36)]
+    got, _, state = read_with_stops(tmp_path, schedule, [(0, 0), (11, 2), (23, 0)])
+    with MultiSourceLoader(nan_source_cfg(tmp_path, 0)) as loader:
+        ref = loader.cursors[0].stream
+    consumed = Consumed.from_state(state["sources"]["nan"]["consumed"])
+    assert consumed.epoch >= 1  # an epoch finished, another begun
+
+    def order(epoch):  # the epoch's global order, NaN samples included, read by one reader
+        one = ShardStream(ref.manifest, 0, 1, ref.seed, ref.shuffle_buffer, fields=["id"], block_size=1 << 20, salt=ref.salt)
+        return next(iter(one.blocks(0, start=(epoch, 0, 0)))).data["id"].tolist()
+
+    want = Counter(i for e in range(consumed.epoch) for i in order(e))
+    for e, intervals in consumed.intervals.items():
+        want.update(order(e)[p] for a, b in intervals for p in range(a, b))
+    for i in NAN_IDS:
+        del want[i]
+    assert Counter(got) == want
 
 
 def test_many_sources_with_one_hot_source_read_their_order(tmp_path):
@@ -378,3 +533,21 @@ def test_many_sources_with_one_hot_source_read_their_order(tmp_path):
         for blocks in readers:
             expected += next(blocks).data["id"].tolist()
     assert hot == expected[: len(hot)]
+
+
+def test_default_block_size_keeps_read_ahead_within_its_budget(tmp_path):
+    """Blocks are MIN_BLOCK samples (or a source's share of a bigger batch) while a block of
+    every source fits the per-reader read-ahead budget in bytes; beyond (many sources, wide
+    samples), they shrink to what fits, never below MIN_SOURCE_BLOCK."""
+    assert default_block_size(1024, 1, 140) == default_block_size(1024, 64, 140) == MIN_BLOCK
+    assert default_block_size(65_536, 4, 140) == 16_384  # a source's share of a big batch
+    assert default_block_size(1024, 64, 4096) == MIN_SOURCE_BLOCK  # 64 sources of 4 KiB samples
+    for batch in (16, 1024, 65_536):
+        for sources in (1, 8, 64, 100, 1000, 5000):
+            for row in (4, 140, 4096, 1 << 20):
+                block = default_block_size(batch, sources, row)
+                assert block >= MIN_SOURCE_BLOCK
+                assert block * sources * row <= READ_AHEAD_BYTES or block == MIN_SOURCE_BLOCK
+    with MultiSourceLoader(alike_cfg(make_alike_sources(tmp_path), num_workers=0)) as loader:
+        row = 8 + 12 + 4  # id int64, x float32 [3], y float32
+        assert loader.block_size == default_block_size(40, 4, row)

@@ -15,6 +15,7 @@ from manytask.data_pipeline.partition import (
     EpochOrder,
     SourceLayout,
     balanced_bounds,
+    block_end,
     length,
     merge,
     plan_readers,
@@ -104,6 +105,22 @@ def test_balanced_bounds_and_elastic_parts():
     parts = [reader_part(remaining, 3, i) for i in range(3)]
     assert merge(p for part in parts for p in part) == remaining
     assert [length(p) for p in parts] == [5, 4, 4]
+
+
+@pytest.mark.parametrize("total,block", [(1, 4), (7, 7), (8, 7), (5000, 4096), (8193, 4096), (12_288, 4096), (100, 3)])
+def test_block_ends_cut_a_part_into_equal_blocks(total, block):
+    """A reader's part is cut into ceil(total / block) blocks of at most `block`, equal to one
+    sample (no short tail), and every position of a block names that block's end (a reader
+    resumed inside a block ends it where an uninterrupted one does)."""
+    ends, at = [], 0
+    while at < total:
+        ends.append(block_end(at, total, block))
+        at = ends[-1]
+    sizes = np.diff([0, *ends])
+    assert len(ends) == -(-total // block) and ends[-1] == total
+    assert sizes.max() <= block and sizes.max() - sizes.min() <= 1
+    for start, end in zip([0, *ends], ends):
+        assert {block_end(i, total, block) for i in range(start, end)} == {end}
 
 
 def synthetic_manifest(rng: np.random.Generator, shards: int, chunk: int = 1024) -> Manifest:
