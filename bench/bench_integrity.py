@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manytask.data_pipeline.loader import MIN_BLOCK, SourceCursor
+from manytask.data_pipeline.cursor import SourceCursor
+from manytask.data_pipeline.loader import MIN_BLOCK
 from manytask.data_pipeline.shard_tools import verify
 from manytask.data_pipeline.shard_writer import write_shards
 from manytask.data_pipeline.stream import ShardStream

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 from manytask.config import Config, config_from_dict, load_config
-from manytask.data_pipeline.loader import model_inputs, val_batches
 from manytask.data_pipeline.prepare import prepare
 from manytask.data_pipeline.real_data import CORRELATIONS
+from manytask.data_pipeline.sources import model_inputs
+from manytask.data_pipeline.validation import val_batches
 from manytask.trainer import compare
 from manytask.trainer.loop import train
 

@@ -31,13 +31,7 @@ from manytask.config import Config
 from manytask.data_pipeline.batch import Batch, BatchBuilder, Spans
 from manytask.data_pipeline.cursor import Consumed, SourceCursor, consumed_of
 from manytask.data_pipeline.partition import WINDOW_RNGS
-from manytask.data_pipeline.sources import (  # noqa: F401 - re-exported for the trainer
-    check_sources,
-    label_specs,
-    model_inputs,
-    source_sizes,
-    task_out_dims,
-)
+from manytask.data_pipeline.sources import check_sources
 from manytask.data_pipeline.stream import (
     BLOCK_LAYOUTS,
     Partition,
@@ -45,7 +39,6 @@ from manytask.data_pipeline.stream import (
     ShardStream,
     source_salt,
 )
-from manytask.data_pipeline.validation import val_batches  # noqa: F401 - re-exported
 from manytask.data_pipeline.worker_pool import InProcessBlocks, WorkerPool
 
 log = logging.getLogger(__name__)

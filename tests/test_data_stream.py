@@ -10,23 +10,19 @@ import pytest
 import torch
 
 from manytask.config import config_from_dict
+from manytask.data_pipeline.cursor import Consumed, consumed_of
 from manytask.data_pipeline.loader import (
     MIN_BLOCK,
     MIN_SOURCE_BLOCK,
     READ_AHEAD_BYTES,
-    Consumed,
     MultiSourceLoader,
-    consumed_of,
     default_block_size,
-    label_specs,
-    model_inputs,
-    source_sizes,
-    task_out_dims,
-    val_batches,
 )
 from manytask.data_pipeline.manifest import load_manifest
 from manytask.data_pipeline.shard_writer import write_shards
+from manytask.data_pipeline.sources import label_specs, model_inputs, source_sizes, task_out_dims
 from manytask.data_pipeline.stream import ShardStream
+from manytask.data_pipeline.validation import val_batches
 
 N_A, N_B = 600, 240  # source A: chunk layout; source B: sample layout
 B_OFFSET = 10_000  # B's sample ids start here so ids identify the source

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from conftest import free_port
 from test_data_stream import expected_reads, make_cfg, make_data
 
-from manytask.data_pipeline.loader import Consumed, MultiSourceLoader
+from manytask.data_pipeline.cursor import Consumed
+from manytask.data_pipeline.loader import MultiSourceLoader
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def test_adaptive_mixing_resumes_on_one_rank(tmp_path, adaptive_reference):
     """The 2-rank run continued on 1 rank: the mixing state carries over exactly — the
     mixture until the next update is the one the 2-rank run's last checkpoint holds."""
     from manytask.config import load_config
-    from manytask.data_pipeline.loader import source_sizes
+    from manytask.data_pipeline.sources import source_sizes
     from manytask.trainer.task_sampler import TaskSampler
 
     run = tmp_path / "run"

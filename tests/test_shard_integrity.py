@@ -133,7 +133,8 @@ def test_first_nonfinite_input_is_named_or_skipped_by_policy(tmp_path, caplog):
 
 def test_training_loader_checks_inputs_not_labels(tmp_path):
     from manytask.config import load_config
-    from manytask.data_pipeline.loader import MultiSourceLoader, val_batches
+    from manytask.data_pipeline.loader import MultiSourceLoader
+    from manytask.data_pipeline.validation import val_batches
     from manytask.schema import ConfigError
     from tests.conftest import write_recipe
 

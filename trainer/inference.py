@@ -287,7 +287,7 @@ def eval_config(cfg: Config, data: list[str] | None) -> Config:
 
 def check_data_fields(cfg: Config, spec: ModelSpec) -> None:
     """Every input field the data provide must have the model's dtype and per-sample shape."""
-    from manytask.data_pipeline.loader import model_inputs
+    from manytask.data_pipeline.sources import model_inputs
 
     for name, got in model_inputs(cfg).items():
         want = spec.inputs.get(name)
@@ -304,7 +304,7 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Exact per-task metrics of `model` on every source's `val` split of `cfg` (see
     `eval_config`); under torchrun each rank reads its share and the metrics are reduced exactly."""
-    from manytask.data_pipeline.loader import val_batches
+    from manytask.data_pipeline.validation import val_batches
 
     check_data_fields(cfg, spec)
     batches = val_batches(cfg, info.rank, info.world_size, batch_size or cfg.data.val_batch_size, max_batches=0)

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from manytask.config import Config
-from manytask.data_pipeline.loader import MultiSourceLoader, source_sizes
+from manytask.data_pipeline.loader import MultiSourceLoader
+from manytask.data_pipeline.sources import source_sizes
 from manytask.models import build_model
 from manytask.models.losses import task_losses
 from manytask.models.spec import TaskSpec

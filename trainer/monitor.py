@@ -112,7 +112,7 @@ class TaskAffinity:
     def fixed_batches(self, job: Any) -> list[Batch]:
         """The first validation batch of every source (this rank's share), read once."""
         if self._batches is None:
-            from manytask.data_pipeline.loader import val_batches
+            from manytask.data_pipeline.validation import val_batches
 
             cfg, info = job.cfg, job.info
             batches = val_batches(cfg, info.rank, info.world_size, cfg.data.batch_size, max_batches=1)

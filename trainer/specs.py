@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from manytask.config import Config
-from manytask.data_pipeline.loader import model_inputs, task_out_dims
+from manytask.data_pipeline.sources import model_inputs, task_out_dims
 from manytask.models.spec import ModelSpec, TaskSpec
 
 

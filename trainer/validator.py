@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from manytask.data_pipeline.loader import val_batches
+from manytask.data_pipeline.validation import val_batches
 from manytask.trainer.evaluate import evaluate
 
 
