@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from manytask.data_pipeline.fields import FieldSpec
+from manytask.data_pipeline.manifest import sample_bytes
 
 if TYPE_CHECKING:
     from manytask.config import Config
@@ -103,7 +104,7 @@ class BatchBuilder:
         # Per source, per gatherable output: (its field, dtype, shape, row bytes), for block_rows.
         self._row_layout = [
             [(self.field_of[name][i], np.dtype(self.specs[name].dtype), tuple(self.specs[name].shape),
-              np.dtype(self.specs[name].dtype).itemsize * int(np.prod(self.specs[name].shape, dtype=np.int64)))
+              sample_bytes(self.specs[name]))
              for name in self.gatherable]
             for i in range(len(sources.manifests))
         ]

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from manytask.config import Config
 from manytask.data_pipeline.batch import Batch, BatchBuilder, Spans
 from manytask.data_pipeline.cursor import Consumed, SourceCursor, consumed_of
+from manytask.data_pipeline.manifest import sample_bytes
 from manytask.data_pipeline.partition import WINDOW_RNGS
 from manytask.data_pipeline.sources import check_sources
 from manytask.data_pipeline.stream import (
@@ -122,8 +123,7 @@ class MultiSourceLoader:
     def _row_bytes(self, i: int) -> int:
         """Bytes of one sample of source i as its blocks hold it (the fields batches need)."""
         fields = self.sources.manifests[i].fields
-        return sum(np.dtype(fields[f].dtype).itemsize * int(np.prod(fields[f].shape, dtype=np.int64))
-                   for f in self._build.fields(i))
+        return sum(sample_bytes(fields[f]) for f in self._build.fields(i))
 
     def _stream(self, i: int, partition: Partition | None = None, block_size: int | None = None,
                 window_rng: str = WINDOW_RNGS[0], block_layout: str = BLOCK_LAYOUTS[0]) -> ShardStream:

@@ -42,6 +42,11 @@ class ManifestError(ValueError):
     """A manifest.json that is missing or malformed; the message names the file and the key."""
 
 
+def sample_bytes(field: Any) -> int:
+    """Bytes of one sample of a field (a FieldInfo or FieldSpec: dtype and per-sample shape)."""
+    return np.dtype(field.dtype).itemsize * int(np.prod(field.shape, dtype=np.int64))
+
+
 @dataclass
 class FieldInfo:
     """One field: per-sample dtype and shape (no batch dim), tar extension, vocab (0 = unknown),

@@ -22,7 +22,13 @@ import numpy as np
 import numpy.lib.format as npformat
 
 from manytask.data_pipeline.integrity import HashingWriter, digest
-from manytask.data_pipeline.manifest import FieldInfo, Manifest, ShardInfo, write_manifest
+from manytask.data_pipeline.manifest import (
+    FieldInfo,
+    Manifest,
+    ShardInfo,
+    sample_bytes,
+    write_manifest,
+)
 
 # An integer mtime: webdataset stamps time.time() (a float) otherwise, and tarfile then adds a
 # PAX header to every member, which doubles the members to parse and halves read speed.
@@ -155,7 +161,7 @@ class ShardSink:
         self._written = 0
         self._top = {k: -1 for k, f in fields.items() if np.dtype(f.dtype).kind in "iub"}
         self._members = sorted((info.suffix(name), name, info) for name, info in fields.items())
-        row_bytes = sum(np.dtype(f.dtype).itemsize * int(np.prod(f.shape)) for f in fields.values())
+        row_bytes = sum(sample_bytes(f) for f in fields.values())
         self._block_rows = max(BLOCK_BYTES // max(row_bytes, 1), 1)  # rows per `_write_keys` block
 
     def add(self, arrays: dict[str, np.ndarray]) -> None:
