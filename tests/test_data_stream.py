@@ -354,17 +354,29 @@ def test_pool_gather_matches_piece_by_piece_and_resumes_exactly(tmp_path):
         assert torch.equal(g.inputs["x"], r.inputs["x"]) and torch.equal(g.inputs["id"], r.inputs["id"])
 
 
-def test_a_state_recorded_before_philox_resumes_in_its_order(root, tmp_path):
-    """A checkpoint of state version 2 was taken with SeedSequence window shuffles: it resumes
-    with them (the same samples an uninterrupted old run reads), not with today's Philox."""
-    cfg = make_cfg(root)
-    schedule = counts_schedule(30, seed=3)
+OLD_STATES = {
+    # version 2: SeedSequence window shuffles, not today's Philox (same with 0 workers)
+    "before philox": (2, ("window_rng", "block_layout"), "window_rng", "seed_sequence", 0, 3),
+    # version 3: blocks ending at window ends; with 2 workers (2 readers per source, taken in
+    # turn block by block) that interleaving differs from today's
+    "before span blocks": (3, ("block_layout",), "block_layout", "window", 2, 4),
+}
 
-    def as_version_2(state):
+
+@pytest.mark.parametrize("case", list(OLD_STATES))
+def test_a_state_recorded_by_an_older_version_resumes_in_its_order(root, tmp_path, case):
+    """A checkpoint of an older state version resumes in the order it was recorded with (the
+    same samples an uninterrupted old run reads), not in today's, and keeps that order in the
+    states it writes."""
+    version, dropped, key, old_value, workers, seed = OLD_STATES[case]
+    cfg = make_cfg(root, num_workers=workers)
+    schedule = counts_schedule(30, seed=seed)
+
+    def as_old(state):
         for st in state["sources"].values():
-            assert st.pop("window_rng") in ("seed_sequence", "philox")
-            assert st.pop("block_layout") in ("span", "window")
-        return {**state, "version": 2}
+            for k in dropped:
+                assert st.pop(k) in {"window_rng": ("seed_sequence", "philox"), "block_layout": ("span", "window")}[k]
+        return {**state, "version": version}
 
     def loader_at(state):
         loader = MultiSourceLoader(cfg, block_size=16)
@@ -372,52 +384,19 @@ def test_a_state_recorded_before_philox_resumes_in_its_order(root, tmp_path):
         return loader
 
     fresh = MultiSourceLoader(cfg, block_size=16)
-    torch.save(as_version_2(fresh.state_dict()), tmp_path / "start.pt")
+    torch.save(as_old(fresh.state_dict()), tmp_path / "start.pt")
     new_order = ids(fresh.next_batch(c) for c in schedule)
     fresh.close()
     old = loader_at(tmp_path / "start.pt")  # an old run from its first step
-    assert all(c.stream.window_rng == "seed_sequence" for c in old.cursors)
+    assert all(getattr(c.stream, key) == old_value for c in old.cursors)
     before = [old.next_batch(c) for c in schedule[:12]]
-    torch.save(as_version_2(old.state_dict()), tmp_path / "mid.pt")
+    torch.save(as_old(old.state_dict()), tmp_path / "mid.pt")
     after = [old.next_batch(c) for c in schedule[12:]]
     old.close()
-    assert ids(before + after) != new_order  # the two generators disagree: the test can tell
+    assert ids(before + after) != new_order  # the old and new orders differ: the test can tell
     with loader_at(tmp_path / "mid.pt") as resumed:
         assert ids(resumed.next_batch(c) for c in schedule[12:]) == ids(after)
-        assert resumed.state_dict()["sources"]["a"]["window_rng"] == "seed_sequence"  # and keeps it
-
-
-def test_a_state_recorded_before_span_blocks_resumes_in_its_order(root, tmp_path):
-    """A checkpoint of state version 3 was taken with blocks ending at window ends: with 2
-    workers (2 readers per source, taken in turn block by block) that interleaving differs
-    from today's; it resumes with it, exactly, and keeps it in the states it writes."""
-    cfg = make_cfg(root, num_workers=2)
-    schedule = counts_schedule(30, seed=4)
-
-    def as_version_3(state):
-        for st in state["sources"].values():
-            assert st.pop("block_layout") in ("span", "window")
-        return {**state, "version": 3}
-
-    def loader_at(state):
-        loader = MultiSourceLoader(cfg, block_size=16)
-        loader.load_state_dict(torch.load(state, weights_only=True))
-        return loader
-
-    fresh = MultiSourceLoader(cfg, block_size=16)
-    torch.save(as_version_3(fresh.state_dict()), tmp_path / "start.pt")
-    new_order = ids(fresh.next_batch(c) for c in schedule)
-    fresh.close()
-    old = loader_at(tmp_path / "start.pt")  # an old run from its first step
-    assert all(c.stream.block_layout == "window" for c in old.cursors)
-    before = [old.next_batch(c) for c in schedule[:12]]
-    torch.save(as_version_3(old.state_dict()), tmp_path / "mid.pt")
-    after = [old.next_batch(c) for c in schedule[12:]]
-    old.close()
-    assert ids(before + after) != new_order  # the two layouts interleave readers differently
-    with loader_at(tmp_path / "mid.pt") as resumed:
-        assert ids(resumed.next_batch(c) for c in schedule[12:]) == ids(after)
-        assert resumed.state_dict()["sources"]["a"]["block_layout"] == "window"  # and keeps it
+        assert resumed.state_dict()["sources"]["a"][key] == old_value  # and keeps it
     # At another worker count the rest of the epoch is split anew, in the old layout and with
     # the old run's block size (the block-size rule changed with the layout).
     with MultiSourceLoader(make_cfg(root, num_workers=1), block_size=23) as elastic:
