@@ -131,7 +131,8 @@ class ShardSink:
     xxh3 are computed while writing (data_pipeline/integrity.py).
 
     fields: the manifest's field specs (dtype, per-sample shape, ext); an int field's `vocab`
-    grows to max + 1 of what was written unless its name is in `fixed_vocab`.
+    is max + 1 of what was written (`top`: the largest id so far, -1 for none; sinks of two
+    splits of one dataset set theirs to the larger) unless its name is in `fixed_vocab`.
     preprocessing: recorded in the manifest as is.
     """
 
@@ -159,7 +160,7 @@ class ShardSink:
         self._tar = None  # (file, HashingWriter, TarWriter, url, members, member digests, offsets)
         self._in_shard = 0
         self._written = 0
-        self._top = {k: -1 for k, f in fields.items() if np.dtype(f.dtype).kind in "iub"}
+        self.top = {k: -1 for k, f in fields.items() if np.dtype(f.dtype).kind in "iub"}
         self._members = sorted((info.suffix(name), name, info) for name, info in fields.items())
         row_bytes = sum(sample_bytes(f) for f in fields.values())
         self._block_rows = max(BLOCK_BYTES // max(row_bytes, 1), 1)  # rows per `_write_keys` block
@@ -178,8 +179,8 @@ class ShardSink:
             if tuple(a.shape[1:]) != info.shape or len(a) != n:
                 raise ValueError(f"field {name!r}: got shape {list(a.shape)}, expected "
                                  f"[{n}, {', '.join(map(str, info.shape))}]")
-            if name in self._top and name not in self.fixed_vocab and a.size:
-                self._top[name] = max(self._top[name], int(a.max()))
+            if name in self.top and name not in self.fixed_vocab and a.size:
+                self.top[name] = max(self.top[name], int(a.max()))
             batch[name] = a
         self._pending.append(batch)
         self._pending_rows += n
@@ -303,7 +304,7 @@ class ShardSink:
         self._drain(final=True)
         if self._tar is not None:
             self._close_shard()
-        for name, top in self._top.items():
+        for name, top in self.top.items():
             if name not in self.fixed_vocab:
                 self.fields[name].vocab = top + 1 if top >= 0 else 0
         _remove_stale(self.out, self.prefix, len(self.shards))

@@ -203,27 +203,24 @@ def write_splits(
     sink and its validation rows into val; the shuffle and writing of a batch run in a thread
     while the next batch is encoded (memory: one more encoded batch). The sinks are opened with
     the first batch's field specs; an integer field without a fixed vocabulary gets the same
-    `vocab` (max + 1 over both splits) in train and val. Returns the sinks, not yet closed."""
+    `vocab` (max + 1 over both splits: the sinks' `top`) in train and val. Returns the sinks,
+    not yet closed."""
     sinks: dict[str, ShardSink] = {}
-    tops: dict[str, int] = {}
-    fixed = {k for e in encoders for k in e.vocab_sizes()}
     writing: Future | None = None
     with ThreadPoolExecutor(1, "write") as writer:
         for b, (row0, cols) in enumerate(reader.batches(encoders)):
             arrays = encode_batch(pool, encoders, cols, row0)
             if not sinks:
                 sinks = open_sinks(field_infos(arrays, encoders, layout))
-            for name, a in arrays.items():
-                if name not in fixed and a.dtype.kind in "iu" and a.size:
-                    tops[name] = max(tops.get(name, -1), int(a.max()))
             val = is_val(np.arange(row0, row0 + len(next(iter(arrays.values())))))
             if writing is not None:
                 writing.result()  # (raises the writer's error here)
             writing = writer.submit(_write_batch, sinks, arrays, val, np.random.default_rng([seed, b]))
         if writing is not None:
             writing.result()
-    for sink in sinks.values():
-        for name, top in tops.items():
-            sink.fields[name].vocab = top + 1 if top >= 0 else 0
-            sink.fixed_vocab.add(name)
+    # Each sink saw one split: both record the larger top (and so the same vocab).
+    for name in sinks["train"].top if sinks else ():
+        top = max(sink.top[name] for sink in sinks.values())
+        for sink in sinks.values():
+            sink.top[name] = top
     return sinks
