@@ -116,6 +116,8 @@ def test_unseen_values_at_validation_map_to_the_unseen_id(tmp_path):
     else:
         assert atlantis.any() and (val["city"][atlantis] == 0).all()
     assert out["val"].fields["city"].vocab == out["train"].fields["city"].vocab
+    # an int field without a vocabulary: max + 1 over both splits, the same in each
+    assert out["val"].fields["row"].vocab == out["train"].fields["row"].vocab == df.row.max() + 1
     # a new raw value at serving time is the unseen id too, never an error
     prep = Preprocessor.from_manifest(tmp_path / "out/train")
     assert prep.encode({"city": np.array(["never-seen", "paris"])}, ["city"])["city"].tolist() == [0, 1]
