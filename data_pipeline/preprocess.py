@@ -162,10 +162,14 @@ def _columns(table: Any) -> dict[str, Any]:
 def field_infos(
     arrays: dict[str, np.ndarray], encoders: list[FieldEncoder], layout: str = "chunk"
 ) -> dict[str, FieldInfo]:
-    """Manifest field specs of one encoded batch, categorical vocab sizes from the encoders."""
+    """Manifest field specs of one encoded batch, categorical vocab sizes from the encoders.
+    Another integer field's vocab is left 0 (one batch's max says nothing of the table's): the
+    shard sinks take it from everything they write."""
     from manytask.data_pipeline.shard_writer import infer_fields
 
     fields = infer_fields(arrays, layout)
+    for info in fields.values():
+        info.vocab = 0
     for e in encoders:
         for name, size in e.vocab_sizes().items():
             fields[name].vocab = size

@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +156,9 @@ def convert_table(
 
         def open_sinks(fields: dict[str, FieldInfo]) -> dict[str, ShardSink]:
             record = preprocessing_record(encoders)
-            return {s: ShardSink(folder, dict(fields), samples_per_shard, chunk_size, layout, prefix=s,
-                                 preprocessing=record) for s, folder in splits.items()}
+            # Each sink its own field specs: a sink sets its fields' vocab as it closes.
+            return {s: ShardSink(folder, {k: replace(f) for k, f in fields.items()}, samples_per_shard,
+                                 chunk_size, layout, prefix=s, preprocessing=record) for s, folder in splits.items()}
 
         sinks = write_splits(pool, encoders, batches, is_val, seed, layout, open_sinks)
     return {s: sink.close() for s, sink in sinks.items()}
