@@ -18,7 +18,9 @@ the large table within 1.2x of the small one's (memory bounded by the record bat
 
 On a shared machine one pair of runs swings by 2x, so the small table is read and converted
 `--pairs` times, interleaved (read, convert, read, convert, ...: other tenants' load hits both
-alike), and the ratio reported is the median of the pairs' ratios, with their range.
+alike), and the ratio reported is the median of the pairs' ratios, with their range. Each pair
+also converts once more with the numpy code in place of the compiled loops
+(data_pipeline/encode_kernels.c; MANYTASK_NO_COMPILED_KERNELS=1), against the same read.
 """
 
 from __future__ import annotations
@@ -95,9 +97,10 @@ def child(mode: str, path: str, out: str) -> None:
     print(json.dumps({"rows": rows, "seconds": seconds, "cpu_seconds": cpu, "rss_mib": rss}))
 
 
-def measure(mode: str, path: Path, out: Path) -> dict:
+def measure(mode: str, path: Path, out: Path, compiled: bool = True) -> dict:
+    env = dict(os.environ) if compiled else dict(os.environ, MANYTASK_NO_COMPILED_KERNELS="1")
     done = subprocess.run([sys.executable, "-m", "bench.bench_ingest", "--child", mode, str(path), str(out)],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -113,6 +116,9 @@ def main() -> None:
         child(*args.child)
         return
     rows = 20_000 if args.smoke else args.rows
+    from manytask.data_pipeline.compiled_kernels import library
+
+    compiled = library() is not None
     with tempfile.TemporaryDirectory() as tmp:
         small, large = Path(tmp, "small.parquet"), Path(tmp, "large.parquet")
         t0 = time.perf_counter()
@@ -120,9 +126,11 @@ def main() -> None:
         generate(large, rows * args.scale, seed=1)
         gen_s = time.perf_counter() - t0
         # interleaved read / convert of the small table: load from other jobs hits both alike
-        pairs = []
+        pairs, numpy_only = [], []
         for _ in range(max(args.pairs, 1)):
             pairs.append((measure("read", small, Path(tmp, "out")), measure("convert", small, Path(tmp, "out"))))
+            if compiled:  # the same conversion with the numpy code in place of the compiled loops
+                numpy_only.append(pairs[-1][0]["seconds"] / measure("convert", small, Path(tmp, "out"), False)["seconds"])
         default = measure("read-default", small, Path(tmp, "out"))
         big = measure("convert", large, Path(tmp, "out"))
     ratios = [r["seconds"] / c["seconds"] for r, c in pairs]
@@ -141,6 +149,13 @@ def main() -> None:
           f"({min(ratios):.2f}-{max(ratios):.2f}x) (goal >= 0.4x; {rate / (default['rows'] / default['seconds']):.2f}x "
           f"of pyarrow's default read); peak RSS x{args.scale} table / "
           f"table: {big['rss_mib'] / conv['rss_mib']:.2f}x (goal <= 1.2x); tables generated in {gen_s:.0f}s")
+    if compiled:
+        numpy_only.sort()
+        print(f"  with numpy in place of the compiled loops (encode_kernels.c): "
+              f"{numpy_only[len(numpy_only) // 2]:.2f}x ({numpy_only[0]:.2f}-{numpy_only[-1]:.2f}x)")
+    else:
+        print("  (the compiled loops are off or not built: the conversion ran its numpy code; "
+              "pip install -e . builds them)")
     # CPU seconds count only each process's own work (reading threads included): on a shared
     # machine they move less with other tenants' load than the wall-clock rates above.
     print(f"per CPU second: conversion / pyarrow read: {cpu_ratios[len(cpu_ratios) // 2]:.2f}x "

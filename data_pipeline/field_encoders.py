@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from manytask.data_pipeline import compiled_kernels
 from manytask.data_pipeline.arrow_columns import (
     buffer_values,
     distinct_index,
@@ -220,6 +221,9 @@ class Vocabulary(FieldEncoder):
         lists = string_lists(col, self.spec.sep)
         n, k = len(lists), self.spec.k
         distinct, index, starts, lengths = list_rows(lists)
+        out = compiled_kernels.pad_lists(self._ids(distinct), index, starts, lengths, k, self.pad, self.dtype)
+        if out is not None:
+            return {self.spec.field: out}
         # Kept value v of row r at position p = v - starts[r] goes to out[r, p] (p < k): one
         # scatter into the flat [n * k] array; positions past a row's values keep the padding.
         row_base = np.repeat(np.arange(n, dtype=np.int64) * k - starts, lengths)

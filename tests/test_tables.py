@@ -21,6 +21,32 @@ CITIES = ["paris", "lyon", "nice", "lille", "brest"]
 GENRES = ["Action", "Comedy", "Drama", "Horror"]
 
 
+def use_kernels(kind: str, monkeypatch) -> None:
+    """shards write's compiled loops (data_pipeline/encode_kernels.c, built by `pip install -e .`)
+    or the numpy code that stands in for them where they are not built."""
+    from manytask.data_pipeline import compiled_kernels
+
+    if kind == "numpy":
+        monkeypatch.setenv("MANYTASK_NO_COMPILED_KERNELS", "1")
+    else:
+        monkeypatch.delenv("MANYTASK_NO_COMPILED_KERNELS", raising=False)
+    compiled_kernels.library.cache_clear()
+    if kind == "compiled":
+        assert compiled_kernels.library() is not None, (
+            "data_pipeline/_encode_kernels*.so is not built: `pip install -e .` with a C compiler builds it")
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def kernels(request, monkeypatch):
+    """The test runs with the compiled loops, then with numpy's."""
+    from manytask.data_pipeline import compiled_kernels
+
+    use_kernels(request.param, monkeypatch)
+    yield request.param
+    monkeypatch.undo()
+    compiled_kernels.library.cache_clear()
+
+
 def raw_table(n=400, seed=0) -> pd.DataFrame:
     """A recommender-style table: string categories (one rare), a delimited multi-valued column,
     an id column, numbers with gaps and labels with gaps."""
@@ -52,7 +78,7 @@ SPECS = ["row", "city:cat", "genres:multi:k=3:sep=|", "user=user_id:hash=64", "a
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_csv_and_parquet_tables_become_fields_with_training_vocabularies(tmp_path, fmt):
+def test_csv_and_parquet_tables_become_fields_with_training_vocabularies(tmp_path, fmt, kernels):
     df = raw_table()
     path = tmp_path / f"t.{fmt}"
     if fmt == "csv":
@@ -315,7 +341,8 @@ def reference_ids(values: list[str], vocab: list[str], first_id: int, oov: int) 
 
 
 @pytest.mark.parametrize("row_group", [7, 1000, "capped"])
-def test_parquet_lists_read_as_dictionaries_give_the_ids_plain_python_gives(tmp_path, monkeypatch, row_group):
+def test_parquet_lists_read_as_dictionaries_give_the_ids_plain_python_gives(tmp_path, monkeypatch, row_group,
+                                                                             kernels):
     """Vocabulary columns come from Parquet as dictionaries (row group whole, or batch by batch
     above ROW_GROUP_CAP); the ids must be those of a plain per-row lookup in the vocabulary file:
     empties and nulls skipped, unseen values -> 1, at most k per row, padding 0."""
@@ -353,9 +380,10 @@ def test_parquet_lists_read_as_dictionaries_give_the_ids_plain_python_gives(tmp_
     assert vocab["tags"] == sorted(counts, key=lambda v: (-counts[v], v))
 
 
-def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatch):
-    """hash=N ids are recorded as `poly64-splitmix64`: the fast hash (inverse powers, blocks of
-    _HASH_BLOCK bytes) must equal the formula computed one string at a time in Python."""
+def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatch, kernels):
+    """hash=N ids are recorded as `poly64-splitmix64`: the fast hashes (the compiled loop; numpy's
+    inverse powers over blocks of _HASH_BLOCK bytes) must equal the formula computed one string
+    at a time in Python."""
     from manytask.data_pipeline import string_hash
 
     mask = (1 << 64) - 1
@@ -385,6 +413,37 @@ def test_string_hash_is_the_documented_polynomial_at_every_block_size(monkeypatc
             assert got.tolist() == want[len(values) - len(arr):]
         full = [v for v in values if v]  # no empty or null value: no mask per block
         assert string_hash.hash_strings(pa.array(full)).tolist() == [formula(v) for v in full]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64"])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_compiled_list_padding_is_the_scatter_it_replaces(dtype, index_dtype, kernels):
+    """pad_lists (encode_kernels.c) against a per-row Python reference: rows shorter and longer
+    than k, empty rows at the start and the end, every id width; an index outside the values or
+    the ids is refused before anything is read there."""
+    from manytask.data_pipeline import compiled_kernels
+
+    if kernels == "numpy":
+        assert compiled_kernels.pad_lists(np.arange(3), np.arange(3), np.zeros(1), np.ones(1), 2, 0, dtype) is None
+        return  # (the numpy scatter is Vocabulary.encode's own code: the conversion tests run it)
+    rng = np.random.default_rng(int(np.dtype(dtype).itemsize))
+    ids = rng.integers(2, np.iinfo(dtype).max, 50)
+    lengths = rng.integers(0, 7, 200)
+    lengths[[0, -1]] = 0
+    starts = np.cumsum(lengths) - lengths
+    index = rng.integers(0, len(ids), int(lengths.sum())).astype(index_dtype)
+    got = compiled_kernels.pad_lists(ids, index, starts, lengths, 4, 1, dtype)
+    want = [[int(ids[index[s + p]]) for p in range(min(n, 4))] + [1] * (4 - min(n, 4))
+            for s, n in zip(starts, lengths)]
+    assert got.dtype == np.dtype(dtype) and got.tolist() == want
+    assert compiled_kernels.pad_lists(ids, index[:0], np.zeros(3, np.int64), np.zeros(3, np.int64),
+                                      2, 7, dtype).tolist() == [[7, 7]] * 3  # no values at all
+    with pytest.raises(IndexError, match="row 199"):
+        compiled_kernels.pad_lists(ids, index, starts, lengths + (np.arange(200) == 199), 4, 1, dtype)
+    bad = index.copy()
+    bad[starts[lengths > 0][-1]] = len(ids)
+    with pytest.raises(IndexError, match="outside"):
+        compiled_kernels.pad_lists(ids, bad, starts, lengths, 4, 1, dtype)
 
 
 def test_read_ahead_hands_over_batches_in_order_and_the_readers_error_where_it_stopped():
