@@ -11,8 +11,10 @@ ingestion benchmark (bench/bench_ingest.py): one pass per batch where numpy make
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.machinery
 import os
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -24,7 +26,8 @@ _I = ctypes.c_int64
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (not built, or turned off by the environment)."""
+    """The compiled kernels, or None: not built, turned off by the environment, or built from
+    another encode_kernels.c than the one beside this file (warned: reinstall to rebuild)."""
     if os.environ.get("MANYTASK_NO_COMPILED_KERNELS") == "1":
         return None
     here = Path(__file__).parent
@@ -32,6 +35,15 @@ def library() -> ctypes.CDLL | None:
         path = here / f"_encode_kernels{suffix}"
         if path.exists():
             lib = ctypes.CDLL(str(path))
+            source, stamp = here / "encode_kernels.c", getattr(lib, "source_sha256", None)
+            if stamp is not None:
+                stamp.restype = ctypes.c_char_p
+            built_from = stamp().decode() if stamp is not None else "(none)"
+            if source.exists() and built_from != hashlib.sha256(source.read_bytes()).hexdigest():
+                warnings.warn(f"{path.name} was built from another {source.name} than the one beside "
+                              "it: shards write runs its numpy code (pip install -e . rebuilds it)",
+                              RuntimeWarning, stacklevel=2)
+                return None
             lib.poly64_splitmix64.argtypes = [_P, _P, _I, _P]
             lib.poly64_splitmix64.restype = None
             lib.pad_lists.argtypes = [_P, _I, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P]

@@ -3,6 +3,8 @@ statistics and missing values, from real CSV and Parquet files to what the model
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -33,7 +35,7 @@ def use_kernels(kind: str, monkeypatch) -> None:
     compiled_kernels.library.cache_clear()
     if kind == "compiled":
         assert compiled_kernels.library() is not None, (
-            "data_pipeline/_encode_kernels*.so is not built: `pip install -e .` with a C compiler builds it")
+            "data_pipeline/_encode_kernels*.so is not built, or stale: `pip install -e .` with a C compiler builds it")
 
 
 @pytest.fixture(params=["compiled", "numpy"])
@@ -444,6 +446,35 @@ def test_compiled_list_padding_is_the_scatter_it_replaces(dtype, index_dtype, ke
     bad[starts[lengths > 0][-1]] = len(ids)
     with pytest.raises(IndexError, match="outside"):
         compiled_kernels.pad_lists(ids, bad, starts, lengths, 4, 1, dtype)
+
+
+def test_a_library_built_from_another_source_is_not_used(tmp_path, monkeypatch):
+    """A compiled library left from an older encode_kernels.c (a pull without reinstalling)
+    could take other arguments: it is refused with a warning, and the numpy code runs."""
+    import shutil
+    import warnings
+
+    from manytask.data_pipeline import compiled_kernels
+
+    use_kernels("compiled", monkeypatch)
+    here = Path(compiled_kernels.__file__).parent
+    built = next(here.glob("_encode_kernels*"))
+    shutil.copy(built, tmp_path / built.name)
+    source = (here / "encode_kernels.c").read_text()
+    monkeypatch.setattr(compiled_kernels, "__file__", str(tmp_path / "compiled_kernels.py"))
+    try:
+        (tmp_path / "encode_kernels.c").write_text(source)
+        compiled_kernels.library.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert compiled_kernels.library() is not None  # the source it was built from
+        (tmp_path / "encode_kernels.c").write_text(source.replace("int64_t n,", "int64_t n, int64_t added,", 1))
+        compiled_kernels.library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="built from another encode_kernels.c"):
+            assert compiled_kernels.library() is None
+        assert compiled_kernels.poly64_splitmix64(np.zeros(1, np.uint8), np.array([0, 1])) is None
+    finally:
+        compiled_kernels.library.cache_clear()
 
 
 def test_read_ahead_hands_over_batches_in_order_and_the_readers_error_where_it_stopped():
