@@ -3,6 +3,7 @@ statistics and missing values, from real CSV and Parquet files to what the model
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -475,6 +476,27 @@ def test_a_library_built_from_another_source_is_not_used(tmp_path, monkeypatch):
         assert compiled_kernels.poly64_splitmix64(np.zeros(1, np.uint8), np.array([0, 1])) is None
     finally:
         compiled_kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 5_000_000, 2_999_999_999, 3 << 40, (1 << 52) + 3])
+def test_validation_rows_are_the_documented_formula_at_any_size(n):
+    """Row i goes to val/ when (a * i + b) mod n < n_val, computed in int64 up to 3e9 rows and
+    with Python's integers beyond: the integer formula's rows everywhere, and exactly n_val rows
+    on a whole table."""
+    from manytask.data_pipeline.table_to_shards import val_rows
+
+    is_val, n_val = val_rows(n, 0.1, seed=3)
+    rng = np.random.default_rng(3)  # a and b as val_rows draws them
+    b = int(rng.integers(n)) if n else 0
+    a = int(n * 0.6180339887498949) | 1 if n > 2 else 1
+    while math.gcd(a, n) != 1:
+        a += 2
+    a %= n
+    for row0, count in ((0, min(n, 3000)), (max(n - 2500, 0), min(n, 2500)), (n // 3, min(n - n // 3, 70_000))):
+        want = [(a * i + b) % n < n_val for i in range(row0, row0 + count)]
+        assert is_val(np.arange(row0, row0 + count)).tolist() == want, (row0, count)
+    if n <= 5_000_000:
+        assert sum(int(is_val(np.arange(r, min(r + 131_072, n))).sum()) for r in range(0, n, 131_072)) == n_val
 
 
 def test_read_ahead_hands_over_batches_in_order_and_the_readers_error_where_it_stopped():
