@@ -25,11 +25,11 @@ demo: setup
 	$(VENV)/bin/manytask launch --nproc $(NPROC) configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest -q tests
+	MANYTASK_REQUIRE_COMPILED_KERNELS=1 $(PY) -m pytest -q tests
 
 # The quick loop while editing: unit tests only, no real processes or training runs (~1/4 of the time).
 test-fast: setup
-	$(PY) -m pytest -q -m "not processes" tests
+	MANYTASK_REQUIRE_COMPILED_KERNELS=1 $(PY) -m pytest -q -m "not processes" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
