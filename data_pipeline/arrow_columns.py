@@ -126,6 +126,8 @@ def string_lists(col: Any, sep: str):
     if not isinstance(col, pa.Array):
         values = np.asarray(col, dtype=object)
         col = pa.array([None if v is None else list(v) if not isinstance(v, str) else v for v in values])
+    if pa.types.is_null(col.type):  # (a column with no value at all: Parquet's null type)
+        return pa.nulls(len(col), pa.list_(pa.string()))
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         return pc.split_pattern(col, sep)
     if pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):

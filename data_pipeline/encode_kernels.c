@@ -65,18 +65,32 @@ EXPORT int64_t poly64_splitmix64(const uint8_t *data, int64_t nbytes, const int6
  * known to fit). Returns the first row whose values lie outside index or point outside ids
  * (nothing written from it on), or -1.
  *
- * Branch-free per position (a row's length is random: a branch on it mispredicts often): a
- * position past the row's end reads a value in index (the row's first, or the last of index
- * for an empty row) and ids[0], and writes pad instead. */
+ * index is checked once up front, so that the loop over rows is branch-free per position (a
+ * row's length is random: a branch on it mispredicts often; the select is written with a mask,
+ * as a conditional GCC made a branch of it: 0.87 against 1.35 ms per 131k rows): a position
+ * past the row's end reads a valid value (the row's first, or the last of index for an empty
+ * row) and writes pad instead. Only an index with a bad value takes the loop that checks each
+ * position, to name the first row using it. */
 #define PAD_LISTS(OUT_T, IDX_T)                                                       \
     {                                                                                 \
         OUT_T *o = (OUT_T *)out;                                                      \
         const IDX_T *ix = (const IDX_T *)index;                                       \
+        int64_t valid = 1;                                                            \
+        for (int64_t v = 0; v < m; v++)                                               \
+            valid &= (uint64_t)ix[v] < (uint64_t)d;                                   \
         for (int64_t r = 0; r < n; r++, o += k) {                                     \
             int64_t len = lengths[r] < k ? lengths[r] : k, s = starts[r];             \
-            if (len > 0 && (s < 0 || s > m - len || d == 0))                          \
+            if (len > 0 && (s < 0 || s > m - len))                                    \
                 return r;                                                             \
-            if (m == 0 || d == 0) {                                                   \
+            if (!valid) {                                                             \
+                for (int64_t p = 0; p < k; p++) {                                     \
+                    if (p < len && (uint64_t)ix[s + p] >= (uint64_t)d)                \
+                        return r;                                                     \
+                    o[p] = (OUT_T)(p < len ? ids[ix[s + p]] : pad);                   \
+                }                                                                     \
+                continue;                                                             \
+            }                                                                         \
+            if (m == 0) {                                                             \
                 for (int64_t p = 0; p < k; p++)                                       \
                     o[p] = (OUT_T)pad;                                                \
                 continue;                                                             \
@@ -84,12 +98,9 @@ EXPORT int64_t poly64_splitmix64(const uint8_t *data, int64_t nbytes, const int6
             if (len <= 0)                                                             \
                 s = s >= 0 && s < m ? s : m - 1;                                      \
             for (int64_t p = 0; p < k; p++) {                                         \
-                int64_t used = p < len;                                               \
-                int64_t at = ix[s + (used ? p : 0)];                                  \
-                if (used && (at < 0 || at >= d))                                      \
-                    return r;                                                         \
-                int64_t v = ids[used ? at : 0];                                       \
-                o[p] = (OUT_T)(used ? v : pad);                                       \
+                int64_t keep = -(int64_t)(p < len); /* all ones, or 0 past the end */ \
+                int64_t v = ids[ix[s + (p & keep)]];                                  \
+                o[p] = (OUT_T)((v & keep) | (pad & ~keep));                           \
             }                                                                         \
         }                                                                             \
         return -1;                                                                    \

@@ -469,6 +469,18 @@ def test_compiled_list_padding_is_the_scatter_it_replaces(dtype, index_dtype, ke
         compiled_kernels.pad_lists(ids, index, starts, lengths, 4, 1, "float32")
 
 
+def test_a_column_without_any_value_encodes_as_empty(kernels):
+    """A column that holds no value at all (pandas writes an all-None column with Parquet's null
+    type) is a multi field of padding only and hash ids 0, not an error inside pyarrow."""
+    from manytask.data_pipeline.column_specs import parse_spec
+    from manytask.data_pipeline.field_encoders import HashedIds, Vocabulary
+
+    col = pa.nulls(3)
+    ids = Vocabulary(parse_spec("t:multi:k=2"), ["a"]).encode({"t": col}, 0)["t"]
+    assert ids.tolist() == [[0, 0]] * 3
+    assert HashedIds(parse_spec("t:hash=8")).encode({"t": col}, 0)["t"].tolist() == [0, 0, 0]
+
+
 def test_a_library_built_from_another_source_is_not_used(tmp_path, monkeypatch):
     """A compiled library left from an older encode_kernels.c (a pull without reinstalling)
     could take other arguments, and a damaged one does not load: either is refused with a
