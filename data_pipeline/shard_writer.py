@@ -278,11 +278,12 @@ class ShardSink:
             block[:, body : body + len(header)] = np.frombuffer(header, np.uint8)
             block[:, body + len(header) : body + size] = payload
             block[:, body + size : body + size + (-size % tarfile.BLOCKSIZE)] = 0  # the member's padding
+        flat = memoryview(block).cast("B")  # (slicing a memoryview is ~5x cheaper than a numpy row)
+        spans = [(at + tarfile.BLOCKSIZE, at + tarfile.BLOCKSIZE + size) for at, _, _, _, size in layout]
         for k in range(keys):
             offsets.append(tw.offset + k * column)
-            row = block[k]
-            digests.append(digest(row[at + tarfile.BLOCKSIZE : at + tarfile.BLOCKSIZE + size].data
-                                  for at, _, _, _, size in layout))
+            base = k * column
+            digests.append(digest(flat[base + lo : base + hi] for lo, hi in spans))
         tw.write_raw(block.data.cast("B"))
         members.extend([chunk] * keys)
         self._written += keys * chunk
