@@ -5,8 +5,9 @@ the call: encoders on two threads run on two cores.
 
 Each function returns None when the library is absent (no compiler at install, a file that does
 not load, or MANYTASK_NO_COMPILED_KERNELS=1, read at the first call), and its caller runs its
-numpy code instead: both give the same values (tests/test_tables.py runs both). The library saves ~0.3 CPU s per 5M rows of the
-ingestion benchmark (bench/bench_ingest.py): one pass per batch where numpy makes several.
+numpy code instead: both give the same values (tests/test_tables.py runs both). The library
+saves ~0.2 CPU s per 5M rows of the ingestion benchmark (bench/bench_ingest.py): one pass per
+batch where numpy makes several.
 """
 
 from __future__ import annotations
@@ -24,20 +25,18 @@ import numpy as np
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
-
-
 _LOADING = threading.Lock()
 
 
-@cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None: not built, turned off by the environment, not loadable,
     or built from another encode_kernels.c than the one beside this file (the last two warned:
-    reinstall to rebuild)."""
-    with _LOADING:  # (encoder threads' first calls: one load, one warning)
+    reinstall to rebuild). `library.cache_clear()` loads it again at the next call."""
+    with _LOADING:  # encoder threads' first calls: the first loads, the others find it cached
         return _load()
 
 
+@cache
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("MANYTASK_NO_COMPILED_KERNELS") == "1":
         return None
@@ -62,6 +61,9 @@ def _load() -> ctypes.CDLL | None:
         lib.pad_lists.restype = _I
         return lib
     return None
+
+
+library.cache_clear = _load.cache_clear  # type: ignore[attr-defined]
 
 
 def _unused(why: str) -> None:

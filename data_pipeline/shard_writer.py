@@ -284,7 +284,7 @@ class ShardSink:
             offsets.append(tw.offset + k * column)
             base = k * column
             digests.append(digest(flat[base + lo : base + hi] for lo, hi in spans))
-        tw.write_raw(block.data.cast("B"))
+        tw.write_raw(flat)
         members.extend([chunk] * keys)
         self._written += keys * chunk
         self._in_shard += keys * chunk
